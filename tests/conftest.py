@@ -93,3 +93,17 @@ def tiny_qwen2_dir(tmp_path):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(scope="session")
+def hf_default(default_model_path):
+    """transformers' own reading of the same GGUF (dequantized to f32): the independent reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_grad_enabled(False)
+    d, f = str(default_model_path.parent), default_model_path.name
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    torch.set_grad_enabled(True)
+    return model, tok
