@@ -193,6 +193,12 @@ class NumpyEngine:
             dx = dx1 + R.rmsnorm_backward(dh.reshape(Bsz, T, D), sv["x"], L.input_layernorm, sv["r1"])
         return loss, grads, n
 
+    def train_session(self, adapter: LoraAdapter, optim: dict | None = None):
+        """The train-session interface (accumulate / step / snapshot / state_dict), see numpy_train."""
+        from .numpy_train import NumpyTrainSession
+
+        return NumpyTrainSession(self, adapter, optim)
+
     # -- decoding --------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:

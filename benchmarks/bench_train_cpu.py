@@ -1,0 +1,109 @@
+"""LoRA training speed on CPU: our numpy train session vs PyTorch + PEFT (fp32), same model, same config.
+
+The default model (SmolLM2-135M-Instruct; transformers reads the same GGUF, dequantized to f32),
+LoRA r=8 alpha=16 on all 7 linear projections, AdamW, clipping at 1.0, batch x seq random tokens.
+Each side runs `--warmup` optimizer steps, then `--steps` timed ones; tokens/s = batch*seq / median step.
+
+    .venv/bin/python benchmarks/bench_train_cpu.py [--batch 1] [--seq 256] [--steps 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from loralabd.engine.lora import LoraAdapter, LoraConfig  # noqa: E402
+from loralabd.engine.numpy_engine import NumpyEngine  # noqa: E402
+from loralabd.models import LINEAR_NAMES, default_model_path, load_model  # noqa: E402
+
+
+def batches(n, batch, seq, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        t = rng.integers(0, vocab, size=(batch, seq + 1))
+        yield t[:, :-1], t[:, 1:]
+
+
+def bench_numpy(model, cfg, args):
+    eng = NumpyEngine(model)
+    sess = eng.train_session(LoraAdapter.init(model.args, cfg, seed=0), {"kind": args.optimizer})
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, model.args.vocab_size)):
+        t0 = time.perf_counter()
+        ls, n = sess.accumulate(x, y)
+        sess.step(1e-4, 1.0)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(ls / n)
+    return times, losses
+
+
+def bench_torch(path, cfg, args):
+    import torch
+    from peft import LoraConfig as PeftConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    pm = get_peft_model(hf, PeftConfig(r=cfg.r, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+                                       lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times, losses = [], []
+    for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, hf.config.vocab_size)):
+        t0 = time.perf_counter()
+        logits = pm(input_ids=torch.from_numpy(x)).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    return times, losses
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adam8bit"])
+    ap.add_argument("--only", choices=["numpy", "torch"], default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cfg = LoraConfig(r=8, alpha=16, targets=LINEAR_NAMES)
+    rows = []
+    tok = args.batch * args.seq
+    if args.only in (None, "numpy"):
+        t, l0 = bench_numpy(load_model(), cfg, args)
+        rows.append({"backend": f"loralabd numpy ({args.optimizer})", "ms_per_step": 1000 * statistics.median(t),
+                     "tokens_per_s": tok / statistics.median(t), "first_loss": l0[0]})
+    if args.only in (None, "torch"):
+        t, l1 = bench_torch(default_model_path(), cfg, args)
+        rows.append({"backend": f"PyTorch {torch.__version__} + PEFT fp32", "ms_per_step": 1000 * statistics.median(t),
+                     "tokens_per_s": tok / statistics.median(t), "first_loss": l1[0]})
+    print(f"| backend | batch x seq | ms/step | tokens/s |   (load average {os.getloadavg()[0]:.1f}, "
+          f"{os.cpu_count()} cores)")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['backend']} | {args.batch} x {args.seq} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.1f} |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

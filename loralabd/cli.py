@@ -1,0 +1,384 @@
+"""loralab: the command line, a client of the daemon (started on first use when none runs).
+
+    loralab serve [--detach]            run the daemon (foreground, or in the background)
+    loralab status | stop               the running daemon
+    loralab models [--load SRC]         loaded models
+    loralab plan   [--model M] ...      memory (and, once calibrated, time) of a training run
+    loralab train  DATA --adapter NAME  train with a live progress bar (Ctrl-C stops it, resumable)
+    loralab train  --list | --resume ID
+    loralab chat   [PROMPT] [--adapter NAME]   streaming chat (no PROMPT: interactive)
+    loralab adapters                    saved adapters
+    loralab export NAME --format peft|gguf|mlx [--out PATH]
+    loralab demo                        plan, train the pirate demo, compare base and adapter answers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+from . import paths
+from .client import Client, RpcError
+
+
+def _client(start=True) -> Client:
+    try:
+        c = Client(start=start)
+    except ConnectionError as e:
+        sys.exit(f"loralab: {e}")
+    if c.ac.started_daemon:
+        print(f"started loralabd in the background (pid {c.ac.started_daemon}); it stays for the next command, "
+              "`loralab stop` ends it", file=sys.stderr)
+    return c
+
+
+def _ensure_model(c: Client, model: str) -> str:
+    """Load the model when needed (idempotent); returns its id."""
+    src = None if model in ("default", "") else os.path.abspath(os.path.expanduser(model))
+    for m in c.request("model/list")["models"]:
+        if m["id"] == model or (src and m["source"] == src):
+            return m["id"]
+    print(f"loading {model} ...", file=sys.stderr)
+    return c.request("model/load", {} if src is None else {"source": src})["id"]
+
+
+def _fmt_s(s):
+    if s is None:
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _mb(n):
+    return f"{n / 2**20:,.1f} MiB"
+
+
+class Bar:
+    """One self-rewriting line: [#####.....] step/total loss tok/s ETA."""
+
+    def __init__(self, out=sys.stderr):
+        self.out, self.tty = out, out.isatty()
+        self.last = 0.0
+
+    def show(self, t: dict, final=False):
+        now = time.monotonic()
+        if not final and not self.tty and now - self.last < 5:
+            return  # logs get a line every few seconds, terminals a live bar
+        self.last = now
+        w = 30
+        frac = t["step"] / max(t["totalSteps"], 1)
+        bar = "#" * int(w * frac) + "." * (w - int(w * frac))
+        loss = "-" if t["loss"] is None else f"{t['loss']:.4f}"
+        line = (f"[{bar}] {t['step']}/{t['totalSteps']} loss {loss} {t['tokensPerSecond']:,.0f} tok/s "
+                f"ETA {_fmt_s(t['etaSeconds'])}")
+        self.out.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        if final and self.tty:
+            self.out.write("\n")
+        self.out.flush()
+
+
+def _train_stream(c: Client, method: str, params: dict) -> dict | None:
+    bar = Bar()
+    last = None
+    try:
+        for ev in c.stream(method, params):
+            if ev.get("train"):
+                last = ev["train"]
+                bar.show(last, final=ev["kind"] == "end")
+            if ev["kind"] == "end":
+                print(ev.get("message", ""), file=sys.stderr)
+        return c.last_result
+    except KeyboardInterrupt:
+        print("\nstopping after the current step (checkpointed; `loralab train --resume ID` continues) ...",
+              file=sys.stderr)
+        c.cancel_current()
+        try:
+            c._run(c.current.result())  # answers -32800 once the current step is done and checkpointed
+        except RpcError:
+            pass
+        if last:
+            print(f"job {last['jobId']} stopped at step {last['step']}/{last['totalSteps']}", file=sys.stderr)
+        return None
+
+
+# -- commands ----------------------------------------------------------------------------------------
+
+def cmd_serve(a):
+    args = [*(["--stdio"] if a.stdio else []), *(["--port", str(a.port)] if a.port else []),
+            *(["--host", a.host] if a.host else []), *(["--allow-remote"] if a.allow_remote else [])]
+    if a.detach:
+        info = paths.read_connection()
+        if info:
+            print(f"loralabd already runs (pid {info['pid']}, {info['url']})")
+            return
+        from .client import start_daemon
+
+        info = start_daemon(extra_args=args)
+        print(f"loralabd started in the background (pid {info['pid']}, {info['url']}); stop it with `loralab stop`")
+        return
+    from .server.main import main as daemon_main
+
+    daemon_main(args)
+
+
+def cmd_status(a):
+    info = paths.read_connection()
+    if info is None:
+        print(f"no loralabd runs for {paths.data_dir()} (start one: loralab serve --detach)")
+        sys.exit(1)
+    print(f"loralabd {info.get('version', '?')} pid {info['pid']} at {info['url']}\ndata dir {info['dataDir']}")
+    with _client(start=False) as c:
+        for m in c.request("model/list")["models"]:
+            print(f"model {m['id']}: {m['name']} ({m['backend']}, {_mb(m['weightBytes'])}){' busy' if m['busy'] else ''}")
+        for j in c.request("train/list")["jobs"]:
+            if j["state"] == "running":
+                print(f"job {j['jobId']} training {j['adapter']}: step {j['step']}/{j['totalSteps']}")
+
+
+def cmd_stop(a):
+    info = paths.read_connection()
+    if info is None:
+        print("no loralabd runs")
+        return
+    os.kill(info["pid"], signal.SIGTERM)  # the daemon checkpoints running jobs, then exits
+    for _ in range(600):
+        if not paths._pid_alive(info["pid"]):
+            print(f"loralabd (pid {info['pid']}) stopped")
+            return
+        time.sleep(0.1)
+    sys.exit(f"loralabd (pid {info['pid']}) is still checkpointing; check again with `loralab status`")
+
+
+def cmd_models(a):
+    with _client() as c:
+        if a.load:
+            m = c.request("model/load", {"source": a.load, **({"name": a.name} if a.name else {})})
+            print(f"loaded {m['id']}")
+        if a.unload:
+            c.request("model/unload", {"model": a.unload})
+            print(f"unloaded {a.unload}")
+        for m in c.request("model/list")["models"]:
+            print(f"{m['id']:<20} {m['architecture']:<8} {m['numLayers']:>3} layers  d={m['hiddenSize']:<5} "
+                  f"{_mb(m['weightBytes']):>12}  {m['backend']:<7} {m['source']}")
+
+
+def _lora(a):
+    return {"r": a.rank, "alpha": float(a.alpha if a.alpha is not None else 2 * a.rank), "targets": a.targets.split(",")}
+
+
+def cmd_plan(a):
+    with _client() as c:
+        mid = _ensure_model(c, a.model)
+        p = c.request("plan/estimate", {"model": mid, "lora": _lora(a), "batchSize": a.batch, "seqLen": a.seq,
+                                        "steps": a.steps})
+        if a.json:
+            print(json.dumps(p, indent=1))
+            return
+        print(f"plan for {mid}: batch {a.batch} x seq {a.seq}, LoRA r={a.rank} on {a.targets} "
+              f"({p['loraParameters']:,} trainable parameters)")
+        for k, v in p["memory"].items():
+            print(f"  {k:<12} {_mb(v):>14}")
+        if p["availableBytes"]:
+            print(f"  available    {_mb(p['availableBytes']):>14}  -> {'fits' if p['fits'] else 'DOES NOT FIT'}")
+        if p["tokensPerSecond"]:
+            print(f"  ~{p['tokensPerSecond']:,.0f} tokens/s, {_fmt_s(p['seconds'])} for {a.steps} steps")
+        for n in p["notes"]:
+            print(f"  note: {n}")
+
+
+def cmd_train(a):
+    with _client() as c:
+        if a.list:
+            for j in c.request("train/list")["jobs"]:
+                loss = "-" if j["loss"] is None else f"{j['loss']:.4f}"
+                print(f"{j['jobId']}  {j['state']:<11} {j['adapter']:<20} {j['step']:>6}/{j['totalSteps']:<6} loss {loss}"
+                      f"{'  (resumable)' if j['resumable'] else ''}")
+            return
+        if a.resume:
+            r = _train_stream(c, "train/resume", {"jobId": a.resume})
+        else:
+            if not a.data or not a.adapter:
+                sys.exit("loralab train: give DATA and --adapter NAME (or --list / --resume ID)")
+            mid = _ensure_model(c, a.model)
+            length = {"epochs": a.epochs} if a.epochs else {"steps": a.steps}
+            params = {"model": mid, "dataset": os.path.abspath(a.data), "adapter": a.adapter, **length,
+                      "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a), "optimizer": {"lr": a.lr},
+                      "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite}
+            r = _train_stream(c, "train/start", params)
+        if r:
+            print(f"job {r['jobId']} {r['state']}: adapter {r['adapter']} after {r['step']} steps, loss {r['loss']:.4f}")
+
+
+def _chat_once(c, mid, messages, a):
+    params = {"model": mid, "messages": messages, "maxTokens": a.max_tokens, "temperature": a.temperature}
+    if a.adapter:
+        params["adapter"] = a.adapter
+    text = ""
+    try:
+        for d in c.stream("generate", params):
+            text += d["text"]
+            sys.stdout.write(d["text"])
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # stop generating (between two tokens), keep chatting
+        c.cancel_current()
+        try:
+            c._run(c.current.result())
+        except RpcError:
+            pass
+    print()
+    return text
+
+
+def cmd_chat(a):
+    with _client() as c:
+        mid = _ensure_model(c, a.model)
+        if a.prompt:
+            _chat_once(c, mid, [{"role": "user", "content": " ".join(a.prompt)}], a)
+            return
+        print(f"chatting with {mid}{' + ' + a.adapter if a.adapter else ''} (empty line or Ctrl-D ends)")
+        msgs = []
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            msgs.append({"role": "user", "content": line})
+            msgs.append({"role": "assistant", "content": _chat_once(c, mid, msgs, a)})
+
+
+def cmd_adapters(a):
+    with _client() as c:
+        ads = c.request("adapter/list")["adapters"]
+        if not ads:
+            print("no adapters yet (train one: loralab train DATA --adapter NAME, or loralab demo)")
+        for x in ads:
+            print(f"{x['name']:<24} r={x['r']:<3} alpha={x['alpha']:<5g} steps={x['steps']:<6} base={x['baseModel']}")
+
+
+def cmd_export(a):
+    with _client() as c:
+        r = c.request("adapter/export", {"adapter": a.adapter, "format": a.format, **({"path": a.out} if a.out else {})})
+        print(f"{r['format']} export of {a.adapter}:")
+        for f in r["files"]:
+            print(f"  {f}")
+
+
+def cmd_demo(a):
+    """Plan, train on the pirate demo with a live bar, then the base model's and the adapter's answers."""
+    from .training.demo import DEMO_CONFIG, demo_dir, test_prompts
+
+    cfg = DEMO_CONFIG
+    with _client() as c:
+        mid = _ensure_model(c, a.model)
+        lora = {"r": cfg["r"], "alpha": float(cfg["alpha"]), "targets": ["all"]}
+        p = c.request("plan/estimate", {"model": mid, "lora": lora, "batchSize": cfg["batch_size"], "seqLen": cfg["seq_len"]})
+        print(f"plan: {p['loraParameters']:,} trainable parameters, ~{_mb(p['memory']['total'])} to train "
+              f"(weights {_mb(p['memory']['weights'])})")
+        name = a.adapter
+        length = {"steps": a.steps} if a.steps else {"epochs": float(cfg["epochs"])}
+        r = _train_stream(c, "train/start", {
+            "model": mid, "dataset": str(demo_dir()), "adapter": name, **length, "batchSize": cfg["batch_size"],
+            "seqLen": cfg["seq_len"], "lora": lora, "optimizer": {"lr": cfg["lr"]}, "warmupSteps": cfg["warmup_steps"],
+            "seed": cfg["seed"], "overwrite": True})
+        if not r:
+            return
+        for q in test_prompts():
+            msgs = [{"role": "user", "content": q}]
+            base = c.request("generate", {"model": mid, "messages": msgs, "maxTokens": 48})["text"].strip()
+            tuned = c.request("generate", {"model": mid, "messages": msgs, "maxTokens": 48, "adapter": name})["text"].strip()
+            print(f"\nQ: {q}\n  base:    {base}\n  adapter: {tuned}")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="loralab", description="LoRA Lab: fine-tune small language models with LoRA "
+                                 "on your own machine, and chat with the result. Every command talks to the daemon "
+                                 "(loralabd), starting it when none runs.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--detach", action="store_true", help="run in the background")
+    s.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (LSP framing), for editors")
+    s.add_argument("--port", type=int, default=0)
+    s.add_argument("--host", default=None)
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    s.set_defaults(fn=cmd_serve)
+    sub.add_parser("status", help="is a daemon running, what does it hold").set_defaults(fn=cmd_status)
+    sub.add_parser("stop", help="stop the daemon (running jobs checkpoint first)").set_defaults(fn=cmd_stop)
+
+    s = sub.add_parser("models", help="list, load or unload models")
+    s.add_argument("--load", metavar="SRC", help="GGUF file or HF directory ('default': SmolLM2-135M-Instruct)")
+    s.add_argument("--name", help="id for --load")
+    s.add_argument("--unload", metavar="ID")
+    s.set_defaults(fn=cmd_models)
+
+    def lora_args(s):
+        s.add_argument("--model", default="default", help="model id or path (default: SmolLM2-135M-Instruct)")
+        s.add_argument("--rank", "-r", type=int, default=8)
+        s.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
+        s.add_argument("--targets", default="all", help="comma list: q,k,v,o,gate,up,down | attn | mlp | all")
+        s.add_argument("--batch", type=int, default=4)
+        s.add_argument("--seq", type=int, default=256)
+        s.add_argument("--steps", type=int, default=100)
+
+    s = sub.add_parser("plan", help="memory (and time) of a training run")
+    lora_args(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_plan)
+
+    s = sub.add_parser("train", help="train a LoRA adapter (live progress; Ctrl-C stops, resumable)")
+    s.add_argument("data", nargs="?", help="JSONL (text | prompt/completion | messages), text file or folder")
+    s.add_argument("--adapter", help="name to save the adapter under")
+    lora_args(s)
+    s.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --steps)")
+    s.add_argument("--lr", type=float, default=2e-4)
+    s.add_argument("--warmup", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--list", action="store_true", help="list jobs")
+    s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("chat", help="streaming chat with the base model or an adapter")
+    s.add_argument("prompt", nargs="*")
+    s.add_argument("--model", default="default")
+    s.add_argument("--adapter")
+    s.add_argument("--max-tokens", type=int, default=256)
+    s.add_argument("--temperature", type=float, default=0.0)
+    s.set_defaults(fn=cmd_chat)
+
+    sub.add_parser("adapters", help="saved adapters").set_defaults(fn=cmd_adapters)
+    s = sub.add_parser("export", help="write an adapter as PEFT, llama.cpp GGUF or MLX")
+    s.add_argument("adapter")
+    s.add_argument("--format", choices=["peft", "gguf", "mlx"], default="peft")
+    s.add_argument("--out")
+    s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("demo", help="plan, train the pirate demo, show base vs adapter answers")
+    s.add_argument("--model", default="default")
+    s.add_argument("--adapter", default="demo-pirate")
+    s.add_argument("--steps", type=int, default=0, help="default: the demo's 2 epochs")
+    s.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    try:
+        a.fn(a)
+    except RpcError as e:
+        sys.exit(f"loralab {a.cmd}: {e.message}")
+    except ConnectionError as e:
+        sys.exit(f"loralab {a.cmd}: lost the daemon ({e}); running jobs were checkpointed — "
+                 "`loralab train --list` shows them, `loralab train --resume JOB` continues one")
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""Thin Python wrappers over the WGSL kernels in shaders/: each returns one recorded dispatch (an Op).
+
+Buffers are f32 unless said otherwise; shapes in the trailing comments. Weights are uploaded once as
+`GpuWeight` in their stored format (q4_1 / q8_0 blocks, f16 pairs, f32) and dequantized in registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...models.quant import QuantTensor
+from .runtime import Buf, Op, Runtime, WebGPUError, grid1d
+
+FORMAT_DEFINE = {"q4_1": "Q4_1", "q8_0": "Q8_0", "f16": "F16", "f32": "F32"}
+
+
+@dataclass
+class GpuWeight:
+    """A (rows, cols) matrix on the GPU. w_ld: row stride in elements (dense) or blocks per row (quantized)."""
+
+    kind: str
+    rows: int
+    cols: int
+    wq: Buf
+    ws: Buf | None
+    w_ld: int
+
+    @property
+    def define(self) -> dict:
+        return {FORMAT_DEFINE[self.kind]: 1}
+
+    @property
+    def nbytes(self) -> int:
+        return self.wq.nbytes + (self.ws.nbytes if self.ws is not None else 0)
+
+
+def upload_weight(rt: Runtime, qt: QuantTensor, name: str) -> GpuWeight:
+    rows, cols = qt.shape
+    if qt.kind == "q4_1":
+        nb = cols // 32
+        return GpuWeight("q4_1", rows, cols, rt.buffer(qt.qs.nbytes, name, qt.qs),
+                         rt.buffer(qt.scales.nbytes, name + ".scales", qt.scales), nb)
+    if qt.kind == "q8_0":
+        nb = cols // 32
+        sc = qt.scales.reshape(-1)
+        if sc.size % 2:
+            sc = np.concatenate([sc, np.zeros(1, np.float16)])
+        return GpuWeight("q8_0", rows, cols, rt.buffer(qt.qs.nbytes, name, qt.qs),
+                         rt.buffer(sc.nbytes, name + ".scales", sc), nb)
+    if qt.kind == "f16":
+        ld = -(-cols // 4) * 4  # rows padded with zeros so that a vec4 never straddles two rows
+        w = np.zeros((rows, ld), np.float16)
+        w[:, :cols] = qt.qs
+        return GpuWeight("f16", rows, cols, rt.buffer(w.nbytes, name, w), None, ld)
+    if qt.kind == "f32":
+        w = np.ascontiguousarray(qt.qs, np.float32)
+        return GpuWeight("f32", rows, cols, rt.buffer(w.nbytes, name, w), None, cols)
+    raise WebGPUError(f"weight {name}: format {qt.kind!r} has no WebGPU kernel (use q4_1, q8_0, f16 or f32)")
+
+
+def dense_weight(buf: Buf, rows: int, cols: int) -> GpuWeight:
+    """An f32 buffer (LoRA A/B, activations) seen as a (rows, cols) matrix operand."""
+    return GpuWeight("f32", rows, cols, buf, None, cols)
+
+
+# --- matmul.wgsl -------------------------------------------------------------------------------------
+
+def _mm_args(x, w, c, M, N, K, mode, a_off, lda, c_off, ldc, w_row0, bias, lora, res, beta, alpha, drop):
+    lp, lq, R, q_sn, q_sr, ls = lora[:6] if lora is not None else (None, None, 0, 0, 0, 0.0)
+    lp_ld, seg1, seg2 = lora[6:9] if lora is not None and len(lora) > 6 else (R, 0xFFFFFFFF, 0xFFFFFFFF)
+    params = dict(M=M, N=N, K=K, R=R, a_off=a_off, lda=(M if mode == "backward_dw" else K) if lda is None else lda,
+                  c_off=c_off, ldc=N if ldc is None else ldc, w_row0=w_row0, w_ld=w.w_ld, q_sn=q_sn, q_sr=q_sr,
+                  has_bias=int(bias is not None), has_res=int(res is not None), beta=float(beta),
+                  alpha=float(alpha), lscale=float(ls), drop_mode=0, drop_thr=0, drop_salt=0, drop_ld=0,
+                  drop_scale=1.0, lp_ld=lp_ld, seg1=seg1, seg2=seg2)
+    bufs = dict(x=x, wq=w.wq, ws=w.ws, bias=bias, lp=lp, lq=lq, res=res, c=c)
+    if drop is not None:
+        dmode, dyn, pdrop, salt, ld = drop
+        params.update(drop_mode=dmode, drop_thr=drop_threshold(pdrop), drop_salt=salt, drop_ld=ld,
+                      drop_scale=float(np.float32(1.0) / np.float32(1.0 - pdrop)))
+        bufs["dyn"] = dyn
+    return bufs, params
+
+
+def matmul(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, mode: str = "forward",
+           a_off=0, lda=None, c_off=0, ldc=None, w_row0=0, bias: Buf | None = None, lora=None,
+           res: Buf | None = None, beta=0.0, alpha=1.0, drop=None) -> Op:
+    """mode forward:     C(M,N) = alpha*X(M,K)·W[w_row0:w_row0+N]ᵀ + bias + lscale·LP(M,R)·LQᵀ + res + beta*C
+       mode gemv:        the same for small M (decode), one invocation per 4 outputs (gemv_wg: a workgroup)
+       mode backward_dx: C(M,N) = alpha*X(M,K)·W[w_row0:w_row0+K] + lscale·LP·LQᵀ + beta*C
+       mode backward_dw: C(M,N) = alpha*X(K,M)ᵀ·W(K,N) + beta*C   (W dense)
+    forward/backward_dx become *_tiled on hardware adapters when M >= 64 (rt.tiled).
+    lora = (LP buf, LQ buf, R, q_sn, q_sr, lscale[, lp_ld, seg1, seg2]): LQ[n, r] at n*q_sn + r*q_sr; for a
+    fused weight, columns >= seg1 (seg2) read LP's 2nd (3rd) group of R columns (LP row stride lp_ld).
+    drop = (mode 1|2|3, dyn buf [seed, step, micro], p, salt, ld = in_features): LoRA dropout, see matmul.wgsl."""
+    if mode in ("forward", "gemv") and w.kind != "f32" and K % 4:
+        raise WebGPUError(f"matmul[{w.kind}]: K={K} must be a multiple of 4")
+    if mode == "backward_dw" and w.kind != "f32":
+        raise WebGPUError("matmul backward_dw needs a dense f32 right operand")
+    bufs, params = _mm_args(x, w, c, M, N, K, mode, a_off, lda, c_off, ldc, w_row0, bias, lora, res, beta, alpha,
+                            drop)
+    if rt.tiled and M >= 64 and mode in ("forward", "backward_dx"):
+        mode += "_tiled"  # workgroup-memory tiles: a win on hardware GPUs, a loss on lavapipe
+    if rt.tiled and mode == "gemv":
+        mode = "gemv_wg"
+    if mode == "gemv":
+        grid = grid1d(-(-N // 4), 64)
+    elif mode == "gemv_wg":
+        grid = grid1d(-(-N // 8), 1)
+    elif mode.endswith("_tiled"):
+        grid = (-(-N // 64), -(-M // 64))
+    else:
+        grid = (-(-N // 32), -(-M // 32))
+    return rt.op("matmul.wgsl", mode, grid, bufs, params, w.define)
+
+
+def matmul_dw(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, alpha=1.0, beta=0.0,
+              drop=None, scratch: Buf | None = None, splits: int | None = None) -> list:
+    """C(M,N) = alpha*X(K,M)ᵀ·W(K,N) + beta*C — with the K reduction split over `splits` slices on hardware
+    GPUs (K = batch*seq is long, M*N = r*features small: one slice would leave most of the GPU idle)."""
+    if splits is None:
+        splits = min(64, K // 512) if rt.tiled and scratch is not None else 1
+    if splits <= 1 or scratch is None or scratch.n < splits * M * N:
+        return [matmul(rt, x, w, c, M, N, K, mode="backward_dw", alpha=alpha, beta=beta, drop=drop)]
+    bufs, params = _mm_args(x, w, scratch, M, N, K, "backward_dw", 0, None, 0, None, 0, None, None, None, 0.0,
+                            1.0, drop)
+    split = rt.op("matmul.wgsl", "backward_dw_split", (-(-N // 32), -(-M // 32), splits), bufs, params, w.define)
+    red_p = dict(params, K=splits, alpha=float(alpha), beta=float(beta))
+    red = rt.op("matmul.wgsl", "split_reduce", grid1d(M * N, 64), dict(x=scratch, c=c), red_p, w.define)
+    return [split, red]
+
+
+def drop_threshold(p: float) -> int:
+    return min(int(round(p * 2.0 ** 32)), 2 ** 32 - 1)
+
+
+def _pcg(v):
+    v = np.asarray(v, np.uint64) & 0xFFFFFFFF
+    s = (v * 747796405 + 2891336453) & 0xFFFFFFFF
+    w = (((s >> ((s >> 28) + 4)) ^ s) * 277803737) & 0xFFFFFFFF
+    return ((w >> 22) ^ w) & 0xFFFFFFFF
+
+
+def dropout_keep(shape, seed, step, micro, salt, p) -> np.ndarray:
+    """The keep mask (bool, shape (rows, cols)) that matmul.wgsl draws for one LoRA input — for tests."""
+    rows, cols = shape
+    key = _pcg(np.uint64(seed) ^ _pcg(np.uint64(step) ^ _pcg(np.uint64(micro) ^ _pcg(np.uint64(salt)))))
+    idx = (np.arange(rows, dtype=np.uint64)[:, None] * np.uint64(cols) + np.arange(cols, dtype=np.uint64)[None]) & 0xFFFFFFFF
+    return _pcg(key ^ idx) >= drop_threshold(p)
+
+
+# --- the other ops -------------------------------------------------------------------------------------
+
+def embed(rt, tok: Buf, w: GpuWeight, out: Buf, n_tok: int) -> Op:
+    D = w.cols
+    return rt.op("embed.wgsl", "forward", grid1d(n_tok * -(-D // 4), 64), dict(tok=tok, wq=w.wq, ws=w.ws, out=out),
+                 dict(n_tok=n_tok, D=D, w_ld=w.w_ld, vocab=w.rows), w.define)
+
+
+def rmsnorm(rt, x, w, y, rstd, N, D, eps) -> Op:
+    return rt.op("rmsnorm.wgsl", "forward", grid1d(N, 64), dict(x=x, w=w, y=y, rstd=rstd),
+                 dict(N=N, D=D, eps=float(eps), beta=0.0))
+
+
+def rmsnorm_backward(rt, dy, x, w, rstd, dx, N, D, beta=0.0) -> Op:
+    """dx = beta*dx + d(rmsnorm)/dx · dy."""
+    return rt.op("rmsnorm.wgsl", "backward", grid1d(N, 64), dict(x=x, w=w, rstd=rstd, dy=dy, dx=dx),
+                 dict(N=N, D=D, eps=0.0, beta=float(beta)))
+
+
+def rope(rt, x, pos, table, N, nh, hd, max_pos, backward=False) -> Op:
+    """In place on x (N, nh, hd); table (max_pos, hd/2, 2) [cos, sin]; pos (N,) i32."""
+    return rt.op("rope.wgsl", "backward" if backward else "forward", grid1d(N * nh * hd // 2, 64),
+                 dict(pos=pos, tab=table, x=x), dict(N=N, nh=nh, hd=hd, max_pos=max_pos, nkv=0, T=0, TK=0, pad=0))
+
+
+def rope_decode_qkv(rt, qkv, q, kc, vc, pos, table, dyn, B, T, TK, H, KV, hd, max_pos) -> Op:
+    """From the fused projection qkv (N, (H+2KV)*hd): roped q into q (N, H*hd); roped k and v appended to the
+    caches (B, TK, KV*hd) at position dyn[0]."""
+    N = B * T
+    n = N * (H + KV) * hd // 2 + N * KV * hd
+    return rt.op("rope.wgsl", "decode_qkv", grid1d(n, 64), dict(pos=pos, tab=table, x=q, kin=qkv, kc=kc, vc=vc,
+                                                                   dyn=dyn),
+                 dict(N=N, nh=H, hd=hd, max_pos=max_pos, nkv=KV, T=T, TK=TK, pad=0))
+
+
+def _attn_params(B, T, TK, H, KV, hd, has_seg):
+    return dict(B=B, T=T, TK=TK, H=H, KV=KV, has_seg=int(has_seg), scale=float(1.0 / np.sqrt(hd)), pad=0)
+
+
+def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None) -> Op:
+    """out (B,T,H,hd), lse (B,H,T) from q (B,T,H,hd) and k/v (B,TK,KV,hd); queries start at position dyn[0].
+    Decoding on hardware GPUs (few queries per row) splits the keys over a workgroup (forward_split)."""
+    if rt.tiled and T <= 4:
+        return rt.op("attention.wgsl", "forward_split", grid1d(B * H * T, 1),
+                     dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
+                     _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd})
+    return rt.op("attention.wgsl", "forward", grid1d(B * H * T, 64),
+                 dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
+                 _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd})
+
+
+def attention_backward(rt, dout, q, k, v, out, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, seg=None) -> list:
+    p = _attn_params(B, T, T, H, KV, hd, seg is not None)
+    common = dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse, dout=dout, delta=delta)
+    return [rt.op("attention.wgsl", "backward_dq", grid1d(B * H * T, 64), dict(common, dq=dq), p, {"HD": hd}),
+            rt.op("attention.wgsl", "backward_dkv", grid1d(B * KV * T, 64), dict(common, dk=dk, dv=dv), p,
+                  {"HD": hd})]
+
+
+def kv_store(rt, knew, vnew, kc, vc, dyn, B, T, TK, KV, hd) -> Op:
+    return rt.op("attention.wgsl", "kv_store", grid1d(B * T * KV * hd, 64),
+                 dict(knew=knew, vnew=vnew, kc=kc, vc=vc, dyn=dyn), _attn_params(B, T, TK, KV, KV, hd, False),
+                 {"HD": hd})
+
+
+def swiglu(rt, g, u, act, n) -> Op:
+    return rt.op("swiglu.wgsl", "forward", grid1d(n, 64), dict(g=g, u=u, act=act), dict(n=n, F=0))
+
+
+def swiglu_fused(rt, gu, act, N, F) -> Op:
+    """act (N, F) from the fused gate/up projection gu (N, 2F) = [gate | up]."""
+    return rt.op("swiglu.wgsl", "forward_fused", grid1d(N * F, 64), dict(g=gu, act=act), dict(n=N * F, F=F))
+
+
+def swiglu_backward(rt, dact, g, u, dg, du, n) -> Op:
+    return rt.op("swiglu.wgsl", "backward", grid1d(n, 64), dict(g=g, u=u, dact=dact, dg=dg, du=du),
+                 dict(n=n, F=0))
+
+
+def ce_chunk_forward(rt, z, labels, st, N, C, c0, first) -> Op:
+    return rt.op("cross_entropy.wgsl", "chunk_forward", grid1d(N, 64), dict(z=z, labels=labels, st=st),
+                 dict(N=N, C=C, c0=c0, first=int(first), gscale=0.0, row0=0))
+
+
+def ce_finish(rt, labels, st, loss, N) -> list:
+    p = dict(N=N, C=0, c0=0, first=0, gscale=0.0, row0=0)
+    return [rt.op("cross_entropy.wgsl", "finish", grid1d(N, 64), dict(labels=labels, st=st), p),
+            rt.op("cross_entropy.wgsl", "loss_sum", (1,), dict(labels=labels, st=st, loss=loss), p)]
+
+
+def ce_chunk_backward(rt, z, labels, st, N, C, c0, gscale) -> Op:
+    return rt.op("cross_entropy.wgsl", "chunk_backward", grid1d(N * C, 64), dict(z=z, labels=labels, st=st),
+                 dict(N=N, C=C, c0=c0, first=0, gscale=float(gscale), row0=0))
+
+
+def ce_rows_fused(rt, z, labels, st, rows, V, row0, gscale) -> Op:
+    """z (rows, V) logits of rows row0.. -> their gradient (softmax - onehot)*gscale; st rows get [max, sum, target, lse]."""
+    return rt.op("cross_entropy.wgsl", "rows_fused", (rows,), dict(z=z, labels=labels, st=st),
+                 dict(N=rows, C=V, c0=0, first=0, gscale=float(gscale), row0=row0))
+
+
+def adam_params(n, lr, betas, eps, weight_decay, step, inv_n=0.0, max_norm=0.0, nparts=0, nblk=0) -> dict:
+    b1, b2 = float(betas[0]), float(betas[1])
+    p = dict(n=n, inv_n=float(inv_n), max_norm=float(max_norm or 0.0), decay=1.0 - lr * weight_decay, b1=b1,
+             c1=1.0 - b1, b2=b2, c2=1.0 - b2, eps=float(eps), step_size=lr / (1.0 - b1 ** step),
+             sqrt_bc2=float(np.sqrt(1.0 - b2 ** step)))
+    if nblk:
+        p["nblk"] = nblk
+    else:
+        p["nparts"] = nparts
+    return p
+
+
+def grad_norm(rt, grad, parts, gstat, n, nparts, inv_n, max_norm) -> list:
+    """gstat = [||grad * inv_n||, inv_n * clip coefficient] (torch clip_grad_norm_ semantics)."""
+    p = adam_params(n, 0.0, (0.9, 0.999), 1e-8, 0.0, 1, inv_n, max_norm, nparts)
+    return [rt.op("adamw.wgsl", "sumsq", (nparts,), dict(grad=grad, parts=parts), p),
+            rt.op("adamw.wgsl", "clip", (1,), dict(parts=parts, gstat=gstat), p)]
+
+
+def adamw(rt, prm, grad, m, v, gstat, n, lr, betas, eps, weight_decay, step) -> Op:
+    return rt.op("adamw.wgsl", "adamw", grid1d(n, 64), dict(prm=prm, grad=grad, m=m, v=v, gstat=gstat),
+                 adam_params(n, lr, betas, eps, weight_decay, step, nparts=0))
+
+
+def adam8bit(rt, prm, grad, mq, vq, absmax, gstat, codes, n, lr, betas, eps, weight_decay, step) -> Op:
+    """Adam on 8-bit block-wise state (numpy_train's bitsandbytes scheme, blocks of 256)."""
+    if n % 256:
+        raise WebGPUError(f"adam8bit: parameter count {n} must be a multiple of 256 (pad the flat buffer)")
+    nblk = n // 256
+    return rt.op("adam8bit.wgsl", "step", grid1d(nblk, 64),
+                 dict(prm=prm, grad=grad, mq=mq, vq=vq, absmax=absmax, gstat=gstat, codes=codes),
+                 adam_params(n, lr, betas, eps, weight_decay, step, nblk=nblk))
+
+
+def sample(rt, logits, dyn, out, tok, B, V, ld, temperature) -> Op:
+    return rt.op("sample.wgsl", "argmax", (B,), dict(logits=logits, dyn=dyn, out=out, tok=tok),
+                 dict(V=V, ld=ld, temp=float(temperature), pad=0))

@@ -1,0 +1,416 @@
+"""The WebGPU runtime: one device per process, WGSL loading, pipeline/bind-group caches, buffers, programs.
+
+A *program* is a list of recorded dispatches (pipeline + bind group + workgroup counts) built once per
+shape and replayed: encoding a step is then a loop of set_pipeline/set_bind_group/dispatch calls in one
+compute pass, one submit, and at most one small read back. Every failure names the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import loralabd
+
+SHADER_DIR = Path(loralabd.__file__).parent.parent / "shaders"
+OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query")
+
+
+class WebGPUError(RuntimeError):
+    """A WebGPU call failed; the message names the kernel and says what to try."""
+
+
+class NoAdapterError(WebGPUError):
+    pass
+
+
+# --- WGSL loading: a minimal template step --------------------------------------------------------
+# `//#include file.wgsl`, `//#if NAME` / `//#else` / `//#endif` (NAME set in defines), `{{KEY}}` substitution.
+
+_BINDING = re.compile(r"@group\(0\)\s*@binding\((\d+)\)\s*var(?:<([\w, ]+)>)?\s+(\w+)\s*:")
+_STRUCT_P = re.compile(r"struct\s+P\s*\{([^}]*)\}", re.S)
+
+
+def render_wgsl(filename: str, defines: dict) -> str:
+    path = SHADER_DIR / filename
+    if not path.is_file():
+        raise WebGPUError(f"shader {path} is missing; the shaders/ folder ships next to the loralabd package")
+    out, stack = [], []
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("//#include"):
+            if all(stack):
+                out.append(render_wgsl(s.split()[1], defines))
+            continue
+        if s.startswith("//#if"):
+            name = s.split()[1]
+            stack.append(bool(defines.get(name)))
+            continue
+        if s.startswith("//#else"):
+            stack[-1] = not stack[-1]
+            continue
+        if s.startswith("//#endif"):
+            stack.pop()
+            continue
+        if all(stack):
+            out.append(line)
+    src = "\n".join(out)
+    for k, v in defines.items():
+        src = src.replace("{{" + k + "}}", str(v))
+    if "{{" in src:
+        raise WebGPUError(f"{filename}: template key {src[src.index('{{'):].split('}}')[0]}}}}} has no value")
+    return src
+
+
+def parse_bindings(src: str) -> dict[str, tuple[int, str]]:
+    """name -> (binding index, "uniform" | "read" | "rw")."""
+    out = {}
+    for idx, kind, name in _BINDING.findall(src):
+        k = "uniform" if kind.startswith("uniform") else ("rw" if "read_write" in kind else "read")
+        out[name] = (int(idx), k)
+    return out
+
+
+def parse_params(src: str) -> list[tuple[str, str]]:
+    """Fields of `struct P` (all 4-byte scalars): [(name, "u32" | "i32" | "f32")]."""
+    m = _STRUCT_P.search(src)
+    if not m:
+        return []
+    fields = []
+    for part in m.group(1).split(","):
+        part = part.strip()
+        if part:
+            n, t = (x.strip() for x in part.split(":"))
+            fields.append((n, t))
+    return fields
+
+
+# --- buffers ---------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Buf:
+    """A GPU buffer of `nbytes` (f32 / i32 / u32 elements)."""
+
+    buffer: object
+    nbytes: int
+    name: str = ""
+    offset: int = 0  # bytes; a view into a larger buffer when > 0 (aligned to 256)
+
+    @property
+    def n(self) -> int:
+        return self.nbytes // 4
+
+
+@dataclass
+class Op:
+    kernel: str  # "file:entry[variant]" — used in errors and in timestamp profiles
+    pipeline: object
+    bind_group: object
+    grid: tuple[int, int, int]
+    keep: list = field(default_factory=list)  # uniform buffers owned by this op
+
+
+class Runtime:
+    """Adapter, device, caches. Use `get_runtime()`; one per process (wgpu-py leaks on re-creation)."""
+
+    def __init__(self):
+        import wgpu
+
+        self.wgpu = wgpu
+        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        pref = os.environ.get("LORALAB_WGPU_POWER", "high-performance")
+        adapter = wgpu.gpu.request_adapter_sync(power_preference=pref)
+        if adapter is None:
+            raise NoAdapterError("no WebGPU adapter found; install a GPU driver with Vulkan/Metal/D3D12 "
+                                 "or Mesa's lavapipe (`apt-get install mesa-vulkan-drivers`), or use --backend numpy")
+        self.adapter = adapter
+        self.features = tuple(f for f in OPTIONAL_FEATURES if f in adapter.features)
+        al = adapter.limits
+        want = {k: al[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                   "max-storage-buffers-per-shader-stage", "max-compute-workgroup-storage-size",
+                                   "max-compute-invocations-per-workgroup") if k in al}
+        try:
+            self.device = adapter.request_device_sync(required_features=list(self.features), required_limits=want)
+        except Exception as e:  # some drivers refuse raised limits: retry with defaults
+            try:
+                self.device = adapter.request_device_sync(required_features=list(self.features))
+            except Exception:
+                raise WebGPUError(f"could not create a WebGPU device on {adapter.info.get('device')}: {e}") from e
+        self.limits = dict(self.device.limits)
+        self.align = int(self.limits.get("min-storage-buffer-offset-alignment", 256))
+        self._modules: dict = {}
+        self._pipelines: dict = {}
+        self._bind_groups: dict = {}
+        self._dummy = None
+        self._dummy_rw = None
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.lock = threading.RLock()  # the device is owned by one thread at a time
+        # workgroup-memory tiled matmuls pay off on real GPUs, not on lavapipe (LORALAB_WGPU_TILED=0/1 forces)
+        env = os.environ.get("LORALAB_WGPU_TILED")
+        self.tiled = self.is_hardware if env is None else env == "1"
+
+    # -- what we run on ------------------------------------------------------------------------------
+
+    def info(self) -> dict:
+        i = self.adapter.info
+        return {
+            "name": i.get("device", ""), "vendor": i.get("vendor", ""), "backend": i.get("backend_type", ""),
+            "type": i.get("adapter_type", ""), "description": i.get("description", ""),
+            "features_used": list(self.features),
+            "limits": {k: self.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                                   "max-compute-workgroup-storage-size",
+                                                   "max-compute-invocations-per-workgroup") if k in self.limits},
+        }
+
+    @property
+    def is_hardware(self) -> bool:
+        return str(self.adapter.info.get("adapter_type", "")).lower() not in ("cpu", "unknown", "")
+
+    # -- buffers ---------------------------------------------------------------------------------------
+
+    def buffer(self, nbytes: int, name: str = "", data: np.ndarray | None = None, readable=False) -> Buf:
+        wgpu = self.wgpu
+        nbytes = max(16, (int(nbytes) + 15) // 16 * 16)
+        mx = self.limits.get("max-storage-buffer-binding-size", 1 << 27)
+        if nbytes > mx:
+            raise WebGPUError(f"buffer {name!r} needs {nbytes / 2**20:.1f} MiB, above this adapter's storage "
+                              f"binding limit of {mx / 2**20:.0f} MiB; use a smaller batch or sequence length")
+        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+        try:
+            b = self.device.create_buffer(size=nbytes, usage=usage, label=name)
+        except Exception as e:
+            raise WebGPUError(f"allocating buffer {name!r} ({nbytes} bytes) failed: {e}") from e
+        self.live_bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        buf = Buf(b, nbytes, name)
+        if data is not None:
+            self.write(buf, data)
+        return buf
+
+    def view(self, buf: Buf, offset: int, nbytes: int, name: str = "") -> Buf:
+        """A sub-range of buf for binding (offset must be a multiple of 256 bytes)."""
+        if offset % 256 or offset + nbytes > buf.nbytes:
+            raise WebGPUError(f"view {name!r} [{offset}, +{nbytes}) of {buf.name!r} is misaligned or out of range")
+        return Buf(buf.buffer, nbytes, name or buf.name, buf.offset + offset)
+
+    def free(self, buf: Buf):
+        if buf is not None and buf.buffer is not None and buf.offset == 0:
+            buf.buffer.destroy()
+            buf.buffer = None
+            self.live_bytes -= buf.nbytes
+
+    def write(self, buf: Buf, data, offset: int = 0):
+        a = np.ascontiguousarray(data)
+        raw = a.view(np.uint8).reshape(-1)
+        if raw.nbytes % 4:
+            raw = np.concatenate([raw, np.zeros(4 - raw.nbytes % 4, np.uint8)])
+        if offset + raw.nbytes > buf.nbytes:
+            raise WebGPUError(f"write of {raw.nbytes} bytes into buffer {buf.name!r} ({buf.nbytes} bytes) overflows")
+        self.device.queue.write_buffer(buf.buffer, buf.offset + offset, raw)
+
+    @property
+    def dummy_rw(self) -> Buf:  # unused outputs of a multi-entry shader (never also bound read-only)
+        if self._dummy_rw is None:
+            self._dummy_rw = self.buffer(64, "dummy_rw", np.zeros(16, np.float32))
+        return self._dummy_rw
+
+    @property
+    def dummy(self) -> Buf:
+        if self._dummy is None:
+            self._dummy = self.buffer(64, "dummy", np.zeros(16, np.float32))
+        return self._dummy
+
+    # -- kernels ---------------------------------------------------------------------------------------
+
+    def _kernel(self, file: str, entry: str, defines: dict):
+        key = (file, entry, tuple(sorted(defines.items())))
+        hit = self._pipelines.get(key)
+        if hit is not None:
+            return hit
+        name = f"{file}:{entry}{_variant(defines)}"
+        src = render_wgsl(file, defines)
+        mkey = (file, tuple(sorted(defines.items())))
+        wgpu = self.wgpu
+        try:
+            if mkey not in self._modules:
+                self._modules[mkey] = self.device.create_shader_module(code=src, label=file)
+            module = self._modules[mkey]
+        except Exception as e:
+            raise WebGPUError(f"kernel {name}: WGSL did not compile: {e}") from e
+        binds = parse_bindings(src)
+        types = {"uniform": wgpu.BufferBindingType.uniform, "read": wgpu.BufferBindingType.read_only_storage,
+                 "rw": wgpu.BufferBindingType.storage}
+        try:
+            layout = self.device.create_bind_group_layout(entries=[
+                {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": types[k]}}
+                for i, k in sorted(binds.values())])
+            pl = self.device.create_pipeline_layout(bind_group_layouts=[layout])
+            pipe = self.device.create_compute_pipeline(layout=pl, compute={"module": module, "entry_point": entry},
+                                                       label=name)
+        except Exception as e:
+            raise WebGPUError(f"kernel {name}: pipeline creation failed: {e}") from e
+        hit = (name, pipe, layout, binds, parse_params(src))
+        self._pipelines[key] = hit
+        return hit
+
+    def op(self, file: str, entry: str, grid, buffers: dict, params: dict | None = None, defines=None) -> Op:
+        """Record one dispatch. buffers: binding name -> Buf; params: fields of the shader's `struct P`."""
+        defines = dict(defines or {})
+        name, pipe, layout, binds, pfields = self._kernel(file, entry, defines)
+        grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        mx = self.limits.get("max-compute-workgroups-per-dimension", 65535)
+        if min(grid) < 1 or max(grid) > mx:
+            raise WebGPUError(f"kernel {name}: workgroup grid {grid} is outside 1..{mx}; the input is too large "
+                              "for one dispatch — use a smaller batch or sequence length")
+        keep, entries = [], []
+        for bname, (idx, kind) in binds.items():
+            if kind == "uniform":
+                missing = [f for f, _ in pfields if f not in (params or {})]
+                extra = set(params or {}) - {f for f, _ in pfields}
+                if missing or extra:
+                    raise WebGPUError(f"kernel {name}: parameters missing {missing} / unknown {sorted(extra)}")
+                raw = b"".join(struct.pack("<" + {"u32": "I", "i32": "i", "f32": "f"}[t], params[f])
+                               for f, t in pfields)
+                raw += b"\0" * (-len(raw) % 16 or (16 if not raw else 0))
+                ub = self.device.create_buffer_with_data(data=raw, usage=self.wgpu.BufferUsage.UNIFORM)
+                keep.append(ub)
+                entries.append({"binding": idx, "resource": {"buffer": ub, "offset": 0, "size": len(raw)}})
+                continue
+            b = buffers.get(bname)
+            if b is None:
+                b = self.dummy_rw if kind == "rw" else self.dummy
+            if b.buffer is None:
+                raise WebGPUError(f"kernel {name}: buffer {b.name!r} was freed")
+            entries.append({"binding": idx, "resource": {"buffer": b.buffer, "offset": b.offset, "size": b.nbytes}})
+        try:
+            bg = self.device.create_bind_group(layout=layout, entries=entries, label=name)
+        except Exception as e:
+            raise WebGPUError(f"kernel {name}: bind group creation failed: {e}") from e
+        return Op(name, pipe, bg, grid, keep)
+
+    # -- running ---------------------------------------------------------------------------------------
+
+    def run(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
+            label: str = "step") -> np.ndarray | None:
+        """Encode ops in one compute pass, submit once, optionally read back `read_bytes` of `read`."""
+        wgpu = self.wgpu
+        with self.lock:
+            enc = self.device.create_command_encoder(label=label)
+            cp = enc.begin_compute_pass(label=label)
+            current = None
+            for o in ops:
+                try:
+                    if o.pipeline is not current:
+                        cp.set_pipeline(o.pipeline)
+                        current = o.pipeline
+                    cp.set_bind_group(0, o.bind_group)
+                    cp.dispatch_workgroups(*o.grid)
+                except Exception as e:
+                    raise WebGPUError(f"kernel {o.kernel}: dispatch failed in {label}: {e}") from e
+            staging = None
+            try:
+                cp.end()
+                if read is not None:
+                    nb = (read_bytes or read.nbytes + 3) // 4 * 4
+                    staging = self.device.create_buffer(size=nb, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+                    enc.copy_buffer_to_buffer(read.buffer, read.offset + read_offset, staging, 0, nb)
+                self.device.queue.submit([enc.finish()])
+            except Exception as e:
+                names = sorted({o.kernel for o in ops})
+                raise WebGPUError(f"{label} failed at submit (kernels {', '.join(names)}): {e}") from e
+            if staging is None:
+                return None
+            staging.map_sync(wgpu.MapMode.READ)
+            out = np.frombuffer(staging.read_mapped(copy=True), np.uint8).copy()
+            staging.unmap()
+            staging.destroy()
+            return out
+
+    def read(self, buf: Buf, dtype=np.float32, count: int | None = None, offset_elems: int = 0) -> np.ndarray:
+        nb = (count if count is not None else buf.n - offset_elems) * 4
+        raw = self.run([], read=buf, read_bytes=nb, read_offset=offset_elems * 4, label=f"read {buf.name}")
+        return raw.view(dtype)[: nb // 4]
+
+    def sync(self):
+        self.read(self.dummy, count=1)
+
+    def profile(self, ops: list, repeats: int = 1) -> dict:
+        """Per-kernel GPU time (seconds, summed over its dispatches) from timestamp queries, each op in its
+        own compute pass (so the total is a little above the fused step). {} without timestamp-query."""
+        if "timestamp-query" not in self.features:
+            return {}
+        wgpu = self.wgpu
+        total: dict = {}
+        chunk = 1024  # a query set holds at most 4096 timestamps
+        with self.lock:
+            qs = self.device.create_query_set(type=wgpu.QueryType.timestamp, count=2 * chunk)
+            res = self.device.create_buffer(size=16 * chunk, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            rd = self.device.create_buffer(size=16 * chunk, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            for _ in range(repeats):
+                for c0 in range(0, len(ops), chunk):
+                    part = ops[c0:c0 + chunk]
+                    n = len(part)
+                    enc = self.device.create_command_encoder()
+                    for i, o in enumerate(part):
+                        cp = enc.begin_compute_pass(timestamp_writes={
+                            "query_set": qs, "beginning_of_pass_write_index": 2 * i, "end_of_pass_write_index": 2 * i + 1})
+                        cp.set_pipeline(o.pipeline)
+                        cp.set_bind_group(0, o.bind_group)
+                        cp.dispatch_workgroups(*o.grid)
+                        cp.end()
+                    enc.resolve_query_set(qs, 0, 2 * n, res, 0)
+                    enc.copy_buffer_to_buffer(res, 0, rd, 0, 16 * n)
+                    self.device.queue.submit([enc.finish()])
+                    rd.map_sync(wgpu.MapMode.READ, 0, 16 * n)
+                    t = np.frombuffer(rd.read_mapped(0, 16 * n, copy=True), np.uint64).reshape(n, 2).astype(np.float64)
+                    rd.unmap()
+                    for o, (a, b) in zip(part, t):  # wgpu reports nanoseconds (period 1 on Vulkan/NVIDIA/lavapipe)
+                        total[o.kernel] = total.get(o.kernel, 0.0) + max(b - a, 0.0) * 1e-9 / repeats
+            qs.destroy()
+            res.destroy()
+            rd.destroy()
+        return total
+
+
+def _variant(defines: dict) -> str:
+    v = ",".join(f"{k}={v}" for k, v in sorted(defines.items()))
+    return f"[{v}]" if v else ""
+
+
+_RUNTIME: Runtime | None = None
+_LOCK = threading.Lock()
+
+
+def get_runtime() -> Runtime:
+    """The process-wide runtime (created on first use)."""
+    global _RUNTIME
+    with _LOCK:
+        if _RUNTIME is None:
+            _RUNTIME = Runtime()
+        return _RUNTIME
+
+
+def available() -> bool:
+    """Whether a WebGPU adapter can be had (without raising)."""
+    try:
+        get_runtime()
+        return True
+    except Exception:
+        return False
+
+
+def grid1d(n: int, wg: int) -> tuple[int, int]:
+    """Workgroup counts (x, y) covering n invocations of size-wg groups within the 65535-per-dimension limit;
+    kernels linearise with i = gid.x + gid.y * num_workgroups.x * wg."""
+    g = max(1, -(-n // wg))
+    if g <= 65535:
+        return (g, 1)
+    gx = 65535
+    return (gx, -(-g // gx))

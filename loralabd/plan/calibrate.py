@@ -1,0 +1,253 @@
+"""Calibrate the time model on this device by running the real engine for a few small training steps.
+
+One training step (accumulate of B x T tokens, then one optimizer step) is modelled as
+
+    t_accumulate = c0 + c_mm * matmul_flops + c_lora * lora_flops + c_att * attention_flops + c_p * lora_params
+    t_step       = s0 + s_p * lora_params
+
+matmul_flops: the frozen projections (forward y and backward dx: 4 N in out each) and the loss over the
+vocabulary (forward, recompute, dh: 6 N D V); lora_flops: 6 N r (in + out) per adapted projection;
+attention_flops: 16 B H T^2 hd (forward QK, PV and the backward's six products over the full T x T);
+lora_params: work per parameter whatever the batch (adding each micro-batch's gradients into the
+accumulator, copies) — at a small batch and a large rank it outweighs the LoRA matmuls.
+The coefficients come from a least-squares fit (non-negative) over a handful of shapes timed through
+`engine.train_session(...)`, so any engine with that interface is calibrated the same way. Results are
+cached per adapter + driver + BLAS threads + model shape in the data directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field, asdict
+
+import numpy as np
+
+from ..engine.lora import LoraAdapter, LoraConfig
+from ..models.args import LINEAR_NAMES
+from .hardware import Device, describe
+
+VERSION = 2  # bump when the features or the shapes change: old cache entries are then ignored
+CLOCKS = ("wall", "cpu")
+
+
+# -- features -----------------------------------------------------------------------------------------
+
+def features(args, cfg: LoraConfig, batch: int, seq: int) -> dict:
+    B, T = int(batch), int(seq)
+    N = B * T
+    L = args.num_hidden_layers
+    dense = sum(o * i for n in LINEAR_NAMES for (o, i) in [args.linear_shape(n)])
+    mm = 4.0 * N * L * dense + 6.0 * N * args.hidden_size * args.vocab_size
+    n_lay = len(cfg.layer_ids(L))
+    lora = 6.0 * N * cfg.r * n_lay * sum(sum(args.linear_shape(t)) for t in cfg.targets)
+    att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
+    params = n_lay * sum(cfg.r * sum(args.linear_shape(t)) for t in cfg.targets)
+    return {"matmul_flops": mm, "lora_flops": lora, "attention_flops": att, "lora_params": float(params)}
+
+
+ACC_TERMS = ("const", "matmul_flops", "lora_flops", "attention_flops", "lora_params")
+STEP_TERMS = ("const", "lora_params")
+
+
+@dataclass
+class Calibration:
+    key: str
+    device: dict
+    clock: str
+    acc: dict  # term -> seconds per unit
+    step: dict
+    samples: list = field(default_factory=list)  # what was timed: shape, features, seconds
+    warmup_s: float = 0.0  # the first step of a new engine (dequantization / pipeline builds)
+    seconds: float = 0.0  # how long calibrating took
+    created: float = 0.0
+
+    def predict(self, args, cfg: LoraConfig, batch: int, seq: int) -> dict:
+        f = features(args, cfg, batch, seq)
+        acc = self.acc["const"] + sum(self.acc[k] * f[k] for k in ACC_TERMS[1:])
+        st = self.step["const"] + self.step["lora_params"] * f["lora_params"]
+        return {"accumulate_s": acc, "step_s": st, **f}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(**d)
+
+    def achieved(self) -> dict:
+        """Throughputs the fit implies, for people: GFLOP/s of the base matmuls, LoRA, attention."""
+        g = {k: (1e-9 / v if v > 0 else None) for k, v in self.acc.items() if k != "const"}
+        return {"matmul_gflops": g["matmul_flops"], "lora_gflops": g["lora_flops"],
+                "attention_gflops": g["attention_flops"], "step_overhead_s": self.acc["const"],
+                "accumulate_s_per_mparam": self.acc["lora_params"] * 1e6,
+                "optimizer_s_per_mparam": self.step["lora_params"] * 1e6}
+
+
+# -- the fit ------------------------------------------------------------------------------------------
+
+def nnls(X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Least squares with x >= 0 (few columns: drop the most negative coefficient until none is)."""
+    w = np.ones(len(y)) if weights is None else weights
+    Xw, yw = X * w[:, None], y * w
+    active = list(range(X.shape[1]))
+    while True:
+        coef = np.zeros(X.shape[1])
+        if active:
+            sol, *_ = np.linalg.lstsq(Xw[:, active], yw, rcond=None)
+            coef[active] = sol
+        neg = [j for j in active if coef[j] < 0]
+        if not neg:
+            return coef
+        active.remove(min(neg, key=lambda j: coef[j]))
+
+
+def fit(samples: list[dict]) -> tuple[dict, dict]:
+    """Coefficients of the accumulate and step models; relative errors weigh every shape alike."""
+    Xa = np.array([[1.0] + [s["features"][k] for k in ACC_TERMS[1:]] for s in samples])
+    ya = np.array([s["accumulate_s"] for s in samples])
+    scale = Xa.max(axis=0)
+    scale[scale == 0] = 1.0
+    ca = nnls(Xa / scale, ya, 1.0 / ya) / scale
+    Xs = np.array([[1.0, s["features"]["lora_params"]] for s in samples])
+    ys = np.array([s["step_s"] for s in samples])
+    ss = Xs.max(axis=0)
+    ss[ss == 0] = 1.0
+    cs = nnls(Xs / ss, ys, 1.0 / ys) / ss
+    return dict(zip(ACC_TERMS, map(float, ca))), dict(zip(STEP_TERMS, map(float, cs)))
+
+
+# -- running it ---------------------------------------------------------------------------------------
+
+def shapes_for(device: Device) -> list[tuple[int, int, int]]:
+    """(batch, seq, rank) to time: a base shape, more rows, a longer sequence (attention), a larger rank at
+    two batch sizes (LoRA work per token against work per parameter).
+    The base is small on CPUs (the numpy engine runs ~30-100 tokens/s there) and larger on GPUs, where a
+    tiny step measures only dispatch overhead."""
+    s = 32 if device.backend == "numpy" or device.software else 256
+    return [(1, s, 8), (4, s, 8), (2, 2 * s, 8), (1, 4 * s, 8), (1, s, 64), (4, s, 64)]
+
+
+def repeats_for(device: Device) -> int:
+    """Timed steps per shape (after the warm-up): GPU steps are short and noisy, CPU steps long."""
+    return 1 if device.backend == "numpy" or device.software else 3
+
+
+def _clock(kind: str):
+    if kind not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, not {kind!r}")
+    return time.perf_counter if kind == "wall" else time.process_time
+
+
+def time_shape(engine, cfg: LoraConfig, batch: int, seq: int, clock: str = "wall", repeats: int = 1,
+               seed: int = 0) -> dict:
+    """Seconds of accumulate() and step() for one shape (best of `repeats`, after one warm-up step)."""
+    args = engine.model.args if hasattr(engine, "model") else engine.args
+    clk = _clock(clock)
+    ad = LoraAdapter.init(args, cfg, seed=seed)
+    sess = engine.train_session(ad, {"kind": "adamw"})
+    rng = np.random.default_rng(seed)
+    best_a = best_s = float("inf")
+    warm = 0.0
+    for i in range(repeats + 1):
+        tok = rng.integers(0, args.vocab_size, (batch, seq))
+        t0 = clk()
+        sess.accumulate(tok, tok)
+        t1 = clk()
+        sess.step(1e-4, 1.0)
+        t2 = clk()
+        if i == 0:
+            warm = t2 - t0
+        else:
+            best_a, best_s = min(best_a, t1 - t0), min(best_s, t2 - t1)
+    return {"batch": batch, "seq": seq, "r": cfg.r, "targets": list(cfg.targets), "accumulate_s": best_a,
+            "step_s": best_s, "first_step_s": warm, "features": features(args, cfg, batch, seq)}
+
+
+def calibrate(engine, device: Device | None = None, clock: str = "wall", shapes=None, repeats: int | None = None,
+              targets=LINEAR_NAMES) -> Calibration:
+    """Time the real engine on a few shapes and fit the model. Minutes on the numpy engine's slowest
+    CPUs, seconds on a GPU; use cached_calibration() to do it once."""
+    device = device or describe(engine)
+    model = engine.model
+    repeats = repeats or repeats_for(device)
+    t_start = time.perf_counter()
+    samples = []
+    warm = None
+    for B, T, r in (shapes or shapes_for(device)):
+        s = time_shape(engine, LoraConfig(r=r, alpha=2 * r, targets=tuple(targets)), B, T, clock, repeats)
+        if warm is None:
+            warm = s["first_step_s"] - s["accumulate_s"] - s["step_s"]  # the engine's one-time setup
+        samples.append(s)
+    acc, step = fit(samples)
+    return Calibration(key=cache_key(device, model, clock), device=device.to_dict(), clock=clock, acc=acc, step=step,
+                       samples=samples, warmup_s=max(0.0, warm or 0.0), seconds=time.perf_counter() - t_start,
+                       created=time.time())
+
+
+# -- the cache ------------------------------------------------------------------------------------------
+
+def model_signature(model) -> str:
+    a = model.args
+    kinds = sorted({w.kind for L in model.layers for w in L.linear.values()} | {model.output.kind})
+    return (f"{a.arch} D{a.hidden_size} F{a.intermediate_size} L{a.num_hidden_layers} H{a.num_attention_heads} "
+            f"KV{a.num_key_value_heads} hd{a.head_dim} V{a.vocab_size} {'+'.join(kinds)}")
+
+
+def cache_key(device: Device, model, clock: str) -> str:
+    raw = f"v{VERSION}|{device.key()}|{model_signature(model)}|{clock}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def cache_path():
+    from ..paths import data_dir
+
+    p = data_dir() / "plan"
+    p.mkdir(parents=True, exist_ok=True)
+    return p / "calibration.json"
+
+
+def load_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cached(device: Device, model, clock: str = "wall") -> Calibration | None:
+    d = load_cache().get(cache_key(device, model, clock))
+    return Calibration.from_dict(d) if d else None
+
+
+def save(cal: Calibration) -> None:
+    from ..paths import write_private_json
+
+    entries = load_cache()
+    entries[cal.key] = cal.to_dict()
+    write_private_json(cache_path(), entries)
+
+
+def cached_calibration(engine, device: Device | None = None, clock: str = "wall", refresh: bool = False) -> Calibration:
+    """The cached calibration for this device + model shape, running (and saving) it when missing."""
+    device = device or describe(engine)
+    if not refresh:
+        hit = cached(device, engine.model, clock)
+        if hit is not None:
+            return hit
+    cal = calibrate(engine, device, clock)
+    save(cal)
+    return cal
+
+
+if __name__ == "__main__":  # python -m loralabd.plan.calibrate [backend] [model] [clock]: calibrate, print JSON
+    import sys
+
+    from .measure import load, make
+
+    backend = sys.argv[1] if len(sys.argv) > 1 else "numpy"
+    m = load(sys.argv[2] if len(sys.argv) > 2 else "default")
+    eng = make(m, backend)
+    c = cached_calibration(eng, clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+                           refresh="--refresh" in sys.argv)
+    print(json.dumps(c.to_dict()))

@@ -1,0 +1,365 @@
+"""plan/estimate: will this training run fit on this device, how long will it take, what to change.
+
+    plan = estimate(model, "numpy", dataset_tokens=200_000, lora=LoraConfig(r=16), batch=4, seq=256,
+                    epochs=2, time_budget_s=3600)
+    plan.fits, plan.exceeded, plan.tokens_per_s, plan.seconds, plan.advice, plan.to_dict()
+
+Memory comes from memory.py (the engine as built, the model's real tensor sizes), time from a calibration
+of the real engine on this device (calibrate.py, cached), limits from the adapter (hardware.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..engine.lora import LoraConfig
+from .calibrate import Calibration, cached, cached_calibration
+from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
+from .memory import MemoryEstimate, binding_violations, lora_params, mib, training_memory
+
+RANKS = (64, 32, 16, 8, 4, 2, 1)  # what the rank advice picks from, largest first
+HEADROOM = 0.9  # of the available memory a plan may take (the OS, the driver and fragmentation need some)
+
+
+@dataclass
+class Plan:
+    model: str
+    backend: str
+    device: Device
+    lora: LoraConfig
+    batch: int
+    seq: int
+    grad_accum: int
+    optim: str
+    steps: int
+    tokens: int  # trained tokens over the run
+    memory: MemoryEstimate
+    available_bytes: int | None
+    available_source: str
+    exceeded: list  # every limit exceeded: limit, what, needed, available, over, change
+    tokens_per_s: float | None
+    step_s: float | None  # one optimizer step (grad_accum micro-batches)
+    seconds: float | None  # the whole run, with the engine's warm-up
+    calibration: dict | None
+    advice: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        if self.exceeded:
+            return False
+        return None if self.available_bytes is None else True
+
+    @property
+    def lora_parameters(self) -> int:
+        return lora_params(self.memory_args, self.lora)
+
+    memory_args = None  # set by estimate(): the model's ModelArgs
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "backend": self.backend, "device": self.device.to_dict(),
+            "lora": self.lora.to_dict(), "batch": self.batch, "seq": self.seq, "gradAccum": self.grad_accum,
+            "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
+            "memory": self.memory.to_dict(), "availableBytes": self.available_bytes,
+            "availableSource": self.available_source, "fits": self.fits, "exceeded": list(self.exceeded),
+            "loraParameters": self.lora_parameters, "tokensPerStep": self.batch * self.seq * self.grad_accum,
+            "tokensPerSecond": self.tokens_per_s, "stepSeconds": self.step_s, "seconds": self.seconds,
+            "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
+            "notes": list(self.notes),
+        }
+
+    def to_protocol(self) -> dict:
+        """The protocol's PlanEstimate (protocol/protocol.json): fixed memory fields, the rest as notes."""
+        p = self.memory.parts
+        mem = {"weights": p["weights"] + p["dequantized"] + p["runtime"], "lora": p["lora"],
+               "gradients": p["gradients"], "optimizer": p["optimizer"],
+               "activations": p["activations"] + p["attention"] + p["workspace"], "logits": p["logits"],
+               "total": self.memory.total}
+        notes = [f"device: {self.device.name} ({self.device.type}, {self.backend}"
+                 + (f", {self.device.api}" if self.device.api else "") + ")"]
+        notes += [f"limit exceeded: {e['what']} needs {mib(e['needed'])}, {e['limit']} is {mib(e['available'])} "
+                  f"(over by {mib(e['over'])}); {e['change']}" for e in self.exceeded]
+        notes += [f"warning: {w}" for w in self.warnings]
+        notes += [f"advice: {a}" for a in self.advice.get("text", [])]
+        notes += self.notes
+        return {"memory": {k: int(v) for k, v in mem.items()}, "availableBytes": self.available_bytes,
+                "fits": self.fits, "loraParameters": int(self.lora_parameters),
+                "tokensPerStep": self.batch * self.seq * self.grad_accum,
+                "tokensPerSecond": self.tokens_per_s, "seconds": self.seconds, "notes": notes}
+
+
+# -- inputs ---------------------------------------------------------------------------------------------
+
+def _lora(cfg) -> LoraConfig:
+    if cfg is None:
+        return LoraConfig()
+    if isinstance(cfg, LoraConfig):
+        return cfg
+    d = dict(cfg)
+    r = int(d.get("r", 8))
+    return LoraConfig(r=r, alpha=float(d.get("alpha", 2 * r)), dropout=float(d.get("dropout", 0.0)),
+                      use_rslora=bool(d.get("useRslora", d.get("use_rslora", False))),
+                      targets=tuple(d.get("targets") or ("all",)),
+                      layers=None if d.get("layers") is None else tuple(d["layers"]))
+
+
+def count_dataset_tokens(dataset, seq: int) -> int:
+    """Tokens of a dataset: a count, a list of token-id sequences, or rows with input_ids/tokens."""
+    if isinstance(dataset, int):
+        return dataset
+    n = 0
+    for ex in dataset:
+        if isinstance(ex, Mapping):
+            ex = ex.get("input_ids", ex.get("tokens", ex.get("ids", ())))
+        n += len(ex)
+    return n
+
+
+def _engine_and_backend(engine):
+    if isinstance(engine, str):
+        return None, engine
+    return engine, getattr(engine, "backend", "numpy")
+
+
+def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
+    if cap is not None:
+        return int(cap), "memory_cap_bytes (given)"
+    o = memory_override()
+    if o is not None:
+        return o, "LORALAB_DEVICE_MEMORY (given)"
+    if device.memory_bytes is not None:
+        return int(device.memory_bytes * HEADROOM), f"{HEADROOM:.0%} of {device.memory_source}"
+    return int(UNKNOWN_GPU_MEMORY * HEADROOM), (f"an estimate: the adapter does not say how much memory it has; "
+                                                f"assumed {mib(UNKNOWN_GPU_MEMORY)} (set LORALAB_DEVICE_MEMORY "
+                                                "or memory_cap_bytes to the real amount)")
+
+
+# -- the search for what fits -----------------------------------------------------------------------------
+
+def _fits(model, backend, cfg, B, T, optim, engine, available, limits) -> bool:
+    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=engine)
+    return (available is None or mem.total <= available) and not binding_violations(mem, limits)
+
+
+def largest(pred, lo: int, hi: int, step: int = 1) -> int | None:
+    """Largest multiple of `step` in [lo, hi] with pred true, pred monotone (true then false)."""
+    lo_k, hi_k = -(-lo // step), hi // step
+    if lo_k > hi_k or not pred(lo_k * step):
+        return None
+    while lo_k < hi_k:
+        mid = (lo_k + hi_k + 1) // 2
+        if pred(mid * step):
+            lo_k = mid
+        else:
+            hi_k = mid - 1
+    return lo_k * step
+
+
+# -- the estimate ------------------------------------------------------------------------------------------
+
+def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, dataset=None, lora=None,
+             batch: int = 4, seq: int = 256, steps: int | None = None, tokens: int | None = None,
+             epochs: float | None = None, grad_accum: int = 1, optim: str = "adamw",
+             time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
+             calibration="auto", device: Device | None = None, clock: str = "wall"):
+    """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
+
+    How long: give steps, tokens, or epochs with dataset_tokens / dataset (default: 1 epoch of the
+    dataset, else 100 steps). calibration: "auto" (cached, run once when missing), "cached" (use the
+    cache, no run), None (no time), or a Calibration.
+
+    The protocol form estimate(model, params: dict) — what the daemon calls with PlanParams — returns
+    the protocol's PlanEstimate dict (see plan_from_params)."""
+    if isinstance(engine, Mapping):
+        return plan_from_params(model, engine)
+    cfg = _lora(lora)
+    eng, backend = _engine_and_backend(engine)
+    B, T, ga = int(batch), int(seq), max(1, int(grad_accum))
+    if B < 1 or T < 1:
+        raise ValueError(f"batch and seq must be >= 1 (got batch={B}, seq={T})")
+    a = model.args
+    device = device or describe(eng if eng is not None else backend)
+    warnings, notes = [], []
+
+    # -- how much work
+    ds = dataset_tokens if dataset_tokens is not None else (count_dataset_tokens(dataset, T) if dataset is not None else None)
+    per_step = B * T * ga
+    if steps is not None:
+        n_steps = int(steps)
+    elif tokens is not None:
+        n_steps = math.ceil(int(tokens) / per_step)
+    elif ds is not None:
+        n_steps = math.ceil((epochs if epochs is not None else 1.0) * ds / per_step)
+    else:
+        if epochs is not None:
+            raise ValueError("epochs needs dataset_tokens or dataset; or give steps or tokens")
+        n_steps = 100
+        notes.append("length: 100 steps (no steps, tokens or dataset given)")
+    n_steps = max(1, n_steps)
+    if ds is not None and ds < per_step:
+        warnings.append(f"the dataset has {ds} tokens, fewer than one step's {per_step}: lower batch or seq")
+
+    # -- memory and limits
+    limits = device.limits if backend == "webgpu" else {}
+    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=eng)
+    available, avail_src = _available(device, memory_cap_bytes)
+    exceeded = []
+    fits_batch = lambda b: _fits(model, backend, cfg, b, T, optim, eng, available, limits)  # noqa: E731
+    fits_seq = lambda t: _fits(model, backend, cfg, B, t, optim, eng, available, limits)  # noqa: E731
+    max_b = largest(fits_batch, 1, 4096)
+    max_t = largest(fits_seq, 8, max(8, a.max_position_embeddings), 8)
+    change = _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits)
+    if available is not None and mem.total > available:
+        exceeded.append({"limit": "memory", "what": f"the training step (peak in {mem.phase})",
+                         "needed": mem.total, "available": available, "over": mem.total - available,
+                         "change": change})
+    for v in binding_violations(mem, limits):
+        exceeded.append(dict(v, change=change))
+    if T > a.max_position_embeddings:
+        exceeded.append({"limit": "context length", "what": f"seq {T}", "needed": T,
+                         "available": a.max_position_embeddings, "over": T - a.max_position_embeddings,
+                         "change": f"use seq <= {a.max_position_embeddings} (the model's context length)"})
+
+    # -- time
+    cal = _calibration(calibration, eng, backend, model, device, clock, notes)
+    tps = step_s = seconds = None
+    if cal is not None:
+        p = cal.predict(a, cfg, B, T)
+        step_s = ga * p["accumulate_s"] + p["step_s"]
+        tps = per_step / step_s
+        seconds = n_steps * step_s + cal.warmup_s
+        notes.append(f"time: calibrated on this device ({cal.clock} clock, {len(cal.samples)} shapes, "
+                     f"{cal.seconds:.1f} s); {_achieved(cal)}")
+
+    # -- advice
+    advice = {"maxBatch": max_b, "maxSeq": max_t, "text": []}
+    if max_b is not None and max_b != B:
+        advice["text"].append(f"the largest batch that fits at seq {T} is {max_b}")
+    if max_t is not None and max_t < T:
+        advice["text"].append(f"the longest sequence that fits at batch {B} is {max_t}")
+    if cal is not None and time_budget_s is not None:
+        def rank_fits(c):
+            return _fits(model, backend, c, B, T, optim, eng, available, limits)
+        advice.update(_rank_for_budget(model, cal, cfg, B, T, ga, n_steps, time_budget_s, per_step, rank_fits))
+        advice["text"].append(advice.pop("_text"))
+
+    # -- warnings
+    if backend == "numpy":
+        warnings.append("CPU fallback: training runs on the numpy engine (no hardware WebGPU adapter in use); "
+                        "expect tens of tokens/s on a laptop CPU — with a GPU driver (Vulkan, Metal or D3D12) "
+                        "installed, --backend webgpu trains on the GPU")
+    if device.software:
+        warnings.append(f"software adapter: {device.name} runs WebGPU on the CPU; it works, slowly — "
+                        "a hardware GPU adapter is much faster")
+    if backend == "webgpu" and cfg.dropout > 0:
+        warnings.append("the WebGPU engine does not implement LoRA dropout yet: train with dropout 0, "
+                        "or with --backend numpy")
+    if device.memory_bytes is None and memory_cap_bytes is None and memory_override() is None:
+        warnings.append(f"device memory unknown: {avail_src}")
+    plan = Plan(model=getattr(model, "name", "model"), backend=backend, device=device, lora=cfg, batch=B, seq=T,
+                grad_accum=ga, optim=optim, steps=n_steps, tokens=n_steps * per_step, memory=mem,
+                available_bytes=available, available_source=avail_src, exceeded=exceeded, tokens_per_s=tps,
+                step_s=step_s, seconds=seconds, calibration=None if cal is None else {
+                    "key": cal.key, "clock": cal.clock, "seconds": cal.seconds, **_achieved_dict(cal)},
+                advice=advice, warnings=warnings, notes=notes + mem.notes)
+    plan.memory_args = a
+    return plan
+
+
+def _calibration(calibration, eng, backend, model, device, clock, notes):
+    if isinstance(calibration, Calibration):
+        return calibration
+    if calibration is None:
+        notes.append("time: not predicted (calibration turned off)")
+        return None
+    hit = cached(device, model, clock)
+    if hit is not None or calibration == "cached":
+        if hit is None:
+            notes.append("time: not predicted — this device is not calibrated yet; run `loralab plan --calibrate` "
+                         "(or estimate(..., calibration='auto')) once")
+        return hit
+    if eng is None:
+        from .measure import make
+
+        eng = make(model, backend)
+    return cached_calibration(eng, device, clock)
+
+
+def _achieved_dict(cal) -> dict:
+    return {k: v for k, v in cal.achieved().items()}
+
+
+def _achieved(cal) -> str:
+    a = cal.achieved()
+    g = lambda x: "n/a" if x is None else f"{x:.1f}"  # noqa: E731
+    return (f"achieved {g(a['matmul_gflops'])} GFLOP/s on base matmuls, {g(a['lora_gflops'])} on LoRA, "
+            f"{g(a['attention_gflops'])} on attention; {a['step_overhead_s'] * 1e3:.1f} ms fixed per micro-batch")
+
+
+def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits) -> str:
+    """The changes that make the run fit, most useful first."""
+    opts = []
+    if max_b is not None and max_b < B:
+        k = math.ceil(B / max_b)
+        opts.append(f"batch {max_b} at seq {T}" + (f" with grad_accum {ga * k} to keep {B * ga} sequences per step"
+                                                     if k > 1 else ""))
+    if max_t is not None and max_t < T:
+        opts.append(f"seq {max_t} at batch {B}")
+    if max_b is None and max_t is None:
+        opts.append("nothing at this rank fits: even batch 1, seq 8 does not — free memory, use a smaller model, "
+                    "or raise the memory cap")
+    if optim == "adamw" and mem.parts.get("optimizer", 0) > 0:
+        saved = mem.parts["optimizer"] - training_memory(model, backend, cfg, B, T, "adam8bit", limits, engine=eng).parts["optimizer"]
+        if saved > 0:
+            opts.append(f"optimizer adam8bit (saves {mib(saved)})")
+    if cfg.r > 8:
+        small = LoraConfig(r=8, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, targets=cfg.targets,
+                           layers=cfg.layers)
+        saved = mem.total - training_memory(model, backend, small, B, T, optim, limits, engine=eng).total
+        if saved > 0:
+            opts.append(f"rank 8 (saves {mib(saved)})")
+    return "use " + ", or ".join(opts)
+
+
+def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits) -> dict:
+    """The original plan's adaptive rank (LoRA Lab's hardware-aware rank scheduler, decided up front): the
+    largest rank that fits the memory (within the headroom) and whose run meets the time budget; when
+    none does, how many steps the budget buys at the smallest rank."""
+    def with_rank(r):
+        return LoraConfig(r=r, alpha=cfg.alpha * r / cfg.r if not cfg.use_rslora else cfg.alpha, dropout=cfg.dropout,
+                          use_rslora=cfg.use_rslora, targets=cfg.targets, layers=cfg.layers)
+
+    def run_s(r):
+        p = cal.predict(model.args, with_rank(r), B, T)
+        return n_steps * (ga * p["accumulate_s"] + p["step_s"]) + cal.warmup_s, ga * p["accumulate_s"] + p["step_s"]
+
+    for r in sorted(set(RANKS) | {cfg.r}, reverse=True):
+        if r > max(cfg.r, RANKS[0]) or not fits(with_rank(r)):
+            continue
+        total, _ = run_s(r)
+        if total <= budget:
+            keep = "keeps" if r == cfg.r else ("raises" if r > cfg.r else "lowers")
+            return {"rankForBudget": r, "budgetSeconds": budget, "secondsAtRank": total,
+                    "_text": f"rank {r} meets the {budget:.0f} s budget ({total:.0f} s predicted; {keep} r={cfg.r})"}
+    total, step = run_s(1)
+    fit_steps = max(0, int((budget - cal.warmup_s) / step))
+    return {"rankForBudget": None, "budgetSeconds": budget, "secondsAtRank": total, "stepsInBudget": fit_steps,
+            "_text": f"no rank meets the {budget:.0f} s budget: even r=1 needs {total:.0f} s; the budget buys "
+                     f"{fit_steps} steps ({fit_steps * per_step} tokens) — train fewer steps or shorter sequences"}
+
+
+# -- the protocol form ---------------------------------------------------------------------------------------
+
+def plan_from_params(model, p: Mapping, engine=None) -> dict:
+    """PlanParams (protocol) -> PlanEstimate dict. `model` is a LoadedModel (or has .model and .engine)."""
+    if engine is None and hasattr(model, "engine"):
+        engine = model.engine
+    m = getattr(model, "model", model) if not hasattr(model, "args") else model
+    plan = estimate(m, engine if engine is not None else "numpy", lora=p.get("lora"),
+                    batch=int(p.get("batchSize", 4)), seq=int(p.get("seqLen", 256)), steps=p.get("steps"),
+                    optim=p.get("optimizer", "adamw"), calibration="cached")
+    return plan.to_protocol()

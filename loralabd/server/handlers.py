@@ -1,0 +1,425 @@
+"""One handler table and one dispatch path, shared by every transport (stdio, websocket).
+
+A transport parses a frame into JSON and calls `Dispatcher.handle(conn, message)`; it implements
+`Connection.send(dict)`. Everything else — envelope checks, method lookup, params validation against
+protocol/, running the handler as a cancellable task, mapping exceptions to error codes — is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import traceback
+
+from .. import __version__, paths
+from ..errors import LoraLabError, ModelLoadError
+from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
+    check_params
+from .jobs import job_info
+from .manager import ModelManager
+from .work import DomainError, adapter_info, available_backends, device_probe, generation, list_adapters, load_adapter, \
+    plan_estimate
+
+log = logging.getLogger("loralabd.rpc")
+# Tests (and developers) set LORALAB_CHECK_RESULTS=1: every result and notification is checked against
+# protocol.json before it is sent, and a mismatch is an internal error instead of a silent drift.
+CHECK_RESULTS = os.environ.get("LORALAB_CHECK_RESULTS") == "1"
+PROGRESS_INTERVAL = 0.25  # s: at most ~4 progress notifications a second per token
+DELTA_INTERVAL = 0.05  # s: generated text is flushed at most 20 times a second
+
+
+class RpcError(Exception):
+    def __init__(self, code: int, message: str, data=None):
+        super().__init__(message)
+        self.code, self.message, self.data = int(code), message, data
+
+
+def error_obj(code: int, message: str, data=None) -> dict:
+    e = {"code": int(code), "message": message}
+    if data is not None:
+        e["data"] = data
+    return e
+
+
+class Connection:
+    """One client. Transports subclass it and implement send(); sends never raise."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.inflight: dict = {}  # request id -> asyncio.Task
+        self.closed = False
+
+    def send(self, msg: dict) -> None:
+        raise NotImplementedError
+
+    def notify(self, method: str, params) -> None:
+        if CHECK_RESULTS:
+            check(params, NOTIFICATIONS[method]["params"], f"{method} params")  # raises: a daemon bug
+        if not self.closed:
+            self.send({"jsonrpc": "2.0", "method": method, "params": params})
+
+    def close(self) -> None:
+        """The client went away: its requests stop (its training jobs keep running, unwatched)."""
+        self.closed = True
+        for t in list(self.inflight.values()):
+            t.cancel()
+
+
+class Progress:
+    """LSP work-done progress on one token, coalesced: begin and end always go out, reports at most every
+    PROGRESS_INTERVAL (the newest wins; a timer flushes the last one)."""
+
+    def __init__(self, conn: Connection, token):
+        self.conn, self.token = conn, token
+        self.last_sent = 0.0
+        self.pending = None
+        self.timer = None
+        self.done = False
+
+    def _send(self, value):
+        self.conn.notify("$/progress", {"token": self.token, "value": value})
+
+    def begin(self, title: str, train: dict | None = None):
+        v = {"kind": "begin", "title": title, "cancellable": True}
+        if train:
+            v["train"] = train
+        self._send(v)
+        self.last_sent = time.monotonic()
+
+    def report(self, train: dict):
+        if self.done:
+            return
+        pct = int(100 * train["step"] / max(train["totalSteps"], 1))
+        self.pending = {"kind": "report", "percentage": pct, "message": _train_msg(train), "train": train}
+        wait = self.last_sent + PROGRESS_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(wait, self._flush)
+
+    def _flush(self):
+        self.timer = None
+        if self.pending is not None and not self.done:
+            self._send(self.pending)
+            self.pending = None
+            self.last_sent = time.monotonic()
+
+    def end(self, message: str, train: dict | None = None):
+        if self.done:
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.done = True
+        v = {"kind": "end", "message": message}
+        if train:
+            v["train"] = train
+        self._send(v)
+
+
+def _train_msg(t: dict) -> str:
+    loss = "-" if t["loss"] is None else f"{t['loss']:.4f}"
+    return f"step {t['step']}/{t['totalSteps']} loss {loss} {t['tokensPerSecond']:.0f} tok/s"
+
+
+class Dispatcher:
+    def __init__(self, manager: ModelManager, on_exit=None):
+        self.manager = manager
+        self.on_exit = on_exit  # called by the `exit` notification with the exit code
+        self.shutdown_requested = False
+        self.table = {
+            "initialize": self.initialize, "shutdown": self.shutdown, "device/info": self.device_info,
+            "model/load": self.model_load, "model/unload": self.model_unload, "model/list": self.model_list,
+            "plan/estimate": self.plan_estimate, "dataset/inspect": self.dataset_inspect,
+            "train/start": self.train_start, "train/resume": self.train_resume, "train/cancel": self.train_cancel,
+            "train/status": self.train_status, "train/list": self.train_list, "generate": self.generate,
+            "adapter/list": self.adapter_list, "adapter/export": self.adapter_export,
+        }
+        missing = set(REQUESTS) ^ set(self.table)
+        assert not missing, f"handler table and protocol.json disagree on {missing}"
+
+    # -- the dispatch path -------------------------------------------------------------------------
+
+    def handle(self, conn: Connection, msg) -> None:
+        """Take one parsed message. Never raises; every request gets exactly one answer."""
+        try:
+            self._handle(conn, msg)
+        except Exception:  # a bug here must not end the connection or the daemon
+            log.exception("dispatch failed")
+            rid = msg.get("id") if isinstance(msg, dict) and _valid_id(msg.get("id")) else None
+            conn.send({"jsonrpc": "2.0", "id": rid, "error": error_obj(ErrorCode.InternalError, "internal error in dispatch")})
+
+    def _handle(self, conn: Connection, msg) -> None:
+        if isinstance(msg, list):
+            return self._reply_error(conn, None, ErrorCode.InvalidRequest,
+                                     "batch requests are not supported; send one JSON-RPC message per frame")
+        if not isinstance(msg, dict):
+            return self._reply_error(conn, None, ErrorCode.InvalidRequest,
+                                     f"a JSON-RPC message is an object, got {type(msg).__name__}")
+        if "__oversized__" in msg:
+            return self._reply_error(conn, None, ErrorCode.InvalidRequest, msg["__oversized__"])
+        rid = msg.get("id")
+        has_id = "id" in msg
+        if has_id and not _valid_id(rid):
+            return self._reply_error(conn, None, ErrorCode.InvalidRequest, "id must be a string or an integer")
+        if msg.get("jsonrpc") != "2.0":
+            return self._reply_error(conn, rid, ErrorCode.InvalidRequest, 'missing "jsonrpc": "2.0"')
+        method = msg.get("method")
+        if method is None:
+            if has_id and ("result" in msg or "error" in msg):
+                return  # a response; the daemon sends no requests, so there is nothing to match
+            return self._reply_error(conn, rid, ErrorCode.InvalidRequest, 'missing "method"')
+        if not isinstance(method, str):
+            return self._reply_error(conn, rid, ErrorCode.InvalidRequest, '"method" must be a string')
+        params = msg.get("params")
+        if not has_id:
+            return self._notification(conn, method, params)
+        handler = self.table.get(method)
+        if handler is None:
+            return self._reply_error(conn, rid, ErrorCode.MethodNotFound,
+                                     f"unknown method {method!r}; this daemon serves: {', '.join(sorted(self.table))}")
+        if rid in conn.inflight:
+            return self._reply_error(conn, rid, ErrorCode.InvalidRequest, f"request id {rid!r} is already in flight")
+        if self.shutdown_requested and method != "shutdown":
+            return self._reply_error(conn, rid, ErrorCode.InvalidRequest, "the daemon got `shutdown`; send `exit`")
+        try:
+            params = check_params(method, params)
+        except ValidationError as e:
+            return self._reply_error(conn, rid, ErrorCode.InvalidParams, f"invalid params for {method}: {e}")
+        task = asyncio.get_running_loop().create_task(self._run(conn, rid, method, handler, params))
+        conn.inflight[rid] = task
+
+    async def _run(self, conn, rid, method, handler, params):
+        try:
+            result = await handler(conn, params, rid)
+            if CHECK_RESULTS:
+                check(result, REQUESTS[method]["result"], "result")
+            reply = {"jsonrpc": "2.0", "id": rid, "result": result}
+        except asyncio.CancelledError:
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(ErrorCode.RequestCancelled,
+                                                                        f"{method} cancelled")}
+        except RpcError as e:
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(e.code, e.message, e.data)}
+        except DomainError as e:
+            code = ErrorCode[e.name]
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, str(e), {"hint": ERROR_HINTS[code]})}
+        except ModelLoadError as e:
+            code = ErrorCode.ModelLoadFailed
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, str(e), {"hint": ERROR_HINTS[code]})}
+        except LoraLabError as e:
+            code = ErrorCode.InvalidSettings
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, str(e), {"hint": ERROR_HINTS[code]})}
+        except Exception as e:
+            log.error("%s failed:\n%s", method, traceback.format_exc())
+            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(
+                ErrorCode.InternalError, f"internal error in {method}: {type(e).__name__}: {e} (the daemon keeps "
+                f"running; please report this with the log in {paths.logs_dir()})")}
+        finally:
+            conn.inflight.pop(rid, None)
+        if not conn.closed:
+            conn.send(reply)
+
+    def _notification(self, conn, method, params):
+        if method == "$/cancelRequest":
+            if isinstance(params, dict) and _valid_id(params.get("id")):
+                t = conn.inflight.get(params["id"])
+                if t is not None:
+                    t.cancel()
+            return
+        if method == "exit":
+            if self.on_exit:
+                self.on_exit(0 if self.shutdown_requested else 1)
+            return
+        if method != "initialized" and not method.startswith("$/"):
+            log.info("ignoring unknown notification %r", method)  # notifications get no answer, by spec
+
+    def _reply_error(self, conn, rid, code, message):
+        conn.send({"jsonrpc": "2.0", "id": rid, "error": error_obj(code, message)})
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def initialize(self, conn, p, rid):
+        info = p.get("clientInfo") or {}
+        log.info("initialize from %s (%s)", info.get("name", "?"), conn.name)
+        return {"capabilities": {}, "serverInfo": {"name": "loralabd", "version": __version__},
+                "loralab": {"protocolVersion": PROTOCOL_VERSION, "dataDir": str(paths.data_dir()),
+                            "backends": available_backends(), "methods": sorted(self.table), "pid": os.getpid()}}
+
+    async def shutdown(self, conn, p, rid):
+        self.shutdown_requested = True
+        await self.manager.shutdown()
+        return None
+
+    async def device_info(self, conn, p, rid):
+        notes = []
+        info = {"backend": "numpy", "available": ["numpy"], "adapterName": "CPU (numpy)", "adapterType": "cpu",
+                "memoryBytes": None, "notes": notes}
+        try:
+            d = await self.manager.device.run(device_probe)
+        except Exception as e:
+            d = None
+            notes.append(f"WebGPU probe failed ({type(e).__name__}: {e}); the numpy backend is used")
+        if d is not None:
+            info["backend"] = d["backend"]
+            a = d["adapter"]
+            if a:
+                info["available"] = ["webgpu", "numpy"]
+                info["adapterName"] = str(a.get("name") or a.get("device") or "WebGPU adapter")
+                info["adapterType"] = str(a.get("type", "unknown")).lower()
+                if info["adapterType"] == "cpu":
+                    notes.append(f"{info['adapterName']} is a software adapter; `auto` uses the numpy backend, "
+                                 "which is faster on a CPU")
+            else:
+                notes.append("no WebGPU adapter: training and generation run on the CPU (numpy); install a GPU "
+                             "driver for the fast path")
+        try:
+            info["memoryBytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") \
+                if info["backend"] == "numpy" else None
+        except (ValueError, OSError, AttributeError):
+            pass
+        return info
+
+    # -- models ----------------------------------------------------------------------------------
+
+    async def model_load(self, conn, p, rid):
+        e = await self.manager.load(p.get("source"), p.get("name"), p.get("backend", "auto"), p.get("weights", "q4_1"))
+        return e.info()
+
+    async def model_unload(self, conn, p, rid):
+        await self.manager.unload(p["model"])
+        return None
+
+    async def model_list(self, conn, p, rid):
+        return {"models": [e.info() for e in self.manager.models.values()]}
+
+    async def plan_estimate(self, conn, p, rid):
+        e = self.manager.get(p["model"])
+        async with e.turn():  # a calibration, when it runs, uses the engine
+            return await self.manager.device.run(plan_estimate, e.model, e.engine, p)
+
+    async def dataset_inspect(self, conn, p, rid):
+        from ..training.data import DatasetError, read_source
+
+        e = self.manager.get(p["model"])
+        seq = int(p.get("seqLen", 512))
+
+        def inspect():
+            try:
+                r = read_source(p["path"], e.model.tokenizer, max_seq_len=seq)
+            except DatasetError as err:
+                raise DomainError("DatasetError", str(err)) from None
+            sample = e.model.tokenizer.decode(r.examples[0].ids) if r.examples else ""
+            return {"path": p["path"], "format": r.format, "examples": len(r.examples),
+                    "tokens": int(sum(len(x) for x in r.examples)),
+                    "trainedTokens": int(sum(int(x.mask.sum()) for x in r.examples)), "sample": sample[:4000],
+                    "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in r.problems]}
+        return await self.manager.device.run(inspect)
+
+    # -- training --------------------------------------------------------------------------------
+
+    async def train_start(self, conn, p, rid):
+        e = self.manager.get(p["model"])
+        if adapter_info(p["adapter"]) is not None and not p.get("overwrite"):
+            raise DomainError("AdapterExists", f"an adapter named {p['adapter']!r} exists; choose another name "
+                                               "or pass overwrite: true")
+        if self.manager.running_job_for_adapter(p["adapter"]):
+            raise DomainError("AdapterExists", f"a running job already trains {p['adapter']!r}; choose another name")
+        params = {k: v for k, v in p.items() if k not in ("workDoneToken", "wait")}
+        job = await self.manager.start_job(e, params)
+        return await self._follow(conn, job, p)
+
+    async def train_resume(self, conn, p, rid):
+        row = self.manager.job_row(p["jobId"])
+        if not self.manager.resumable(row):
+            raise DomainError("JobNotResumable", f"job {row['id']} is {row['state']} at step {row['step']}/"
+                                                 f"{row['total_steps']}; only interrupted or cancelled jobs resume — "
+                                                 "start a new job instead")
+        import json
+
+        params = json.loads(row["params"])
+        e = await self.manager.ensure(row["model"], params.get("model"))
+        params["model"] = e.id
+        job = await self.manager.start_job(e, params, jid=row["id"])
+        return await self._follow(conn, job, p)
+
+    async def _follow(self, conn, job, p):
+        if "workDoneToken" in p:
+            prog = Progress(conn, p["workDoneToken"])
+            job.sinks.append(prog)
+            prog.begin(f"Training {job.params['adapter']}", self.manager.metrics(job))
+        if not p.get("wait", True):
+            return job_info(self.manager.job_row(job.id))
+        try:
+            return await self.manager.wait_job(job)
+        except asyncio.CancelledError:
+            if conn.closed:  # the client went away: the job is the daemon's and keeps running
+                raise
+            # $/cancelRequest: stop between steps, checkpointed and resumable; answer once it has stopped
+            self.manager.cancel(job.id)
+            await asyncio.shield(job.task)
+            raise
+
+    async def train_cancel(self, conn, p, rid):
+        self.manager.cancel(p["jobId"])
+        job = self.manager.jobs.get(p["jobId"])
+        if job is not None and job.task is not None:
+            return await asyncio.shield(job.task)
+        return job_info(self.manager.job_row(p["jobId"]))
+
+    async def train_status(self, conn, p, rid):
+        return self.manager.info(self.manager.job_row(p["jobId"]))
+
+    async def train_list(self, conn, p, rid):
+        return {"jobs": [self.manager.info(r) for r in self.manager.journal.list()]}
+
+    # -- generation ------------------------------------------------------------------------------
+
+    async def generate(self, conn, p, rid):
+        e = self.manager.get(p["model"])
+        name = p.get("adapter")
+        scale = float(p.get("adapterScale", 1.0))
+        token = p.get("partialResultToken")
+        async with e.turn():  # the model's queue: whole generations, in arrival order, between training steps
+            adapters, step = [], None
+            if name:
+                job = self.manager.running_job_for_adapter(name)
+                if job is not None and job.entry is e:  # the adapter being trained: a snapshot between steps
+                    ad = await self.manager.device.run(job.run.snapshot)
+                    step = job.run.step_count
+                else:
+                    ad, meta = await self.manager.device.run(load_adapter, name, e.model.args)
+                    step = int(meta.get("steps", 0))
+                adapters = [(ad, scale)]
+            g = await self.manager.device.run(generation, e.engine, e.model, p, adapters)
+            it = iter(g)
+            buf, last_flush, t0 = "", time.monotonic(), time.monotonic()
+            while True:  # one delta per device call: cancellation lands between tokens
+                d = await self.manager.device.run(next, it, None)
+                if d is None:
+                    break
+                buf += d.text
+                if token is not None and buf and time.monotonic() - last_flush >= DELTA_INTERVAL:
+                    conn.notify("generate/delta", {"token": token, "index": len(g.token_ids), "text": buf})
+                    buf, last_flush = "", time.monotonic()
+            if token is not None and buf:
+                conn.notify("generate/delta", {"token": token, "index": len(g.token_ids), "text": buf})
+        dt = max(time.monotonic() - t0, 1e-9)
+        return {"text": g.text, "tokens": len(g.token_ids), "finishReason": g.stats.finish_reason or "length",
+                "tokensPerSecond": len(g.token_ids) / dt, "adapter": name, "adapterStep": step,
+                "promptTokens": len(g.prompt_ids)}
+
+    # -- adapters --------------------------------------------------------------------------------
+
+    async def adapter_list(self, conn, p, rid):
+        return {"adapters": await self.manager.device.run(list_adapters)}
+
+    async def adapter_export(self, conn, p, rid):
+        from .export_bridge import export_adapter
+
+        return await self.manager.device.run(export_adapter, p)
+
+
+def _valid_id(x) -> bool:
+    return (isinstance(x, int) and not isinstance(x, bool)) or isinstance(x, str)

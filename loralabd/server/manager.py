@@ -1,0 +1,289 @@
+"""The model-state manager: loaded models, one serialized queue per model, one device thread, jobs.
+
+- One device thread owns every engine (and so the GPU): all engine work runs there, one call at a time.
+- Each model has a FIFO turn (asyncio.Lock hands itself to waiters in arrival order). A request holds
+  its model's turn for its whole run; a training job takes the turn for one optimizer step at a time,
+  so a `generate` that arrives during training runs between two steps, on a snapshot of the adapter.
+- Training jobs belong to the daemon, not to a connection: a client that goes away leaves its job running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import paths
+from .jobs import RESUMABLE, JobJournal, job_info
+from .work import DomainError, TrainRun, make_engine
+
+log = logging.getLogger("loralabd.manager")
+
+
+class DeviceThread:
+    """The single thread that touches engines. await run(fn) is cancel-safe: a cancelled caller still
+    waits for the call in flight to finish, so the model's state is never left mid-operation."""
+
+    def __init__(self):
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+
+    async def run(self, fn, *args):
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await fut
+            raise
+
+    def close(self):
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class ModelEntry:
+    id: str
+    source: str
+    backend: str
+    model: object
+    engine: object
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    jobs: set = field(default_factory=set)
+
+    @contextlib.asynccontextmanager
+    async def turn(self):
+        async with self.lock:
+            yield
+
+    def info(self) -> dict:
+        a, m = self.model.args, self.model
+        n_params = sum(t.shape[0] * t.shape[1] for L in m.layers for t in L.linear.values())
+        n_params += m.embed_tokens.shape[0] * m.embed_tokens.shape[1] + (0 if m.lm_head is None else m.lm_head.shape[0] * m.lm_head.shape[1])
+        return {"id": self.id, "name": m.name, "source": self.source, "backend": getattr(self.engine, "backend", "numpy"),
+                "architecture": a.arch,
+                "numLayers": a.num_hidden_layers, "hiddenSize": a.hidden_size, "vocabSize": a.vocab_size,
+                "contextLength": int(getattr(a, "max_position_embeddings", 0) or 0), "numParameters": int(n_params),
+                "weightBytes": int(m.weight_bytes()), "busy": self.lock.locked()}
+
+
+class Job:
+    """A running training job: its run, its listeners (progress sinks) and how it should stop."""
+
+    def __init__(self, jid: str, entry: ModelEntry, params: dict):
+        self.id, self.entry, self.params = jid, entry, params
+        self.run: TrainRun | None = None
+        self.stop_as: str | None = None  # "cancelled" | "interrupted": stop after the current step
+        self.task: asyncio.Task | None = None
+        self.sinks: list = []  # Progress objects (handlers.py)
+        self.started = time.monotonic()
+        self.rate_tokens: list[tuple[float, int]] = []  # (time, tokens) of recent steps
+
+
+class ModelManager:
+    def __init__(self):
+        self.device = DeviceThread()
+        self.models: dict[str, ModelEntry] = {}
+        self.jobs: dict[str, Job] = {}
+        self._loading: dict[str, asyncio.Future] = {}
+        self.journal = JobJournal(paths.data_dir() / "jobs.sqlite")
+        n = self.journal.recover()
+        if n:
+            log.info("%d job(s) from an earlier daemon are interrupted and resumable", n)
+        self.shutting_down = False
+
+    # -- models ----------------------------------------------------------------------------------
+
+    def get(self, model_id: str) -> ModelEntry:
+        e = self.models.get(model_id)
+        if e is None:
+            loaded = ", ".join(self.models) or "none"
+            raise DomainError("ModelNotLoaded", f"model {model_id!r} is not loaded (loaded: {loaded}); "
+                                                "load it with model/load (loralab models --load PATH)")
+        return e
+
+    async def load(self, source: str | None, name: str | None, backend: str = "auto", weights: str = "q4_1") -> ModelEntry:
+        from ..models.load import load_model
+
+        src = "default" if source in (None, "", "default") else str(Path(source).expanduser().resolve())
+        mid = name or ("default" if src == "default" else Path(src).stem if Path(src).is_file() else Path(src).name)
+        if mid in self.models:
+            e = self.models[mid]
+            if e.source != src:
+                raise DomainError("ModelLoadFailed", f"a different model is loaded as {mid!r} ({e.source}); "
+                                                     "pass another name, or unload it first")
+            return e
+        if mid in self._loading:  # two clients loading the same model share one load
+            return await asyncio.shield(self._loading[mid])
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[mid] = fut
+        try:
+            def _load():
+                m = load_model(None if src == "default" else src, weights=weights)
+                return m, make_engine(m, backend)
+
+            try:
+                model, engine = await self.device.run(_load)
+            except DomainError:
+                raise
+            except Exception as e:
+                raise DomainError("ModelLoadFailed", f"{e}") from e
+            entry = ModelEntry(mid, src, backend, model, engine)
+            self.models[mid] = entry
+            fut.set_result(entry)
+            return entry
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else DomainError("ModelLoadFailed", "load cancelled"))
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            del self._loading[mid]
+
+    async def unload(self, model_id: str) -> None:
+        e = self.get(model_id)
+        if e.jobs:
+            raise DomainError("ModelBusy", f"job(s) {', '.join(sorted(e.jobs))} train on {model_id!r}; "
+                                           "cancel them with train/cancel first")
+        async with e.turn():  # wait for its queue to drain
+            self.models.pop(model_id, None)
+
+    async def ensure(self, source: str, name: str | None = None) -> ModelEntry:
+        """The loaded model with this source, else load it (under `name` when that id is free)."""
+        for e in self.models.values():
+            if e.source == source:
+                return e
+        return await self.load(source, name if name not in self.models else None)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def job_row(self, jid: str) -> dict:
+        row = self.journal.get(jid)
+        if row is None:
+            raise DomainError("JobNotFound", f"no job {jid!r}; see train/list (loralab train --list)")
+        return row
+
+    def running_job_for_adapter(self, adapter: str) -> Job | None:
+        for j in self.jobs.values():
+            if j.params.get("adapter") == adapter and j.run is not None:
+                return j
+        return None
+
+    async def start_job(self, entry: ModelEntry, params: dict, jid: str | None = None) -> Job:
+        if self.shutting_down:
+            raise DomainError("ShuttingDown", "the daemon is stopping; start it again with `loralab serve`")
+        resume = jid is not None
+        if jid is None:
+            jid = self.journal.create("train", entry.source, params["adapter"], params, params.get("steps", 0))
+        elif jid in self.jobs:
+            raise DomainError("JobNotResumable", f"job {jid} is running now; follow it with train/status")
+        job = Job(jid, entry, params)
+        self.jobs[jid] = job
+        entry.jobs.add(jid)
+        try:
+            async with entry.turn():
+                job.run = await self.device.run(lambda: TrainRun(entry.engine, entry.model, jid, params, resume))
+        except BaseException as e:
+            self.jobs.pop(jid, None)
+            entry.jobs.discard(jid)
+            if not resume:
+                self.journal.update(jid, state="failed", error=str(e))
+            raise
+        self.journal.update(jid, state="running", step=job.run.step_count, total_steps=job.run.total)
+        job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")
+        return job
+
+    async def _train(self, job: Job) -> dict:
+        run, entry, j = job.run, job.entry, self.journal
+        state, error = "completed", None
+        try:
+            while not run.done and job.stop_as is None:
+                async with entry.turn():
+                    if job.stop_as is not None:
+                        break
+                    ck0 = run.last_checkpoint
+                    m = await self.device.run(run.step)  # checkpoints itself every checkpointEvery steps
+                    if run.last_checkpoint != ck0 and not run.done:
+                        j.update(job.id, step=run.step_count, loss=m["loss"], tokens_seen=run.tokens_seen,
+                                 checkpoint=str(run.last_checkpoint))
+                now = time.monotonic()
+                job.rate_tokens.append((now, m["tokens"]))
+                job.rate_tokens = job.rate_tokens[-20:]
+                job.last = m
+                if "valLoss" in m:
+                    job.val_loss = m["valLoss"]
+                for s in list(job.sinks):
+                    s.report(self.metrics(job))
+            if job.stop_as is not None and not run.done:
+                state = job.stop_as
+            async with entry.turn():  # final checkpoint (and adapter) between steps, never mid-step
+                ck = await self.device.run(run.save_checkpoint)
+                if run.done:
+                    await self.device.run(run.save_adapter, entry.source)
+            j.update(job.id, state=state, step=run.step_count, loss=run.last_loss, tokens_seen=run.tokens_seen,
+                     checkpoint=str(ck))
+        except asyncio.CancelledError:
+            j.update(job.id, state="interrupted", error="daemon stopped")
+            raise
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            state, error = "failed", f"{type(e).__name__}: {e}"
+            j.update(job.id, state="failed", error=error, step=run.step_count)
+        finally:
+            self.jobs.pop(job.id, None)
+            entry.jobs.discard(job.id)
+            for s in list(job.sinks):
+                s.end(f"{state} at step {run.step_count}/{run.total}" + (f": {error}" if error else ""), self.metrics(job))
+        return job_info(j.get(job.id))
+
+    def metrics(self, job: Job) -> dict:
+        run = job.run
+        rt = job.rate_tokens
+        tps = 0.0
+        if len(rt) >= 2 and rt[-1][0] > rt[0][0]:
+            tps = sum(n for _, n in rt[1:]) / (rt[-1][0] - rt[0][0])
+        elif rt:
+            tps = rt[-1][1] / max(rt[-1][0] - job.started, 1e-9)
+        steps_left = run.total - run.step_count
+        tok_per_step = (sum(n for _, n in rt) / len(rt)) if rt else 0
+        eta = steps_left * tok_per_step / tps if tps > 0 else None
+        last = getattr(job, "last", {})
+        return {"jobId": job.id, "step": run.step_count, "totalSteps": run.total, "loss": run.last_loss,
+                "lr": float(last.get("lr", run.schedule(run.step_count))), "tokensPerSecond": float(tps),
+                "tokensSeen": int(run.tokens_seen), "etaSeconds": eta, "gradNorm": last.get("gradNorm"),
+                "valLoss": getattr(job, "val_loss", None)}
+
+    def info(self, row: dict) -> dict:
+        """JobInfo of a journal row, with live step/loss/tokens while the job runs in this daemon."""
+        out = job_info(row)
+        job = self.jobs.get(row["id"])
+        if job is not None and job.run is not None:
+            out.update(step=job.run.step_count, loss=job.run.last_loss, tokensSeen=int(job.run.tokens_seen),
+                       totalSteps=job.run.total)
+        return out
+
+    def cancel(self, jid: str, how: str = "cancelled") -> dict:
+        row = self.job_row(jid)
+        job = self.jobs.get(jid)
+        if job is not None and job.stop_as is None:
+            job.stop_as = how
+        return job_info(row)
+
+    async def wait_job(self, job: Job) -> dict:
+        return await asyncio.shield(job.task)
+
+    async def shutdown(self) -> None:
+        """Stop every job after its current step with a checkpoint (state `interrupted`), then close."""
+        self.shutting_down = True
+        tasks = []
+        for job in list(self.jobs.values()):
+            job.stop_as = "interrupted"
+            if job.task:
+                tasks.append(job.task)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def resumable(self, row: dict) -> bool:
+        return row["state"] in RESUMABLE and row["step"] < row["total_steps"]

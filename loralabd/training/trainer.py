@@ -1,0 +1,310 @@
+"""The trainer: LoRA on either engine through the train-session interface, one optimizer step at a time.
+
+    sess = engine.train_session(adapter, optim)       # numpy_train.NumpyTrainSession or the WebGPU one
+    sess.accumulate(tokens, labels, segments, positions) -> (loss_sum, n_tokens)
+    sess.step(lr, max_grad_norm) -> grad_norm;  sess.snapshot();  sess.state_dict() / load_state_dict()
+
+Trainer.step() runs one optimizer step (gradient accumulation inside) and returns its metrics, so the
+daemon can yield its model's queue between steps; run() loops with a callback. Everything random is
+counter-based — the data order of epoch e is a function of (seed, e), dropout masks of (seed, step,
+micro-batch) — so a checkpoint's (step, epoch, row) restores the run exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import resource
+import time
+from dataclasses import dataclass, asdict, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.lora import LoraAdapter, LoraConfig
+from ..errors import LoraLabError
+from ..models.args import LINEAR_NAMES
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .packing import Dataset, DataStream, eval_batches
+from .schedule import Schedule
+
+# fields a resumed run may change without changing the run's arithmetic
+RESUME_FREE = ("eval_every", "eval_batches", "save_every", "keep_last", "log_every")
+
+
+class TrainError(LoraLabError):
+    """Training cannot start or resume as asked; the message says what to change."""
+
+
+@dataclass
+class TrainConfig:
+    # LoRA
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    targets: tuple = LINEAR_NAMES
+    layers: tuple | None = None
+    # optimizer
+    optimizer: str = "adamw"  # adamw | adam8bit
+    lr: float = 2e-4
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    # schedule
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.0  # used when warmup_steps is None
+    min_lr_ratio: float = 0.0
+    # batches
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    pack: bool = True
+    shuffle: bool = True
+    # when to stop (the first given wins: steps, then tokens, then epochs; none given: 1 epoch)
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    epochs: float | None = None
+    # evaluation and checkpoints
+    eval_every: int = 0  # 0: only at the end
+    eval_batches: int | None = None  # cap on validation batches per evaluation
+    save_every: int = 0  # 0: only at the end (when a run_dir is given)
+    keep_last: int = 3
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        self.targets = tuple(self.targets)
+        self.betas = tuple(float(b) for b in self.betas)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+        if self.optimizer not in ("adamw", "adam8bit"):
+            raise TrainError(f"optimizer must be 'adamw' or 'adam8bit', not {self.optimizer!r}")
+        for k in ("batch_size", "grad_accum", "seq_len"):
+            if getattr(self, k) < 1:
+                raise TrainError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.lr <= 0:
+            raise TrainError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
+                          targets=self.targets, layers=self.layers)
+
+    def optim(self) -> dict:
+        return {"kind": self.optimizer, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "seed": self.seed}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"], d["betas"] = list(self.targets), list(self.betas)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TrainError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _fingerprint(examples) -> str:
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(e.ids.tobytes())
+        h.update(np.packbits(e.mask).tobytes())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class _Clock:
+    started: float = field(default_factory=time.perf_counter)
+    steps: int = 0  # steps timed in this process (a resumed run starts a new clock)
+    seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(self, engine, dataset: Dataset, config: TrainConfig, run_dir=None, resume=False,
+                 adapter: LoraAdapter | None = None):
+        self.engine, self.data, self.cfg = engine, dataset, config
+        self.run_dir = Path(run_dir) if run_dir else None
+        tok = dataset.tokenizer
+        pad = (tok.eos_id if tok is not None and tok.eos_id is not None else 0)
+        c = config
+        self.stream = DataStream(dataset.train, c.seq_len, c.batch_size, pad, c.seed, c.shuffle, c.pack)
+        self.valid = eval_batches(dataset.valid, c.seq_len, c.batch_size, pad, c.pack, c.eval_batches)
+        self.total_steps = self._plan_steps()
+        warm = c.warmup_steps if c.warmup_steps is not None else int(math.ceil(c.warmup_ratio * self.total_steps))
+        self.schedule = Schedule(c.lr, self.total_steps, min(warm, self.total_steps), c.lr_schedule, c.min_lr_ratio)
+        if adapter is None:
+            adapter = LoraAdapter.init(engine.args, c.lora, seed=c.seed)
+        self.sess = engine.train_session(adapter, c.optim())
+        self.step_num = 0
+        self.tokens_seen = 0
+        self.history: list[dict] = []  # per-step metrics (and eval results) of the whole run
+        self.data_hash = _fingerprint(dataset.train)
+        self.exhausted = False
+        self.stop_requested = False
+        self._clock = _Clock()
+        self.last_checkpoint: Path | None = None
+        if resume:
+            src = resume if isinstance(resume, (str, Path)) else self.run_dir
+            if src is None:
+                raise TrainError("resume needs a run directory; pass run_dir=... or resume=<checkpoint dir>")
+            if latest_checkpoint(src) is not None or (Path(src) / "trainer.json").exists():
+                self.load(src)
+
+    # -- planning ------------------------------------------------------------------------------------
+
+    def _plan_steps(self) -> int:
+        c = self.cfg
+        per_step = c.batch_size * c.grad_accum
+        if c.max_steps is not None:
+            return int(c.max_steps)
+        if c.max_tokens is not None:
+            rows = self.stream.rows(0)
+            tok_per_row = self.stream.lengths.sum() / len(rows)
+            return max(1, math.ceil(c.max_tokens / (tok_per_row * per_step)))
+        epochs = 1.0 if c.epochs is None else float(c.epochs)
+        rows = sum(len(self.stream.rows(e)) for e in range(int(epochs)))
+        if epochs > int(epochs):
+            rows += math.ceil((epochs - int(epochs)) * len(self.stream.rows(int(epochs))))
+        self.stream.rows(0)
+        return max(1, math.ceil(rows / per_step))
+
+    @property
+    def done(self) -> bool:
+        c = self.cfg
+        if self.exhausted or self.step_num >= self.total_steps:
+            return True
+        if c.max_steps is None and c.max_tokens is not None and self.tokens_seen >= c.max_tokens:
+            return True
+        return False
+
+    # -- one optimizer step ----------------------------------------------------------------------------
+
+    def step(self) -> dict | None:
+        """One optimizer step: grad_accum micro-batches, clip, update; eval and checkpoint when due."""
+        if self.done:
+            return None
+        c = self.cfg
+        t0 = time.perf_counter()
+        # stop by epochs only when neither steps nor tokens are given (then the stream just cycles)
+        max_epochs = None if (c.max_steps is not None or c.max_tokens is not None) else (c.epochs or 1.0)
+        loss_sum, n_targets, n_tokens, micro = 0.0, 0, 0, 0
+        for _ in range(c.grad_accum):
+            b = self.stream.next_batch(max_epochs)
+            if b is None:
+                break
+            ls, nt = self.sess.accumulate(b.tokens, b.labels, b.segments, b.positions)
+            loss_sum += ls
+            n_targets += nt
+            n_tokens += b.n_tokens
+            micro += 1
+        if micro == 0:
+            self.exhausted = True
+            return None
+        lr = self.schedule(self.step_num)
+        gnorm = self.sess.step(lr, c.max_grad_norm)
+        self.step_num += 1
+        self.tokens_seen += n_tokens
+        dt = time.perf_counter() - t0
+        self._clock.steps += 1
+        self._clock.seconds += dt
+        per_step = self._clock.seconds / self._clock.steps
+        m = {"step": self.step_num, "total_steps": self.total_steps,
+             "loss": loss_sum / max(n_targets, 1), "lr": lr, "grad_norm": gnorm,
+             "tokens": n_tokens, "target_tokens": n_targets, "tokens_seen": self.tokens_seen,
+             "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
+             "eta_s": per_step * max(0, self.total_steps - self.step_num), "epoch": self.stream.epoch_float(),
+             "memory_bytes": self.memory_bytes()}
+        if self.done or (c.eval_every and self.step_num % c.eval_every == 0):
+            m.update(self.evaluate())
+        self.history.append(m)
+        if self.run_dir is not None and (self.done or (c.save_every and self.step_num % c.save_every == 0)):
+            self.save()
+        return m
+
+    def run(self, callback=None) -> list[dict]:
+        """Step until done or until callback(metrics) returns False / request_stop() is called; a stopped run
+        saves a checkpoint (when it has a run_dir) so that it can resume."""
+        while not self.done and not self.stop_requested:
+            m = self.step()
+            if m is None:
+                break
+            if callback is not None and callback(m) is False:
+                self.stop_requested = True
+        if self.stop_requested and self.run_dir is not None and not self.done:
+            self.save()
+        return self.history
+
+    def request_stop(self):
+        self.stop_requested = True
+
+    # -- evaluation ------------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        """Validation loss and perplexity of the current adapter (empty dict without a validation set)."""
+        if not self.valid:
+            return {}
+        total, n = 0.0, 0
+        for b in self.valid:
+            if hasattr(self.sess, "evaluate"):
+                ls, nt = self.sess.evaluate(b.tokens, b.labels, b.segments, b.positions)
+            else:
+                nt = int((b.labels != -100).sum())
+                ls = self.engine.loss(b.tokens, b.labels, adapters=[(self.sess.snapshot(), 1.0)],
+                                      segments=b.segments, positions=b.positions) * nt
+            total += ls
+            n += nt
+        loss = total / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
+
+    def memory_bytes(self) -> int:
+        """Device memory the session holds (GPU engines) or, on the numpy engine, this process's peak RSS."""
+        if getattr(self.engine, "backend", "numpy") != "numpy" and hasattr(self.sess, "memory_bytes"):
+            return int(self.sess.memory_bytes())
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def adapter(self) -> LoraAdapter:
+        return self.sess.snapshot()
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def save(self) -> Path:
+        if self.run_dir is None:
+            raise TrainError("this trainer has no run_dir to save checkpoints in; pass run_dir=...")
+        meta = {"step": self.step_num, "tokens_seen": self.tokens_seen, "data": self.stream.state(),
+                "data_hash": self.data_hash, "schedule": self.schedule.state_dict(),
+                "rng": {"seed": self.cfg.seed, "scheme": "counter: order(seed, epoch), dropout(seed, step, micro)"},
+                "config": self.cfg.to_dict(), "lora": self.cfg.lora.to_dict(), "exhausted": self.exhausted,
+                "history": self.history, "model": getattr(self.engine.model, "name", ""),
+                "backend": getattr(self.engine, "backend", "")}
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.step_num, self.sess.state_dict(), meta,
+                                               self.cfg.keep_last)
+        return self.last_checkpoint
+
+    def load(self, path) -> None:
+        arrays, meta = load_checkpoint(path)
+        mine, theirs = self.cfg.to_dict(), meta["config"]
+        diff = sorted(k for k in set(mine) | set(theirs) if k not in RESUME_FREE and mine.get(k) != theirs.get(k))
+        if diff:
+            raise TrainError(f"{path}: the checkpoint's run used other settings ({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); "
+                             "resume with the run's own settings, or start a new run directory")
+        if meta["data_hash"] != self.data_hash:
+            raise TrainError(f"{path}: the training data differ from the checkpoint's run (tokens hash "
+                             f"{meta['data_hash']} vs {self.data_hash}); resume with the same dataset and model")
+        if Schedule.from_state(meta["schedule"]) != self.schedule:
+            raise TrainError(f"{path}: the planned schedule differs ({meta['schedule']} vs "
+                             f"{self.schedule.state_dict()}); resume with the same stop settings")
+        self.sess.load_state_dict(arrays)
+        self.stream.load_state(meta["data"])
+        self.step_num = int(meta["step"])
+        self.tokens_seen = int(meta["tokens_seen"])
+        self.exhausted = bool(meta.get("exhausted", False))
+        self.history = list(meta.get("history", []))
+        self.last_checkpoint = Path(path)

@@ -1,0 +1,215 @@
+// Causal GQA attention, one invocation per (batch, head, query): online softmax over the visible keys,
+// so memory is linear in T (only the output and the logsumexp are stored). Keys live in a cache laid out
+// (B, TK, KV, HD); training passes its fresh k/v with TK = T. dyn[0] = position of the first query.
+// backward_dq also stores delta = rowsum(dout * out); backward_dkv then runs one invocation per
+// (batch, kv head, key) over the queries that see it — no atomics.
+const HD: u32 = {{HD}}u;
+struct P { B: u32, T: u32, TK: u32, H: u32, KV: u32, has_seg: u32, scale: f32, pad: u32 }
+@group(0) @binding(0) var<uniform> p: P;
+@group(0) @binding(1) var<storage, read> q: array<f32>;          // (B, T, H, HD), roped
+@group(0) @binding(2) var<storage, read> k: array<f32>;          // (B, TK, KV, HD), roped
+@group(0) @binding(3) var<storage, read> v: array<f32>;          // (B, TK, KV, HD)
+@group(0) @binding(4) var<storage, read> seg: array<i32>;        // (B, TK) segment ids when packing
+@group(0) @binding(5) var<storage, read> dyn: array<u32>;        // [t_off, seed, ...]
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;  // (B, T, H, HD)
+@group(0) @binding(7) var<storage, read_write> lse: array<f32>;  // (B, H, T)
+@group(0) @binding(8) var<storage, read> dout: array<f32>;       // (B, T, H, HD)
+@group(0) @binding(9) var<storage, read_write> delta: array<f32>; // (B, H, T)
+@group(0) @binding(10) var<storage, read_write> dq: array<f32>;  // (B, T, H, HD)
+@group(0) @binding(11) var<storage, read_write> dk: array<f32>;  // (B, TK, KV, HD)
+@group(0) @binding(12) var<storage, read_write> dv: array<f32>;
+@group(0) @binding(13) var<storage, read> knew: array<f32>;      // (B, T, KV*HD) for kv_store
+@group(0) @binding(14) var<storage, read> vnew: array<f32>;
+@group(0) @binding(15) var<storage, read_write> kc: array<f32>;  // (B, TK, KV*HD)
+@group(0) @binding(16) var<storage, read_write> vc: array<f32>;
+
+fn visible(b: u32, qi: u32, j: u32) -> bool {
+    return p.has_seg == 0u || seg[b * p.TK + j] == seg[b * p.TK + qi];
+}
+
+@compute @workgroup_size(64)
+fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let idx = gid.x + gid.y * nw.x * 64u;
+    if (idx >= p.B * p.H * p.T) { return; }
+    let i = idx % p.T;
+    let h = (idx / p.T) % p.H;
+    let b = idx / (p.T * p.H);
+    let kvh = h / (p.H / p.KV);
+    let qi = dyn[0] + i;
+    let qb = ((b * p.T + i) * p.H + h) * HD;
+    var qv: array<f32, HD>;
+    var acc: array<f32, HD>;
+    for (var d = 0u; d < HD; d++) { qv[d] = q[qb + d]; acc[d] = 0.0; }
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var j = 0u; j <= qi; j++) {
+        if (!visible(b, qi, j)) { continue; }
+        let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
+        var s = 0.0;
+        for (var d = 0u; d < HD; d++) { s += qv[d] * k[kb + d]; }
+        s *= p.scale;
+        let mn = max(m, s);
+        let corr = exp(m - mn);
+        let e = exp(s - mn);
+        l = l * corr + e;
+        for (var d = 0u; d < HD; d++) { acc[d] = acc[d] * corr + e * v[kb + d]; }
+        m = mn;
+    }
+    for (var d = 0u; d < HD; d++) { out[qb + d] = acc[d] / l; }
+    lse[(b * p.H + h) * p.T + i] = m + log(l);
+}
+
+@compute @workgroup_size(64)
+fn backward_dq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let idx = gid.x + gid.y * nw.x * 64u;
+    if (idx >= p.B * p.H * p.T) { return; }
+    let i = idx % p.T;
+    let h = (idx / p.T) % p.H;
+    let b = idx / (p.T * p.H);
+    let kvh = h / (p.H / p.KV);
+    let qi = dyn[0] + i;
+    let qb = ((b * p.T + i) * p.H + h) * HD;
+    var qv: array<f32, HD>;
+    var go: array<f32, HD>;
+    var acc: array<f32, HD>;
+    var dl = 0.0;
+    for (var d = 0u; d < HD; d++) {
+        qv[d] = q[qb + d];
+        go[d] = dout[qb + d];
+        acc[d] = 0.0;
+        dl += go[d] * out[qb + d];
+    }
+    let li = (b * p.H + h) * p.T + i;
+    delta[li] = dl;
+    let L = lse[li];
+    for (var j = 0u; j <= qi; j++) {
+        if (!visible(b, qi, j)) { continue; }
+        let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
+        var s = 0.0;
+        var dp = 0.0;
+        for (var d = 0u; d < HD; d++) {
+            s += qv[d] * k[kb + d];
+            dp += go[d] * v[kb + d];
+        }
+        let pr = exp(s * p.scale - L);
+        let ds = pr * (dp - dl) * p.scale;
+        for (var d = 0u; d < HD; d++) { acc[d] += ds * k[kb + d]; }
+    }
+    for (var d = 0u; d < HD; d++) { dq[qb + d] = acc[d]; }
+}
+
+@compute @workgroup_size(64)
+fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let idx = gid.x + gid.y * nw.x * 64u;
+    if (idx >= p.B * p.KV * p.TK) { return; }
+    let j = idx % p.TK;
+    let kvh = (idx / p.TK) % p.KV;
+    let b = idx / (p.TK * p.KV);
+    let g = p.H / p.KV;
+    let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
+    var kv: array<f32, HD>;
+    var vv: array<f32, HD>;
+    var ak: array<f32, HD>;
+    var av: array<f32, HD>;
+    for (var d = 0u; d < HD; d++) { kv[d] = k[kb + d]; vv[d] = v[kb + d]; ak[d] = 0.0; av[d] = 0.0; }
+    let t0 = dyn[0];
+    for (var hh = 0u; hh < g; hh++) {
+        let h = kvh * g + hh;
+        for (var i = select(0u, j - t0, j >= t0); i < p.T; i++) {
+            if (!visible(b, t0 + i, j)) { continue; }
+            let qb = ((b * p.T + i) * p.H + h) * HD;
+            let li = (b * p.H + h) * p.T + i;
+            var s = 0.0;
+            var dp = 0.0;
+            for (var d = 0u; d < HD; d++) {
+                s += q[qb + d] * kv[d];
+                dp += dout[qb + d] * vv[d];
+            }
+            let pr = exp(s * p.scale - lse[li]);
+            let ds = pr * (dp - delta[li]) * p.scale;
+            for (var d = 0u; d < HD; d++) {
+                av[d] += pr * dout[qb + d];
+                ak[d] += ds * q[qb + d];
+            }
+        }
+    }
+    for (var d = 0u; d < HD; d++) { dk[kb + d] = ak[d]; dv[kb + d] = av[d]; }
+}
+
+// Append this step's roped k and v (B, T, KV*HD) to the cache at position dyn[0].
+@compute @workgroup_size(64)
+fn kv_store(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let idx = gid.x + gid.y * nw.x * 64u;
+    let w = p.KV * HD;
+    if (idx >= p.B * p.T * w) { return; }
+    let c = idx % w;
+    let t = (idx / w) % p.T;
+    let b = idx / (w * p.T);
+    let dst = (b * p.TK + dyn[0] + t) * w + c;
+    kc[dst] = knew[idx];
+    vc[dst] = vnew[idx];
+}
+
+// Decoding on hardware GPUs (flash-decoding): one workgroup of 32 lanes per (batch, head, query) splits
+// the keys, each lane keeps its own online-softmax state, then the states merge in workgroup memory —
+// so a long context is not one invocation's serial loop.
+const LANES: u32 = 32u;
+var<workgroup> sm: array<f32, LANES>;
+var<workgroup> sl: array<f32, LANES>;
+var<workgroup> sacc: array<f32, LANES * HD>;
+
+@compute @workgroup_size(32)
+fn forward_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(num_workgroups) nw: vec3<u32>) {
+    let lane = lid.x;
+    let raw = wid.x + wid.y * nw.x;
+    let total = p.B * p.H * p.T;
+    let idx = min(raw, total - 1u);  // no early return: every lane must reach the barriers
+    let i = idx % p.T;
+    let h = (idx / p.T) % p.H;
+    let b = idx / (p.T * p.H);
+    let kvh = h / (p.H / p.KV);
+    let qi = dyn[0] + i;
+    let qb = ((b * p.T + i) * p.H + h) * HD;
+    var qv: array<f32, HD>;
+    var acc: array<f32, HD>;
+    for (var d = 0u; d < HD; d++) { qv[d] = q[qb + d]; acc[d] = 0.0; }
+    var m = -3.0e38;
+    var l = 0.0;
+    for (var j = lane; j <= qi; j += LANES) {
+        if (!visible(b, qi, j)) { continue; }
+        let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
+        var s = 0.0;
+        for (var d = 0u; d < HD; d++) { s += qv[d] * k[kb + d]; }
+        s *= p.scale;
+        let mn = max(m, s);
+        let corr = exp(m - mn);
+        let e = exp(s - mn);
+        l = l * corr + e;
+        for (var d = 0u; d < HD; d++) { acc[d] = acc[d] * corr + e * v[kb + d]; }
+        m = mn;
+    }
+    sm[lane] = m;
+    sl[lane] = l;
+    for (var d = 0u; d < HD; d++) { sacc[lane * HD + d] = acc[d]; }
+    workgroupBarrier();
+    for (var w = LANES / 2u; w > 0u; w >>= 1u) {
+        if (lane < w) {
+            let m1 = sm[lane];
+            let m2 = sm[lane + w];
+            let mn = max(m1, m2);
+            let c1 = exp(m1 - mn);
+            let c2 = exp(m2 - mn);
+            sl[lane] = sl[lane] * c1 + sl[lane + w] * c2;
+            for (var d = 0u; d < HD; d++) {
+                sacc[lane * HD + d] = sacc[lane * HD + d] * c1 + sacc[(lane + w) * HD + d] * c2;
+            }
+            sm[lane] = mn;
+        }
+        workgroupBarrier();
+    }
+    if (raw < total) {
+        for (var d = lane; d < HD; d += LANES) { out[qb + d] = sacc[d] / sl[0]; }
+        if (lane == 0u) { lse[(b * p.H + h) * p.T + i] = sm[0] + log(sl[0]); }
+    }
+}
