@@ -5,7 +5,7 @@
     python benchmarks/validate_plan.py --backend webgpu --model random-smollm2:2 --grid small  # lavapipe
 
 Calibrates first (cached in $LORALAB_HOME/plan), then runs every configuration in a fresh process (one
-warm-up step, one measured step) and prints a markdown table. On a shared CPU use --clock cpu --threads 1:
+warm-up step, the best of two timed steps) and prints a markdown table. On a shared CPU use --clock cpu --threads 1:
 process CPU time is what other processes cannot steal, and one BLAS thread keeps OpenBLAS from spinning.
 """
 

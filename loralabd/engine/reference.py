@@ -76,7 +76,7 @@ def attention(q, k, v, mask):
     g = H // KV
     kk = np.repeat(k, g, axis=2)  # (B, Tk, H, hd)
     vv = np.repeat(v, g, axis=2)
-    s = np.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(hd)  # (B, H, T, Tk)
+    s = np.einsum("bthd,bshd->bhts", q, kk) * np.float32(1.0 / np.sqrt(hd))  # (B, H, T, Tk), f32
     s = np.where(mask[:, None], s, -np.inf)
     mx = s.max(axis=-1, keepdims=True)
     p = np.exp(s - mx)
@@ -93,7 +93,7 @@ def attention_backward(dout, q, k, v, mask, lse):
     g = H // KV
     kk = np.repeat(k, g, axis=2)
     vv = np.repeat(v, g, axis=2)
-    scale = 1.0 / np.sqrt(hd)
+    scale = np.float32(1.0 / np.sqrt(hd))  # a numpy f64 scalar would promote the scores to f64
     s = np.einsum("bthd,bshd->bhts", q, kk) * scale
     p = np.where(mask[:, None], np.exp(s - lse[..., None]), 0.0)  # (B, H, T, Tk)
     dvv = np.einsum("bhts,bthd->bshd", p, dout)

@@ -28,7 +28,7 @@ from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES
 from .hardware import Device, describe
 
-VERSION = 2  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 4  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
 
@@ -130,8 +130,8 @@ def shapes_for(device: Device) -> list[tuple[int, int, int]]:
 
 
 def repeats_for(device: Device) -> int:
-    """Timed steps per shape (after the warm-up): GPU steps are short and noisy, CPU steps long."""
-    return 1 if device.backend == "numpy" or device.software else 3
+    """Timed steps per shape after the warm-up, best kept: a software adapter is too slow for more."""
+    return 1 if device.software else (2 if device.backend == "numpy" else 3)
 
 
 def _clock(kind: str):

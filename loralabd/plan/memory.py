@@ -7,7 +7,7 @@ H heads, KV key/value heads, hd head dim, V vocabulary, L layers, P LoRA paramet
 
 numpy engine (loralabd/engine/numpy_engine.py): dequantizes every base weight to f32 once and keeps it;
 keeps every layer's activations for backward (no checkpointing); materialises attention scores
-(B, H, T, T) in float64; cross-entropy in vocabulary chunks of (N, chunk).
+(B, H, T, T) in float32; cross-entropy in vocabulary chunks of (N, chunk).
 
 WebGPU engine (loralabd/engine/webgpu/): base weights stay quantized; per-layer checkpointing (each layer
 keeps its input, one layer's activations are reused by all); flash-style attention; vocabulary-chunked
@@ -23,7 +23,6 @@ from ..engine.lora import LoraConfig
 from ..models.args import LINEAR_NAMES
 
 F32 = 4
-F64 = 8
 QBLOCK = 256  # 8-bit optimizer block (numpy_train.QBLOCK)
 # What loading the model leaves in the process besides its weight tensors: tokenizer, GGUF metadata and
 # freed-but-kept malloc arenas. Measured: +40 MiB of resident memory beyond the default model's tensors.
@@ -138,9 +137,9 @@ def numpy_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ada
     qkv_rep = 2 * N * H * hd * F32  # np.repeat of k and v to H heads
     phases: dict[str, dict] = {}
 
-    # last layer's attention forward: scores f64, masked copy, exp temp, probabilities -> 3 live (B,H,T,T) f64
-    phases["attention forward"] = dict(const, gradients=0, activations=saved, attention=3 * S * F64 + qkv_rep,
-                                       logits=0, workspace=N * H * hd * (F64 + F32))
+    # last layer's attention forward: scores f32, masked copy, exp temp, probabilities -> 3 live (B,H,T,T) f32
+    phases["attention forward"] = dict(const, gradients=0, activations=saved, attention=3 * S * F32 + qkv_rep,
+                                       logits=0, workspace=N * H * hd * (F32 + F32))
     # loss: logits chunk z, z - max, exp -> 3 (N, chunk) f32
     phases["loss"] = dict(const, gradients=0, activations=saved + final, attention=0, logits=3 * N * chunk * F32,
                           workspace=4 * N * F32)
@@ -151,11 +150,11 @@ def numpy_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ada
     # loss backward: exp(z - lse) in place, p * w -> 2 (N, chunk) f32 + dh (N, D)
     phases["loss backward"] = dict(const, gradients=0, activations=saved + final, attention=0,
                                    logits=2 * N * chunk * F32, workspace=N * D * F32 + 2 * N * F32)
-    # top layer's attention backward: scores s, P (f64), dP (f32), dP - delta (f64) -> 28 bytes per score;
-    # repeated k, v (f32), dv (f64) and dq, dk (B, T, H, hd); dx, dx1, dh (N, D) alive across the loop
+    # top layer's attention backward: scores s, P, dP, dP - delta (f32) -> 16 bytes per score;
+    # repeated k, v (f32), dv (f32) and dq, dk (B, T, H, hd); dx, dx1, dh (N, D) alive across the loop
     phases["attention backward"] = dict(const, gradients=F32 * P // L * 2, activations=saved + final,
-                                        attention=S * (3 * F64 + F32) + qkv_rep,
-                                        logits=0, workspace=N * (H * hd * (F64 + 2 * F32) + 4 * D * F32))
+                                        attention=S * (3 * F32 + F32) + qkv_rep,
+                                        logits=0, workspace=N * (H * hd * (F32 + 2 * F32) + 4 * D * F32))
     # MLP backward of the top layer: dact, dg, du, swiglu temps (N, F) and dh2 (N, D)
     phases["mlp backward"] = dict(const, gradients=F32 * P // L, activations=saved + final, attention=0, logits=0,
                                   workspace=N * (6 * F + 4 * D) * F32)
