@@ -17,7 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
+if "--threads" in sys.argv:  # OpenBLAS reads its thread count when numpy is first imported
+    os.environ["OPENBLAS_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -36,15 +39,16 @@ def batches(n, batch, seq, vocab, seed=0):
 def bench_numpy(model, cfg, args):
     eng = NumpyEngine(model)
     sess = eng.train_session(LoraAdapter.init(model.args, cfg, seed=0), {"kind": args.optimizer})
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, model.args.vocab_size)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         ls, n = sess.accumulate(x, y)
         sess.step(1e-4, 1.0)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         losses.append(ls / n)
-    return times, losses
+    return times, cpu, losses
 
 
 def bench_torch(path, cfg, args):
@@ -58,9 +62,9 @@ def bench_torch(path, cfg, args):
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, hf.config.vocab_size)):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         logits = pm(input_ids=torch.from_numpy(x)).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.from_numpy(y).reshape(-1))
         loss.backward()
@@ -69,8 +73,9 @@ def bench_torch(path, cfg, args):
         opt.zero_grad()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         losses.append(loss.item())
-    return times, losses
+    return times, cpu, losses
 
 
 def main():
@@ -90,18 +95,23 @@ def main():
     rows = []
     tok = args.batch * args.seq
     if args.only in (None, "numpy"):
-        t, l0 = bench_numpy(load_model(), cfg, args)
+        t, c, l0 = bench_numpy(load_model(), cfg, args)
         rows.append({"backend": f"loralabd numpy ({args.optimizer})", "ms_per_step": 1000 * statistics.median(t),
-                     "tokens_per_s": tok / statistics.median(t), "first_loss": l0[0]})
+                     "tokens_per_s": tok / statistics.median(t), "cpu_s_per_step": statistics.median(c),
+                     "first_loss": l0[0]})
     if args.only in (None, "torch"):
-        t, l1 = bench_torch(default_model_path(), cfg, args)
+        t, c, l1 = bench_torch(default_model_path(), cfg, args)
         rows.append({"backend": f"PyTorch {torch.__version__} + PEFT fp32", "ms_per_step": 1000 * statistics.median(t),
-                     "tokens_per_s": tok / statistics.median(t), "first_loss": l1[0]})
-    print(f"| backend | batch x seq | ms/step | tokens/s |   (load average {os.getloadavg()[0]:.1f}, "
-          f"{os.cpu_count()} cores)")
-    print("|---|---|---|---|")
+                     "tokens_per_s": tok / statistics.median(t), "cpu_s_per_step": statistics.median(c),
+                     "first_loss": l1[0]})
+    # CPU seconds per step are what a shared machine cannot inflate much; tokens per CPU-second x threads
+    # is the speed an idle machine would show when the work scales over its threads.
+    print(f"| backend | batch x seq | threads | ms/step | tokens/s | CPU s/step | tokens per CPU-s |   "
+          f"(load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} cores)")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['backend']} | {args.batch} x {args.seq} | {r['ms_per_step']:.0f} | {r['tokens_per_s']:.1f} |")
+        print(f"| {r['backend']} | {args.batch} x {args.seq} | {args.threads} | {r['ms_per_step']:.0f} | "
+              f"{r['tokens_per_s']:.1f} | {r['cpu_s_per_step']:.2f} | {tok / r['cpu_s_per_step']:.1f} |")
     print(json.dumps(rows))
 
 

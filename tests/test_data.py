@@ -216,3 +216,14 @@ def test_stream_is_reproducible_and_resumable(tiny, tmp_path):
     rows = s1.rows(1)
     assert sorted(i for r in rows for i in r) == list(range(len(ds.train)))
     assert all(sum(len(ds.train[i]) for i in r) <= 64 for r in rows)
+
+
+def test_json_array_file(tiny, tmp_path):
+    tok = tiny.tokenizer
+    (tmp_path / "d.json").write_text(json.dumps([{"prompt": "hello ", "completion": "the dog"}, {"prompt": "x"}]))
+    ds = Dataset.load(tmp_path / "d.json", tok, cache_dir=False)
+    assert ds.format == "completion" and len(ds.train) == 1
+    assert [(p.line, p.kind) for p in ds.problems] == [(2, "missing_field")]  # record 2
+    (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
+    r = read_source(tmp_path / "bad.json", tok, cache_dir=False)
+    assert [(p.line, p.kind) for p in r.problems] == [(2, "bad_json")]

@@ -61,20 +61,37 @@ def peft_wrap(hf, cfg, adapter):
     return pm, mods
 
 
+def engine_for(backend, model):
+    if backend == "numpy":
+        return NumpyEngine(model)
+    from loralabd.engine.webgpu.runtime import available
+
+    if not available():
+        pytest.skip("no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
+    from loralabd.engine.webgpu.engine import WebGPUEngine
+
+    return WebGPUEngine(model)
+
+
+PARITY_TOL = {"numpy": 1e-4, "webgpu": 1e-2}  # relative, per step (issue 4's acceptance)
+
+
 @pytest.mark.slow
-def test_peft_parity_50_steps(setup):
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("webgpu", marks=pytest.mark.gpu)])
+def test_peft_parity_50_steps(setup, backend):
     """Same initial A, same batches, AdamW + warmup/cosine + clipping + grad accumulation: PEFT's and our
-    per-step losses agree to 1e-4 relative at every one of 50 steps."""
+    per-step losses agree to 1e-4 relative (numpy; 1e-2 WebGPU) at every one of 50 steps."""
     import transformers
 
     d, hf, data = setup
     hf = hf.float()
     model = load_model(d, weights="f32")
+    tol = PARITY_TOL[backend]
     ds = Dataset.load(data, model.tokenizer, max_seq_len=64, cache_dir=False)
-    cfg = TrainConfig(r=4, alpha=8, lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, max_grad_norm=0.5,
+    cfg = TrainConfig(r=4, alpha=8, lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, max_grad_norm=1.0,
                       lr_schedule="cosine", warmup_steps=5, max_steps=50, batch_size=2, grad_accum=2, seq_len=64,
                       pack=False, seed=3)
-    tr = Trainer(NumpyEngine(model), ds, cfg)
+    tr = Trainer(engine_for(backend, model), ds, cfg)
     pm, mods = peft_wrap(hf, cfg.lora, tr.adapter())
     ours = [m for m in tr.run()]
     assert len(ours) == 50
@@ -83,7 +100,7 @@ def test_peft_parity_50_steps(setup):
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     sched = transformers.get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, 50)
     stream = DataStream(ds.train, cfg.seq_len, cfg.batch_size, model.tokenizer.eos_id, seed=cfg.seed, pack=False)
-    clipped = 0
+    clipped, errs = 0, []
     for step in range(50):
         batches = [stream.next_batch() for _ in range(cfg.grad_accum)]
         n = sum(b.n_targets for b in batches)
@@ -102,23 +119,25 @@ def test_peft_parity_50_steps(setup):
         sched.step()
         opt.zero_grad()
         ref = total / n
-        assert abs(ours[step]["loss"] - ref) <= 1e-4 * abs(ref), f"step {step + 1}: {ours[step]['loss']} vs {ref}"
-        assert abs(ours[step]["grad_norm"] - gn) <= 1e-3 * gn
-    assert clipped > 5  # clipping was exercised
+        errs.append(abs(ours[step]["loss"] - ref) / abs(ref))
+        assert errs[-1] <= tol, f"step {step + 1}: {ours[step]['loss']} vs {ref}"
+        assert abs(ours[step]["grad_norm"] - gn) <= 10 * tol * gn
+    print(f"PEFT parity ({backend}): max relative loss error over 50 steps {max(errs):.2e}; {clipped} steps clipped")
+    assert 5 < clipped < 45  # both branches of clipping were exercised
     assert ours[-1]["loss"] < 0.9 * ours[0]["loss"]  # and it learned (random word strings: high entropy)
     ad = tr.adapter()
     for key, mod in mods.items():  # final weights agree too
         b = mod.lora_B["default"].weight.detach().numpy()
-        assert np.abs(ad.B[key] - b).max() <= 1e-3 * np.abs(b).max()
+        assert np.abs(ad.B[key] - b).max() <= 10 * tol * np.abs(b).max()
 
 
-def make_trainer(d, data, run_dir=None, resume=False, **kw):
+def make_trainer(d, data, run_dir=None, resume=False, backend="numpy", **kw):
     model = load_model(d, weights="f32")
     ds = Dataset.load(data, model.tokenizer, max_seq_len=64, valid_fraction=0.1, seed=1, cache_dir=False)
     base = dict(r=4, alpha=8, lr=5e-3, max_steps=12, batch_size=2, grad_accum=2, seq_len=64, warmup_steps=2,
                 save_every=4, eval_every=5, seed=7)
     base.update(kw)
-    return Trainer(NumpyEngine(model), ds, TrainConfig(**base), run_dir=run_dir, resume=resume)
+    return Trainer(engine_for(backend, model), ds, TrainConfig(**base), run_dir=run_dir, resume=resume)
 
 
 def assert_same_adapter(a, b):
@@ -144,6 +163,20 @@ def test_resume_after_clean_stop_is_exact(setup, tmp_path, kw):
     assert [h.get("val_loss") for h in hist] == [h.get("val_loss") for h in full.history]
     # keep_last=3: only the newest checkpoints stay
     assert [p.name for p in list_checkpoints(tmp_path / "full")] == ["step-00000004", "step-00000008", "step-00000012"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adamw", "adam8bit"])
+def test_resume_is_exact_on_webgpu(setup, tmp_path, optimizer):
+    d, _, data = setup
+    full = make_trainer(d, data, tmp_path / "full", backend="webgpu", optimizer=optimizer, max_steps=8)
+    full.run()
+    part = make_trainer(d, data, tmp_path / "part", backend="webgpu", optimizer=optimizer, max_steps=8)
+    part.run(lambda m: m["step"] < 3)
+    resumed = make_trainer(d, data, tmp_path / "part", resume=True, backend="webgpu", optimizer=optimizer, max_steps=8)
+    assert resumed.step_num == 3
+    resumed.run()
+    assert_same_adapter(resumed.adapter(), full.adapter())
 
 
 RUN_SCRIPT = """

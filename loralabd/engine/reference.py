@@ -72,40 +72,41 @@ def attention_mask(T, segments=None, t_offset=0, t_keys=None):
 def attention(q, k, v, mask):
     """q: (B, T, H, hd); k, v: (B, Tk, KV, hd); mask (B|1, T, Tk). Returns out (B, T, H, hd), lse (B, H, T)."""
     B, T, H, hd = q.shape
-    KV = k.shape[2]
-    g = H // KV
-    kk = np.repeat(k, g, axis=2)  # (B, Tk, H, hd)
-    vv = np.repeat(v, g, axis=2)
-    s = np.einsum("bthd,bshd->bhts", q, kk) * np.float32(1.0 / np.sqrt(hd))  # (B, H, T, Tk), f32
+    g = H // k.shape[2]
+    qt = q.transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    kk = np.repeat(k, g, axis=2).transpose(0, 2, 1, 3)  # (B, H, Tk, hd)
+    vv = np.repeat(v, g, axis=2).transpose(0, 2, 1, 3)
+    s = (qt @ kk.transpose(0, 1, 3, 2)) * np.float32(1.0 / np.sqrt(hd))  # (B, H, T, Tk); matmul, not einsum: BLAS
     s = np.where(mask[:, None], s, -np.inf)
     mx = s.max(axis=-1, keepdims=True)
     p = np.exp(s - mx)
     den = p.sum(axis=-1, keepdims=True)
-    p = p / den
-    out = np.einsum("bhts,bshd->bthd", p, vv)
-    return out.astype(np.float32), (mx + np.log(den))[..., 0].astype(np.float32)
+    p /= den
+    out = (p @ vv).transpose(0, 2, 1, 3)  # (B, T, H, hd)
+    return np.ascontiguousarray(out, dtype=np.float32), (mx + np.log(den))[..., 0].astype(np.float32)
 
 
 def attention_backward(dout, q, k, v, mask, lse):
     """Recomputes P from the stored logsumexp (as the flash-attention backward does)."""
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    Tk, KV = k.shape[1], k.shape[2]
     g = H // KV
-    kk = np.repeat(k, g, axis=2)
-    vv = np.repeat(v, g, axis=2)
     scale = np.float32(1.0 / np.sqrt(hd))  # a numpy f64 scalar would promote the scores to f64
-    s = np.einsum("bthd,bshd->bhts", q, kk) * scale
-    p = np.where(mask[:, None], np.exp(s - lse[..., None]), 0.0)  # (B, H, T, Tk)
-    dvv = np.einsum("bhts,bthd->bshd", p, dout)
-    dp = np.einsum("bthd,bshd->bhts", dout, vv)
-    delta = np.sum(dout * np.einsum("bhts,bshd->bthd", p, vv), axis=-1).transpose(0, 2, 1)  # (B, H, T)
+    qt = q.transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    kk = np.repeat(k, g, axis=2).transpose(0, 2, 1, 3)  # (B, H, Tk, hd)
+    vv = np.repeat(v, g, axis=2).transpose(0, 2, 1, 3)
+    dot = dout.transpose(0, 2, 1, 3)  # (B, H, T, hd)
+    s = (qt @ kk.transpose(0, 1, 3, 2)) * scale
+    p = np.where(mask[:, None], np.exp(s - lse[..., None]), np.float32(0.0))  # (B, H, T, Tk)
+    dvv = p.transpose(0, 1, 3, 2) @ dot  # (B, H, Tk, hd)
+    dp = dot @ vv.transpose(0, 1, 3, 2)  # (B, H, T, Tk)
+    delta = np.sum(dot * (p @ vv), axis=-1)  # (B, H, T)
     ds = p * (dp - delta[..., None]) * scale
-    dq = np.einsum("bhts,bshd->bthd", ds, kk)
-    dkk = np.einsum("bhts,bthd->bshd", ds, q)
-    Tk = k.shape[1]
+    dq = (ds @ kk).transpose(0, 2, 1, 3)  # (B, T, H, hd)
+    dkk = (ds.transpose(0, 1, 3, 2) @ qt).transpose(0, 2, 1, 3)  # (B, Tk, H, hd)
     dk = dkk.reshape(B, Tk, KV, g, hd).sum(axis=3)
-    dv = dvv.reshape(B, Tk, KV, g, hd).sum(axis=3)
-    return dq.astype(np.float32), dk.astype(np.float32), dv.astype(np.float32)
+    dv = dvv.transpose(0, 2, 1, 3).reshape(B, Tk, KV, g, hd).sum(axis=3)
+    return (np.ascontiguousarray(dq, dtype=np.float32), dk.astype(np.float32), dv.astype(np.float32))
 
 
 # --- SwiGLU --------------------------------------------------------------------------------------

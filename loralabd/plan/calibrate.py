@@ -28,7 +28,7 @@ from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES
 from .hardware import Device, describe
 
-VERSION = 4  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 5  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
 
@@ -120,13 +120,21 @@ def fit(samples: list[dict]) -> tuple[dict, dict]:
 
 # -- running it ---------------------------------------------------------------------------------------
 
-def shapes_for(device: Device) -> list[tuple[int, int, int]]:
+def shapes_for(device: Device, args=None) -> list[tuple[int, int, int]]:
     """(batch, seq, rank) to time: a base shape, more rows, a longer sequence (attention), a larger rank at
     two batch sizes (LoRA work per token against work per parameter).
     The base is small on CPUs (the numpy engine runs ~30-100 tokens/s there) and larger on GPUs, where a
-    tiny step measures only dispatch overhead."""
+    tiny step measures only dispatch overhead. With the model's args, the shapes scale with it: the longest
+    (4 x base) stays within the context, and the large rank within the width (a tiny test model calibrates
+    in about a second)."""
     s = 32 if device.backend == "numpy" or device.software else 256
-    return [(1, s, 8), (4, s, 8), (2, 2 * s, 8), (1, 4 * s, 8), (1, s, 64), (4, s, 64)]
+    r_hi = 64
+    if args is not None:
+        ctx = int(getattr(args, "max_position_embeddings", 0) or 0)
+        if ctx:
+            s = max(8, min(s, ctx // 4 // 8 * 8))
+        r_hi = max(16, min(64, args.hidden_size // 2))
+    return [(1, s, 8), (4, s, 8), (2, 2 * s, 8), (1, 4 * s, 8), (1, s, r_hi), (4, s, r_hi)]
 
 
 def repeats_for(device: Device) -> int:
@@ -161,29 +169,40 @@ def time_shape(engine, cfg: LoraConfig, batch: int, seq: int, clock: str = "wall
             warm = t2 - t0
         else:
             best_a, best_s = min(best_a, t1 - t0), min(best_s, t2 - t1)
+    if hasattr(sess, "free"):  # the WebGPU session's buffers go back now, not when Python collects them
+        sess.free()
     return {"batch": batch, "seq": seq, "r": cfg.r, "targets": list(cfg.targets), "accumulate_s": best_a,
             "step_s": best_s, "first_step_s": warm, "features": features(args, cfg, batch, seq)}
 
 
 def calibrate(engine, device: Device | None = None, clock: str = "wall", shapes=None, repeats: int | None = None,
               targets=LINEAR_NAMES) -> Calibration:
-    """Time the real engine on a few shapes and fit the model. Minutes on the numpy engine's slowest
-    CPUs, seconds on a GPU; use cached_calibration() to do it once."""
+    """Time the real engine on a few small shapes and fit the model. Seconds on a GPU or a tiny model,
+    about half a minute for the default model on a CPU; use cached_calibration() to do it once.
+    (The daemon runs the same plan_shapes / time_shape / finish steps one shape per call, so that
+    progress and cancellation land between shapes.)"""
     device = device or describe(engine)
-    model = engine.model
-    repeats = repeats or repeats_for(device)
     t_start = time.perf_counter()
-    samples = []
-    warm = None
-    for B, T, r in (shapes or shapes_for(device)):
-        s = time_shape(engine, LoraConfig(r=r, alpha=2 * r, targets=tuple(targets)), B, T, clock, repeats)
-        if warm is None:
-            warm = s["first_step_s"] - s["accumulate_s"] - s["step_s"]  # the engine's one-time setup
-        samples.append(s)
+    samples = [time_shape(engine, cfg, B, T, clock, n) for cfg, B, T, n in
+               plan_shapes(engine, device, shapes, repeats, targets)]
+    return finish(engine, device, clock, samples, time.perf_counter() - t_start)
+
+
+def plan_shapes(engine, device: Device, shapes=None, repeats: int | None = None, targets=LINEAR_NAMES) -> list:
+    """[(LoraConfig, batch, seq, repeats)] a calibration times, in order."""
+    args = engine.model.args if hasattr(engine, "model") else engine.args
+    repeats = repeats or repeats_for(device)
+    return [(LoraConfig(r=r, alpha=2 * r, targets=tuple(targets)), B, T, repeats)
+            for B, T, r in (shapes or shapes_for(device, args))]
+
+
+def finish(engine, device: Device, clock: str, samples: list, seconds: float) -> Calibration:
+    """The fitted Calibration of timed samples (the first one's extra first-step time is the warm-up)."""
+    s0 = samples[0]
+    warm = s0["first_step_s"] - s0["accumulate_s"] - s0["step_s"]  # the engine's one-time setup
     acc, step = fit(samples)
-    return Calibration(key=cache_key(device, model, clock), device=device.to_dict(), clock=clock, acc=acc, step=step,
-                       samples=samples, warmup_s=max(0.0, warm or 0.0), seconds=time.perf_counter() - t_start,
-                       created=time.time())
+    return Calibration(key=cache_key(device, engine.model, clock), device=device.to_dict(), clock=clock, acc=acc,
+                       step=step, samples=samples, warmup_s=max(0.0, warm), seconds=seconds, created=time.time())
 
 
 # -- the cache ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..errors import LoraLabError
 from .checkpoint import atomic_write_bytes
 
 FORMATS = ("auto", "text", "completion", "chat")
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # .json: JSONL, or one array of records (numbered from 1)
 CACHE_VERSION = 1
 
 
@@ -192,6 +192,14 @@ def read_jsonl(data: bytes, name: str, tok, fmt: str, max_seq_len: int) -> FileR
     except UnicodeDecodeError as e:
         res.problems.append(Problem(name, None, "not_text", f"not UTF-8 ({e}); save the file as UTF-8"))
         return res
+    if text.lstrip().startswith("["):  # a JSON array of records: "line" numbers count records
+        try:
+            arr = json.loads(text)
+        except json.JSONDecodeError as e:
+            res.problems.append(Problem(name, e.lineno, "bad_json", f"not valid JSON ({e.msg} at column {e.colno}); "
+                                        "fix it, or write one JSON object per line (JSONL)"))
+            return res
+        text = "\n".join(json.dumps(x) for x in arr) if isinstance(arr, list) else text
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()

@@ -238,7 +238,9 @@ class Trainer:
                 break
             if callback is not None and callback(m) is False:
                 self.stop_requested = True
-        if self.stop_requested and self.run_dir is not None and not self.done:
+        stopped_early = self.stop_requested and not self.done
+        ran_dry = self.exhausted and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step_num:08d}")
+        if self.run_dir is not None and self.step_num > 0 and (stopped_early or ran_dry):
             self.save()
         return self.history
 
