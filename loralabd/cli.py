@@ -3,7 +3,7 @@
     loralab serve [--detach]            run the daemon (foreground, or in the background)
     loralab status | stop               the running daemon
     loralab models [--load SRC]         loaded models
-    loralab plan   [--model M] ...      memory (and, once calibrated, time) of a training run
+    loralab plan   [--model M] ...      will it fit, how long, what to change (--calibrate, --data, --json)
     loralab train  DATA --adapter NAME  train with a live progress bar (Ctrl-C stops it, resumable)
     loralab train  --list | --resume ID
     loralab chat   [PROMPT] [--adapter NAME]   streaming chat (no PROMPT: interactive)
@@ -170,24 +170,119 @@ def _lora(a):
     return {"r": a.rank, "alpha": float(a.alpha if a.alpha is not None else 2 * a.rank), "targets": a.targets.split(",")}
 
 
+def _size(n) -> str:
+    return f"{n / 2**20:,.1f} MiB" if abs(n) < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def _seconds(text: str) -> float:
+    """90 | 90s | 30m | 2h | 1h30m -> seconds."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", t):
+        return float(t)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", t)
+    if not parts or "".join(n + u for n, u in parts) != t:
+        raise ValueError(f"cannot read {text!r} as a time; write seconds or e.g. 90s, 30m, 2h, 1h30m")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _plan_params(a, mid) -> dict:
+    """PlanParams from the command line (and the dataset's token count from dataset/inspect)."""
+    from .plan.hardware import parse_bytes
+
+    p = {"model": mid, "lora": _lora(a), "batchSize": a.batch, "seqLen": a.seq, "gradAccum": a.grad_accum,
+         "optimizer": a.optimizer}
+    if a.steps is not None:
+        p["steps"] = a.steps
+    if a.time_budget:
+        try:
+            p["timeBudgetSeconds"] = _seconds(a.time_budget)
+        except ValueError as e:
+            sys.exit(f"loralab plan: --time-budget: {e}")
+    if a.memory_cap:
+        try:
+            p["memoryCapBytes"] = parse_bytes(a.memory_cap)
+        except ValueError as e:
+            sys.exit(f"loralab plan: --memory-cap: {e}")
+    return p
+
+
+def _show_plan(p: dict, mid: str, a) -> None:
+    d = p["device"]
+    print(f"plan for {mid}: batch {p['batchSize']} x seq {p['seqLen']}"
+          + (f" x {p['gradAccum']} micro-batches" if p["gradAccum"] > 1 else "")
+          + f", LoRA r={a.rank} on {a.targets}, {p['optimizer']} — {p['steps']:,} steps, {p['tokens']:,} tokens "
+          f"({p['loraParameters']:,} trainable parameters)")
+    print(f"device: {d['name']} ({d['type']}, {p['backend']}{', ' + d['api'] if d['api'] else ''})")
+    avail = p["availableBytes"]
+    print(f"\n  {'memory by part':<16} {'bytes':>12} {'of available':>13}")
+    for part in p["parts"]:
+        if part["bytes"]:
+            frac = "" if part["fraction"] is None else f"{100 * part['fraction']:.1f}%"
+            print(f"  {part['part']:<16} {_size(part['bytes']):>12} {frac:>13}")
+    total = p["memory"]["total"]
+    frac = f"{100 * total / avail:.1f}%" if avail else ""
+    print(f"  {'total':<16} {_size(total):>12} {frac:>13}   (peak in {p['peakPhase']})")
+    if avail is not None:
+        print(f"  {'available':<16} {_size(avail):>12} {'':>13}   ({p['availableSource']})")
+    print()
+    if p["fits"] is True:
+        print(f"fits: {_size(avail - total)} to spare")
+    elif p["fits"] is None:
+        print("fits: unknown (the device does not say how much memory it has; pass --memory-cap)")
+    else:
+        print("DOES NOT FIT:")
+        for e in p["exceeded"]:
+            f = _size if e["unit"] == "bytes" else (lambda n: f"{n} positions")
+            print(f"  {e['limit']}: {e['what']} needs {f(e['needed'])}, the limit is {f(e['available'])} "
+                  f"— over by {f(e['over'])}")
+            print(f"    change: {e['change']}")
+    if p["tokensPerSecond"]:
+        c = p["calibration"]
+        print(f"time: ~{p['tokensPerSecond']:,.0f} tokens/s, {p['stepSeconds']:.3g} s/step, {_fmt_s(p['seconds'])} "
+              f"for {p['steps']:,} steps (calibrated on this device, {c['clock']} clock, {c['shapes']} shapes)")
+    else:
+        print("time: not predicted — this device is not calibrated for this model yet; run `loralab plan --calibrate`")
+    adv = p["advice"]
+    if adv["text"]:
+        print("advice:")
+        for t in adv["text"]:
+            print(f"  {t}")
+    if p["warnings"]:
+        print("warnings:")
+        for w in p["warnings"]:
+            print(f"  {w}")
+
+
 def cmd_plan(a):
     with _client() as c:
         mid = _ensure_model(c, a.model)
-        p = c.request("plan/estimate", {"model": mid, "lora": _lora(a), "batchSize": a.batch, "seqLen": a.seq,
-                                        "steps": a.steps})
+        params = _plan_params(a, mid)
+        if a.data:
+            info = c.request("dataset/inspect", {"path": os.path.abspath(a.data), "model": mid, "seqLen": a.seq})
+            params["datasetTokens"] = info["tokens"]
+            if a.steps is None:
+                params["epochs"] = a.epochs or 1.0
+            if not a.json:
+                probs = f", {len(info['problems'])} problems (loralab train reports them)" if info["problems"] else ""
+                print(f"dataset: {a.data}: {info['examples']:,} examples, {info['tokens']:,} tokens ({info['format']}{probs})")
+        elif a.epochs is not None:
+            sys.exit("loralab plan: --epochs needs --data PATH (the dataset's tokens set the run's length)")
+        if a.calibrate:
+            for ev in c.stream("plan/calibrate", {"model": mid, "refresh": a.refresh}):
+                if not a.json and ev.get("message"):
+                    print(f"calibrating: {ev['message']}", file=sys.stderr)
+            cal = c.last_result
+            if not a.json:
+                how = "cached" if cal["cached"] else f"measured in {cal['seconds']:.1f} s"
+                print(f"calibration: {how} ({len(cal['samples'])} shapes on {cal['device']['name']}, "
+                      f"{cal['calibration']['clock']} clock)")
+        p = c.request("plan/estimate", params)
         if a.json:
             print(json.dumps(p, indent=1))
             return
-        print(f"plan for {mid}: batch {a.batch} x seq {a.seq}, LoRA r={a.rank} on {a.targets} "
-              f"({p['loraParameters']:,} trainable parameters)")
-        for k, v in p["memory"].items():
-            print(f"  {k:<12} {_mb(v):>14}")
-        if p["availableBytes"]:
-            print(f"  available    {_mb(p['availableBytes']):>14}  -> {'fits' if p['fits'] else 'DOES NOT FIT'}")
-        if p["tokensPerSecond"]:
-            print(f"  ~{p['tokensPerSecond']:,.0f} tokens/s, {_fmt_s(p['seconds'])} for {a.steps} steps")
-        for n in p["notes"]:
-            print(f"  note: {n}")
+        _show_plan(p, mid, a)
 
 
 def cmd_train(a):
@@ -317,18 +412,30 @@ def build_parser():
     s.add_argument("--unload", metavar="ID")
     s.set_defaults(fn=cmd_models)
 
-    def lora_args(s):
+    def lora_args(s, steps=100):
         s.add_argument("--model", default="default", help="model id or path (default: SmolLM2-135M-Instruct)")
         s.add_argument("--rank", "-r", type=int, default=8)
         s.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
         s.add_argument("--targets", default="all", help="comma list: q,k,v,o,gate,up,down | attn | mlp | all")
         s.add_argument("--batch", type=int, default=4)
         s.add_argument("--seq", type=int, default=256)
-        s.add_argument("--steps", type=int, default=100)
+        s.add_argument("--steps", type=int, default=steps)
 
-    s = sub.add_parser("plan", help="memory (and time) of a training run")
-    lora_args(s)
-    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("plan", help="will a training run fit, how long will it take, what to change",
+                       description="Memory by part against what is available, every limit exceeded with what to "
+                       "change, the largest batch and sequence that fit, and (once calibrated) tokens/s and time.")
+    lora_args(s, steps=None)
+    s.add_argument("--data", metavar="PATH", help="dataset: its tokens (dataset/inspect) set the run's length")
+    s.add_argument("--epochs", type=float, default=None, help="passes over --data (default 1; --steps overrides)")
+    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    s.add_argument("--optimizer", choices=["adamw", "adam8bit"], default="adamw")
+    s.add_argument("--time-budget", metavar="T", help="e.g. 90s, 30m, 2h: advise the largest rank that meets it")
+    s.add_argument("--memory-cap", metavar="BYTES", help="memory the run may use, e.g. 6GiB (default: what the "
+                   "device reports)")
+    s.add_argument("--calibrate", action="store_true", help="time a few short training steps on this device first "
+                   "(cached: once per device and model shape) so the plan predicts tokens/s and time")
+    s.add_argument("--refresh", action="store_true", help="with --calibrate: measure again even when cached")
+    s.add_argument("--json", action="store_true", help="print the PlanEstimate as JSON")
     s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("train", help="train a LoRA adapter (live progress; Ctrl-C stops, resumable)")

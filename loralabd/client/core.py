@@ -15,7 +15,8 @@ import uuid
 
 from .. import paths
 
-STREAM_KEYS = {"train/start": "workDoneToken", "train/resume": "workDoneToken", "generate": "partialResultToken"}
+STREAM_KEYS = {"train/start": "workDoneToken", "train/resume": "workDoneToken", "plan/calibrate": "workDoneToken",
+               "generate": "partialResultToken"}
 
 
 class RpcError(Exception):

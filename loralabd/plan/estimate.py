@@ -73,23 +73,65 @@ class Plan:
         }
 
     def to_protocol(self) -> dict:
-        """The protocol's PlanEstimate (protocol/protocol.json): fixed memory fields, the rest as notes."""
+        """The protocol's PlanEstimate (protocol/protocol.json): the fixed memory groups, every part against
+        the available memory, the device, each limit exceeded, advice, warnings and time — structured —
+        and the same as sentences in `notes`."""
         p = self.memory.parts
         mem = {"weights": p["weights"] + p["dequantized"] + p["runtime"], "lora": p["lora"],
                "gradients": p["gradients"], "optimizer": p["optimizer"],
                "activations": p["activations"] + p["attention"] + p["workspace"], "logits": p["logits"],
                "total": self.memory.total}
+        avail = self.available_bytes
+        parts = [{"part": k, "bytes": int(v), "fraction": (v / avail if avail else None)} for k, v in p.items()]
+        exceeded = [{"limit": e["limit"], "what": e["what"], "unit": "positions" if e["limit"] == "context length"
+                     else "bytes", "needed": int(e["needed"]), "available": int(e["available"]), "over": int(e["over"]),
+                     "change": e["change"]} for e in self.exceeded]
+        adv = self.advice
+        advice = {"maxBatch": adv.get("maxBatch"), "maxSeq": adv.get("maxSeq"), "rankForBudget": adv.get("rankForBudget"),
+                  "budgetSeconds": adv.get("budgetSeconds"), "secondsAtRank": adv.get("secondsAtRank"),
+                  "stepsInBudget": adv.get("stepsInBudget"), "text": list(adv.get("text", []))}
         notes = [f"device: {self.device.name} ({self.device.type}, {self.backend}"
                  + (f", {self.device.api}" if self.device.api else "") + ")"]
-        notes += [f"limit exceeded: {e['what']} needs {mib(e['needed'])}, {e['limit']} is {mib(e['available'])} "
-                  f"(over by {mib(e['over'])}); {e['change']}" for e in self.exceeded]
+        notes += [limit_sentence(e) for e in exceeded]
         notes += [f"warning: {w}" for w in self.warnings]
-        notes += [f"advice: {a}" for a in self.advice.get("text", [])]
+        notes += [f"advice: {a}" for a in advice["text"]]
         notes += self.notes
-        return {"memory": {k: int(v) for k, v in mem.items()}, "availableBytes": self.available_bytes,
+        return {"memory": {k: int(v) for k, v in mem.items()}, "availableBytes": avail,
                 "fits": self.fits, "loraParameters": int(self.lora_parameters),
                 "tokensPerStep": self.batch * self.seq * self.grad_accum,
-                "tokensPerSecond": self.tokens_per_s, "seconds": self.seconds, "notes": notes}
+                "tokensPerSecond": self.tokens_per_s, "seconds": self.seconds,
+                "backend": self.backend, "device": protocol_device(self.device, self.available_source),
+                "parts": parts, "peakPhase": self.memory.phase, "kvCacheBytes": int(self.memory.kv_cache),
+                "availableSource": self.available_source, "exceeded": exceeded, "advice": advice,
+                "warnings": list(self.warnings), "batchSize": self.batch, "seqLen": self.seq,
+                "gradAccum": self.grad_accum, "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
+                "stepSeconds": self.step_s, "calibration": self._cal_protocol, "notes": notes}
+
+    _cal_protocol = None  # set by estimate(): the calibration's protocol summary
+
+
+def limit_sentence(e: dict) -> str:
+    f = mib if e.get("unit", "bytes") == "bytes" else (lambda n: f"{n} positions")
+    return (f"limit exceeded: {e['what']} needs {f(e['needed'])}, {e['limit']} is {f(e['available'])} "
+            f"(over by {f(e['over'])}); {e['change']}")
+
+
+def protocol_device(d: Device, available_source: str = "") -> dict:
+    """The protocol's PlanDevice."""
+    return {"name": d.name, "type": d.type, "backend": d.backend, "api": d.api, "vendor": d.vendor,
+            "driver": d.driver, "software": bool(d.software),
+            "limits": {k: int(v) for k, v in d.limits.items()}, "features": [str(f) for f in d.features],
+            "memoryBytes": None if d.memory_bytes is None else int(d.memory_bytes), "memorySource": d.memory_source,
+            "memoryEstimated": available_source.startswith("an estimate")}
+
+
+def protocol_calibration(cal: Calibration) -> dict:
+    """The protocol's PlanCalibration: the measured throughput model, summarised."""
+    a = cal.achieved()
+    return {"key": cal.key, "clock": cal.clock, "seconds": float(cal.seconds), "shapes": len(cal.samples),
+            "created": float(cal.created), "matmulGflops": a["matmul_gflops"], "loraGflops": a["lora_gflops"],
+            "attentionGflops": a["attention_gflops"], "stepOverheadSeconds": float(a["step_overhead_s"]),
+            "optimizerSecondsPerMParam": float(a["optimizer_s_per_mparam"]), "warmupSeconds": float(cal.warmup_s)}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -127,7 +169,7 @@ def _engine_and_backend(engine):
 
 def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
     if cap is not None:
-        return int(cap), "memory_cap_bytes (given)"
+        return int(cap), "the memory cap (given)"
     o = memory_override()
     if o is not None:
         return o, "LORALAB_DEVICE_MEMORY (given)"
@@ -267,6 +309,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
                     "key": cal.key, "clock": cal.clock, "seconds": cal.seconds, **_achieved_dict(cal)},
                 advice=advice, warnings=warnings, notes=notes + mem.notes)
     plan.memory_args = a
+    plan._cal_protocol = None if cal is None else protocol_calibration(cal)
     return plan
 
 
@@ -309,9 +352,6 @@ def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem
                                                      if k > 1 else ""))
     if max_t is not None and max_t < T:
         opts.append(f"seq {max_t} at batch {B}")
-    if max_b is None and max_t is None:
-        opts.append("nothing at this rank fits: even batch 1, seq 8 does not — free memory, use a smaller model, "
-                    "or raise the memory cap")
     if optim == "adamw" and mem.parts.get("optimizer", 0) > 0:
         saved = mem.parts["optimizer"] - training_memory(model, backend, cfg, B, T, "adam8bit", limits, engine=eng).parts["optimizer"]
         if saved > 0:
@@ -321,8 +361,11 @@ def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem
                            layers=cfg.layers)
         saved = mem.total - training_memory(model, backend, small, B, T, optim, limits, engine=eng).total
         if saved > 0:
-            opts.append(f"rank 8 (saves {mib(saved)})")
-    return "use " + ", or ".join(opts)
+            opts.append(f"rank {small.r} (saves {mib(saved)})")
+    if max_b is None and max_t is None:  # not even the smallest step: the changes above cannot be enough alone
+        return ("nothing at this rank fits, not even batch 1 at seq 8: free memory, use a smaller model, or raise the "
+                "memory cap" + ("; smaller still: " + ", ".join(opts) if opts else ""))
+    return "use " + ", or ".join(opts) if opts else "free memory or raise the memory cap"
 
 
 def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits) -> dict:
@@ -355,11 +398,20 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits)
 # -- the protocol form ---------------------------------------------------------------------------------------
 
 def plan_from_params(model, p: Mapping, engine=None) -> dict:
-    """PlanParams (protocol) -> PlanEstimate dict. `model` is a LoadedModel (or has .model and .engine)."""
+    """PlanParams (protocol) -> PlanEstimate dict. `model` is a LoadedModel (or has .model and .engine).
+    Time comes from the cache only (plan/calibrate fills it): the wall-clock calibration, else the CPU-clock one."""
     if engine is None and hasattr(model, "engine"):
         engine = model.engine
     m = getattr(model, "model", model) if not hasattr(model, "args") else model
-    plan = estimate(m, engine if engine is not None else "numpy", lora=p.get("lora"),
-                    batch=int(p.get("batchSize", 4)), seq=int(p.get("seqLen", 256)), steps=p.get("steps"),
-                    optim=p.get("optimizer", "adamw"), calibration="cached")
+    eng, backend = _engine_and_backend(engine if engine is not None else "numpy")
+    device = describe(eng if eng is not None else backend)
+    cal = cached(device, m, "wall") or cached(device, m, "cpu") or "cached"
+    ds = p.get("datasetTokens")
+    if p.get("epochs") is not None and ds is None and p.get("steps") is None:
+        raise ValueError("epochs needs datasetTokens (dataset/inspect's `tokens`); or give steps")
+    plan = estimate(m, eng if eng is not None else backend, lora=p.get("lora"), batch=int(p.get("batchSize", 4)),
+                    seq=int(p.get("seqLen", 256)), steps=p.get("steps"), dataset_tokens=ds, epochs=p.get("epochs"),
+                    grad_accum=int(p.get("gradAccum", 1)), optim=p.get("optimizer", "adamw"),
+                    time_budget_s=p.get("timeBudgetSeconds"), memory_cap_bytes=p.get("memoryCapBytes"),
+                    calibration=cal, device=device)
     return plan.to_protocol()

@@ -28,6 +28,8 @@ FinishReason = Literal["stop", "length", "cancelled"]  # Why generation stopped.
 
 ExportFormat = Literal["peft", "gguf", "mlx"]  # Adapter export format.
 
+Clock = Literal["wall", "cpu"]  # What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines).
+
 
 class ClientInfo(TypedDict):
     """Who is connecting (LSP's clientInfo)."""
@@ -203,6 +205,11 @@ class PlanParams(TypedDict):
     seqLen: NotRequired[int]  # Tokens per sequence.
     steps: NotRequired[int]  # Optimizer steps.
     optimizer: NotRequired["OptimizerKind"]  # Optimizer (sets the optimizer-state size).
+    datasetTokens: NotRequired[int]  # Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); with `epochs` it sets the run's length.
+    epochs: NotRequired[float]  # Passes over `datasetTokens` when `steps` is not given (default 1).
+    gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
+    timeBudgetSeconds: NotRequired[float]  # A time budget: the plan advises the largest rank whose run meets it.
+    memoryCapBytes: NotRequired[int]  # Memory the run may use, instead of what the device reports.
 
 
 class MemoryBreakdown(TypedDict):
@@ -217,17 +224,130 @@ class MemoryBreakdown(TypedDict):
     total: int  # Sum.
 
 
-class PlanEstimate(TypedDict):
-    """Will it fit, how long will it take."""
+class PlanDevice(TypedDict):
+    """The device a plan is for: the WebGPU adapter, or the CPU for the numpy engine."""
 
-    memory: "MemoryBreakdown"  # Memory by part.
-    availableBytes: Union[int, None]  # Device memory where known.
+    name: str  # Adapter (or CPU) name.
+    type: str  # `cpu`, `discrete-gpu`, `integrated-gpu`, `software`, ...
+    backend: str  # Engine backend: `numpy` or `webgpu`.
+    api: str  # Graphics API under WebGPU (Vulkan, Metal, D3D12); empty for numpy.
+    vendor: str  # Vendor, where the adapter tells it.
+    driver: str  # Driver description.
+    software: bool  # A CPU pretending to be a GPU (lavapipe, SwiftShader, WARP).
+    limits: dict[str, int]  # WebGPU limits (e.g. `max-storage-buffer-binding-size`, `max-buffer-size`); empty for numpy.
+    features: list[str]  # WebGPU features of the adapter.
+    memoryBytes: Union[int, None]  # Device memory the platform reports (null: it does not say).
+    memorySource: str  # Where memoryBytes came from.
+    memoryEstimated: bool  # true when the plan's available memory is an assumed figure, not reported or given: override it with memoryCapBytes or LORALAB_DEVICE_MEMORY.
+
+
+class PlanMemoryPart(TypedDict):
+    """Bytes of one part of the training step's peak."""
+
+    part: str  # `weights`, `dequantized`, `lora`, `gradients`, `optimizer`, `activations`, `attention`, `logits`, `workspace` or `runtime`.
+    bytes: int  # Bytes at the step's peak.
+    fraction: Union[float, None]  # Share of the available memory (null when that is unknown).
+
+
+class PlanLimit(TypedDict):
+    """A limit the run exceeds: how much is needed, how much there is, and what to change."""
+
+    limit: str  # `memory`, `context length`, or a WebGPU limit such as `max-storage-buffer-binding-size`.
+    what: str  # What exceeds it (the training step, a named buffer, the sequence).
+    unit: str  # `bytes` or `positions`.
+    needed: int  # What the run needs.
+    available: int  # What the limit allows.
+    over: int  # needed - available.
+    change: str  # What to change so it fits.
+
+
+class PlanAdvice(TypedDict):
+    """What fits and what a time budget allows."""
+
+    maxBatch: Union[int, None]  # Largest batch that fits at this seqLen (null: not even 1).
+    maxSeq: Union[int, None]  # Longest sequence (multiple of 8) that fits at this batch (null: not even 8).
+    rankForBudget: Union[int, None]  # With timeBudgetSeconds: the largest rank that fits and meets it (null: none, or no budget).
+    budgetSeconds: Union[float, None]  # The budget asked for.
+    secondsAtRank: Union[float, None]  # Predicted run time at rankForBudget (or at rank 1 when none meets the budget).
+    stepsInBudget: Union[int, None]  # When no rank meets the budget: how many steps it buys at rank 1.
+    text: list[str]  # The advice in sentences.
+
+
+class PlanCalibration(TypedDict):
+    """The measured throughput model a time prediction comes from."""
+
+    key: str  # Cache key (adapter + driver + threads + model shape + clock).
+    clock: "Clock"  # `wall` or `cpu` (process CPU time).
+    seconds: float  # How long calibrating took.
+    shapes: int  # Training shapes timed.
+    created: float  # Unix time it was measured.
+    matmulGflops: Union[float, None]  # GFLOP/s achieved on the frozen base matmuls.
+    loraGflops: Union[float, None]  # GFLOP/s on the LoRA matmuls.
+    attentionGflops: Union[float, None]  # GFLOP/s on attention.
+    stepOverheadSeconds: float  # Fixed seconds per micro-batch.
+    optimizerSecondsPerMParam: float  # Optimizer-step seconds per million LoRA parameters.
+    warmupSeconds: float  # A new engine's one-time setup on its first step.
+
+
+class PlanEstimate(TypedDict):
+    """Will it fit, how long will it take, what to change."""
+
+    memory: "MemoryBreakdown"  # Memory by part in fixed groups (weights includes the numpy engine's dequantized copies and the runtime; activations includes attention and workspace); `parts` lists every part.
+    availableBytes: Union[int, None]  # Memory the run may use (memoryCapBytes, LORALAB_DEVICE_MEMORY, or 90% of what the device reports).
     fits: Union[bool, None]  # Whether the total fits the available memory (null when unknown).
     loraParameters: int  # Trainable parameters.
-    tokensPerStep: int  # batchSize * seqLen.
+    tokensPerStep: int  # batchSize * seqLen * gradAccum.
     tokensPerSecond: Union[float, None]  # Predicted throughput (null until calibrated).
-    seconds: Union[float, None]  # Predicted wall time.
-    notes: list[str]  # How each number was obtained, warnings and advice.
+    seconds: Union[float, None]  # Predicted time of the whole run, with the engine's warm-up (null until calibrated).
+    backend: str  # Engine backend the plan is for.
+    device: "PlanDevice"  # The adapter: name, type, backend, limits, memory and whether the memory is an estimate.
+    parts: list["PlanMemoryPart"]  # Memory by part at the step's peak, each against the available memory.
+    peakPhase: str  # Which phase of a step is the peak (e.g. loss, attention backward).
+    kvCacheBytes: int  # KV cache for generating after training (batch 1, seqLen positions).
+    availableSource: str  # Where availableBytes came from.
+    exceeded: list["PlanLimit"]  # Every limit the run exceeds (empty when it fits).
+    advice: "PlanAdvice"  # Largest batch and sequence that fit, the rank for a time budget.
+    warnings: list[str]  # CPU fallback, software adapter, unknown device memory, a dataset smaller than one step.
+    batchSize: int  # Sequences per micro-batch.
+    seqLen: int  # Tokens per sequence.
+    gradAccum: int  # Micro-batches per optimizer step.
+    optimizer: "OptimizerKind"  # Optimizer.
+    steps: int  # Optimizer steps of the run.
+    tokens: int  # Tokens trained over the run (steps * tokensPerStep).
+    stepSeconds: Union[float, None]  # Predicted seconds per optimizer step (null until calibrated).
+    calibration: Union["PlanCalibration", None]  # The calibration the time comes from (null: none cached; run plan/calibrate).
+    notes: list[str]  # How each number was obtained, and every limit, warning and advice as a sentence.
+
+
+class CalibrateParams(TypedDict):
+    """Calibrate the time model of a loaded model's engine on this device."""
+
+    model: str  # Model id.
+    refresh: NotRequired[bool]  # Measure again even when a calibration is cached.
+    clock: NotRequired["Clock"]  # `wall` (default: what a user waits) or `cpu` (process CPU time, for shared machines).
+    workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress` (one report per timed shape).
+
+
+class CalibrationSample(TypedDict):
+    """One timed training shape."""
+
+    batch: int  # Sequences.
+    seq: int  # Tokens per sequence.
+    r: int  # LoRA rank.
+    accumulateSeconds: float  # Forward + backward of one micro-batch (best of the timed steps).
+    stepSeconds: float  # One optimizer step.
+
+
+class CalibrateResult(TypedDict):
+    """A calibration: the measured throughput model and how long it took."""
+
+    model: str  # Model id.
+    backend: str  # Engine backend calibrated.
+    device: "PlanDevice"  # The device it was measured on.
+    cached: bool  # true: taken from the cache, nothing was run.
+    seconds: float  # Seconds this request took.
+    calibration: "PlanCalibration"  # The throughput model (also used by every later plan/estimate).
+    samples: list["CalibrationSample"]  # What was timed.
 
 
 class DatasetParams(TypedDict):
@@ -480,6 +600,9 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
  'plan/estimate': {'params': {'kind': 'reference', 'name': 'PlanParams'},
                    'result': {'kind': 'reference', 'name': 'PlanEstimate'},
                    'progress': None},
+ 'plan/calibrate': {'params': {'kind': 'reference', 'name': 'CalibrateParams'},
+                    'result': {'kind': 'reference', 'name': 'CalibrateResult'},
+                    'progress': 'workDone'},
  'dataset/inspect': {'params': {'kind': 'reference', 'name': 'DatasetParams'},
                      'result': {'kind': 'reference', 'name': 'DatasetInfo'},
                      'progress': None},
@@ -845,7 +968,38 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                {'name': 'optimizer',
                                 'type': {'kind': 'reference', 'name': 'OptimizerKind'},
                                 'documentation': 'Optimizer (sets the optimizer-state size).',
-                                'optional': True}],
+                                'optional': True},
+                               {'name': 'datasetTokens',
+                                'type': {'kind': 'base', 'name': 'integer'},
+                                'documentation': "Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); "
+                                                 "with `epochs` it sets the run's length.",
+                                'optional': True,
+                                'minimum': 0},
+                               {'name': 'epochs',
+                                'type': {'kind': 'base', 'name': 'number'},
+                                'documentation': 'Passes over `datasetTokens` when `steps` is not given '
+                                                 '(default 1).',
+                                'optional': True,
+                                'minimum': 0.01,
+                                'maximum': 10000},
+                               {'name': 'gradAccum',
+                                'type': {'kind': 'base', 'name': 'integer'},
+                                'documentation': 'Micro-batches per optimizer step.',
+                                'optional': True,
+                                'minimum': 1,
+                                'maximum': 4096},
+                               {'name': 'timeBudgetSeconds',
+                                'type': {'kind': 'base', 'name': 'number'},
+                                'documentation': 'A time budget: the plan advises the largest rank whose run '
+                                                 'meets it.',
+                                'optional': True,
+                                'minimum': 1},
+                               {'name': 'memoryCapBytes',
+                                'type': {'kind': 'base', 'name': 'integer'},
+                                'documentation': 'Memory the run may use, instead of what the device '
+                                                 'reports.',
+                                'optional': True,
+                                'minimum': 1}],
                 'additionalProperties': False},
  'MemoryBreakdown': {'properties': [{'name': 'weights',
                                      'type': {'kind': 'base', 'name': 'integer'},
@@ -870,14 +1024,185 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                      'type': {'kind': 'base', 'name': 'integer'},
                                      'documentation': 'Sum.'}],
                      'additionalProperties': False},
+ 'PlanDevice': {'properties': [{'name': 'name',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Adapter (or CPU) name.'},
+                               {'name': 'type',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': '`cpu`, `discrete-gpu`, `integrated-gpu`, `software`, ...'},
+                               {'name': 'backend',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Engine backend: `numpy` or `webgpu`.'},
+                               {'name': 'api',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Graphics API under WebGPU (Vulkan, Metal, D3D12); empty '
+                                                 'for numpy.'},
+                               {'name': 'vendor',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Vendor, where the adapter tells it.'},
+                               {'name': 'driver',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Driver description.'},
+                               {'name': 'software',
+                                'type': {'kind': 'base', 'name': 'boolean'},
+                                'documentation': 'A CPU pretending to be a GPU (lavapipe, SwiftShader, '
+                                                 'WARP).'},
+                               {'name': 'limits',
+                                'type': {'kind': 'map',
+                                         'key': {'kind': 'base', 'name': 'string'},
+                                         'value': {'kind': 'base', 'name': 'integer'}},
+                                'documentation': 'WebGPU limits (e.g. `max-storage-buffer-binding-size`, '
+                                                 '`max-buffer-size`); empty for numpy.'},
+                               {'name': 'features',
+                                'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
+                                'documentation': 'WebGPU features of the adapter.'},
+                               {'name': 'memoryBytes',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'integer'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'Device memory the platform reports (null: it does not '
+                                                 'say).'},
+                               {'name': 'memorySource',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': 'Where memoryBytes came from.'},
+                               {'name': 'memoryEstimated',
+                                'type': {'kind': 'base', 'name': 'boolean'},
+                                'documentation': "true when the plan's available memory is an assumed "
+                                                 'figure, not reported or given: override it with '
+                                                 'memoryCapBytes or LORALAB_DEVICE_MEMORY.'}],
+                'additionalProperties': False},
+ 'PlanMemoryPart': {'properties': [{'name': 'part',
+                                    'type': {'kind': 'base', 'name': 'string'},
+                                    'documentation': '`weights`, `dequantized`, `lora`, `gradients`, '
+                                                     '`optimizer`, `activations`, `attention`, `logits`, '
+                                                     '`workspace` or `runtime`.'},
+                                   {'name': 'bytes',
+                                    'type': {'kind': 'base', 'name': 'integer'},
+                                    'documentation': "Bytes at the step's peak."},
+                                   {'name': 'fraction',
+                                    'type': {'kind': 'or',
+                                             'items': [{'kind': 'base', 'name': 'number'},
+                                                       {'kind': 'base', 'name': 'null'}]},
+                                    'documentation': 'Share of the available memory (null when that is '
+                                                     'unknown).'}],
+                    'additionalProperties': False},
+ 'PlanLimit': {'properties': [{'name': 'limit',
+                               'type': {'kind': 'base', 'name': 'string'},
+                               'documentation': '`memory`, `context length`, or a WebGPU limit such as '
+                                                '`max-storage-buffer-binding-size`.'},
+                              {'name': 'what',
+                               'type': {'kind': 'base', 'name': 'string'},
+                               'documentation': 'What exceeds it (the training step, a named buffer, the '
+                                                'sequence).'},
+                              {'name': 'unit',
+                               'type': {'kind': 'base', 'name': 'string'},
+                               'documentation': '`bytes` or `positions`.'},
+                              {'name': 'needed',
+                               'type': {'kind': 'base', 'name': 'integer'},
+                               'documentation': 'What the run needs.'},
+                              {'name': 'available',
+                               'type': {'kind': 'base', 'name': 'integer'},
+                               'documentation': 'What the limit allows.'},
+                              {'name': 'over',
+                               'type': {'kind': 'base', 'name': 'integer'},
+                               'documentation': 'needed - available.'},
+                              {'name': 'change',
+                               'type': {'kind': 'base', 'name': 'string'},
+                               'documentation': 'What to change so it fits.'}],
+               'additionalProperties': False},
+ 'PlanAdvice': {'properties': [{'name': 'maxBatch',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'integer'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'Largest batch that fits at this seqLen (null: not even '
+                                                 '1).'},
+                               {'name': 'maxSeq',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'integer'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'Longest sequence (multiple of 8) that fits at this batch '
+                                                 '(null: not even 8).'},
+                               {'name': 'rankForBudget',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'integer'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'With timeBudgetSeconds: the largest rank that fits and '
+                                                 'meets it (null: none, or no budget).'},
+                               {'name': 'budgetSeconds',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'number'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'The budget asked for.'},
+                               {'name': 'secondsAtRank',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'number'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'Predicted run time at rankForBudget (or at rank 1 when '
+                                                 'none meets the budget).'},
+                               {'name': 'stepsInBudget',
+                                'type': {'kind': 'or',
+                                         'items': [{'kind': 'base', 'name': 'integer'},
+                                                   {'kind': 'base', 'name': 'null'}]},
+                                'documentation': 'When no rank meets the budget: how many steps it buys at '
+                                                 'rank 1.'},
+                               {'name': 'text',
+                                'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
+                                'documentation': 'The advice in sentences.'}],
+                'additionalProperties': False},
+ 'PlanCalibration': {'properties': [{'name': 'key',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': 'Cache key (adapter + driver + threads + model shape + '
+                                                      'clock).'},
+                                    {'name': 'clock',
+                                     'type': {'kind': 'reference', 'name': 'Clock'},
+                                     'documentation': '`wall` or `cpu` (process CPU time).'},
+                                    {'name': 'seconds',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'How long calibrating took.'},
+                                    {'name': 'shapes',
+                                     'type': {'kind': 'base', 'name': 'integer'},
+                                     'documentation': 'Training shapes timed.'},
+                                    {'name': 'created',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'Unix time it was measured.'},
+                                    {'name': 'matmulGflops',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'number'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': 'GFLOP/s achieved on the frozen base matmuls.'},
+                                    {'name': 'loraGflops',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'number'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': 'GFLOP/s on the LoRA matmuls.'},
+                                    {'name': 'attentionGflops',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'number'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': 'GFLOP/s on attention.'},
+                                    {'name': 'stepOverheadSeconds',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'Fixed seconds per micro-batch.'},
+                                    {'name': 'optimizerSecondsPerMParam',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'Optimizer-step seconds per million LoRA parameters.'},
+                                    {'name': 'warmupSeconds',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': "A new engine's one-time setup on its first step."}],
+                     'additionalProperties': False},
  'PlanEstimate': {'properties': [{'name': 'memory',
                                   'type': {'kind': 'reference', 'name': 'MemoryBreakdown'},
-                                  'documentation': 'Memory by part.'},
+                                  'documentation': 'Memory by part in fixed groups (weights includes the '
+                                                   "numpy engine's dequantized copies and the runtime; "
+                                                   'activations includes attention and workspace); `parts` '
+                                                   'lists every part.'},
                                  {'name': 'availableBytes',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'integer'},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Device memory where known.'},
+                                  'documentation': 'Memory the run may use (memoryCapBytes, '
+                                                   'LORALAB_DEVICE_MEMORY, or 90% of what the device '
+                                                   'reports).'},
                                  {'name': 'fits',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'boolean'},
@@ -889,7 +1214,7 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Trainable parameters.'},
                                  {'name': 'tokensPerStep',
                                   'type': {'kind': 'base', 'name': 'integer'},
-                                  'documentation': 'batchSize * seqLen.'},
+                                  'documentation': 'batchSize * seqLen * gradAccum.'},
                                  {'name': 'tokensPerSecond',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'number'},
@@ -899,11 +1224,136 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'number'},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Predicted wall time.'},
+                                  'documentation': "Predicted time of the whole run, with the engine's "
+                                                   'warm-up (null until calibrated).'},
+                                 {'name': 'backend',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'Engine backend the plan is for.'},
+                                 {'name': 'device',
+                                  'type': {'kind': 'reference', 'name': 'PlanDevice'},
+                                  'documentation': 'The adapter: name, type, backend, limits, memory and '
+                                                   'whether the memory is an estimate.'},
+                                 {'name': 'parts',
+                                  'type': {'kind': 'array',
+                                           'element': {'kind': 'reference', 'name': 'PlanMemoryPart'}},
+                                  'documentation': "Memory by part at the step's peak, each against the "
+                                                   'available memory.'},
+                                 {'name': 'peakPhase',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'Which phase of a step is the peak (e.g. loss, attention '
+                                                   'backward).'},
+                                 {'name': 'kvCacheBytes',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'KV cache for generating after training (batch 1, seqLen '
+                                                   'positions).'},
+                                 {'name': 'availableSource',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'Where availableBytes came from.'},
+                                 {'name': 'exceeded',
+                                  'type': {'kind': 'array',
+                                           'element': {'kind': 'reference', 'name': 'PlanLimit'}},
+                                  'documentation': 'Every limit the run exceeds (empty when it fits).'},
+                                 {'name': 'advice',
+                                  'type': {'kind': 'reference', 'name': 'PlanAdvice'},
+                                  'documentation': 'Largest batch and sequence that fit, the rank for a time '
+                                                   'budget.'},
+                                 {'name': 'warnings',
+                                  'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
+                                  'documentation': 'CPU fallback, software adapter, unknown device memory, a '
+                                                   'dataset smaller than one step.'},
+                                 {'name': 'batchSize',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Sequences per micro-batch.'},
+                                 {'name': 'seqLen',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Tokens per sequence.'},
+                                 {'name': 'gradAccum',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Micro-batches per optimizer step.'},
+                                 {'name': 'optimizer',
+                                  'type': {'kind': 'reference', 'name': 'OptimizerKind'},
+                                  'documentation': 'Optimizer.'},
+                                 {'name': 'steps',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Optimizer steps of the run.'},
+                                 {'name': 'tokens',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Tokens trained over the run (steps * tokensPerStep).'},
+                                 {'name': 'stepSeconds',
+                                  'type': {'kind': 'or',
+                                           'items': [{'kind': 'base', 'name': 'number'},
+                                                     {'kind': 'base', 'name': 'null'}]},
+                                  'documentation': 'Predicted seconds per optimizer step (null until '
+                                                   'calibrated).'},
+                                 {'name': 'calibration',
+                                  'type': {'kind': 'or',
+                                           'items': [{'kind': 'reference', 'name': 'PlanCalibration'},
+                                                     {'kind': 'base', 'name': 'null'}]},
+                                  'documentation': 'The calibration the time comes from (null: none cached; '
+                                                   'run plan/calibrate).'},
                                  {'name': 'notes',
                                   'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
-                                  'documentation': 'How each number was obtained, warnings and advice.'}],
+                                  'documentation': 'How each number was obtained, and every limit, warning '
+                                                   'and advice as a sentence.'}],
                   'additionalProperties': False},
+ 'CalibrateParams': {'properties': [{'name': 'model',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': 'Model id.'},
+                                    {'name': 'refresh',
+                                     'type': {'kind': 'base', 'name': 'boolean'},
+                                     'documentation': 'Measure again even when a calibration is cached.',
+                                     'optional': True},
+                                    {'name': 'clock',
+                                     'type': {'kind': 'reference', 'name': 'Clock'},
+                                     'documentation': '`wall` (default: what a user waits) or `cpu` (process '
+                                                      'CPU time, for shared machines).',
+                                     'optional': True},
+                                    {'name': 'workDoneToken',
+                                     'type': {'kind': 'reference', 'name': 'ProgressToken'},
+                                     'documentation': 'Token for `$/progress` (one report per timed shape).',
+                                     'optional': True}],
+                     'additionalProperties': False},
+ 'CalibrationSample': {'properties': [{'name': 'batch',
+                                       'type': {'kind': 'base', 'name': 'integer'},
+                                       'documentation': 'Sequences.'},
+                                      {'name': 'seq',
+                                       'type': {'kind': 'base', 'name': 'integer'},
+                                       'documentation': 'Tokens per sequence.'},
+                                      {'name': 'r',
+                                       'type': {'kind': 'base', 'name': 'integer'},
+                                       'documentation': 'LoRA rank.'},
+                                      {'name': 'accumulateSeconds',
+                                       'type': {'kind': 'base', 'name': 'number'},
+                                       'documentation': 'Forward + backward of one micro-batch (best of the '
+                                                        'timed steps).'},
+                                      {'name': 'stepSeconds',
+                                       'type': {'kind': 'base', 'name': 'number'},
+                                       'documentation': 'One optimizer step.'}],
+                       'additionalProperties': False},
+ 'CalibrateResult': {'properties': [{'name': 'model',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': 'Model id.'},
+                                    {'name': 'backend',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': 'Engine backend calibrated.'},
+                                    {'name': 'device',
+                                     'type': {'kind': 'reference', 'name': 'PlanDevice'},
+                                     'documentation': 'The device it was measured on.'},
+                                    {'name': 'cached',
+                                     'type': {'kind': 'base', 'name': 'boolean'},
+                                     'documentation': 'true: taken from the cache, nothing was run.'},
+                                    {'name': 'seconds',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'Seconds this request took.'},
+                                    {'name': 'calibration',
+                                     'type': {'kind': 'reference', 'name': 'PlanCalibration'},
+                                     'documentation': 'The throughput model (also used by every later '
+                                                      'plan/estimate).'},
+                                    {'name': 'samples',
+                                     'type': {'kind': 'array',
+                                              'element': {'kind': 'reference', 'name': 'CalibrationSample'}},
+                                     'documentation': 'What was timed.'}],
+                     'additionalProperties': False},
  'DatasetParams': {'properties': [{'name': 'path',
                                    'type': {'kind': 'base', 'name': 'string'},
                                    'documentation': 'Text file, folder, or JSONL (text, prompt/completion, '
@@ -1322,7 +1772,8 @@ ENUMERATIONS: dict[str, list] = {'Backend': ['auto', 'numpy', 'webgpu'],
  'JobState': ['queued', 'running', 'completed', 'cancelled', 'failed', 'interrupted'],
  'Role': ['system', 'user', 'assistant'],
  'FinishReason': ['stop', 'length', 'cancelled'],
- 'ExportFormat': ['peft', 'gguf', 'mlx']}
+ 'ExportFormat': ['peft', 'gguf', 'mlx'],
+ 'Clock': ['wall', 'cpu']}
 
 ALIASES: dict[str, dict] = {'ProgressToken': {'kind': 'or',
                    'items': [{'kind': 'base', 'name': 'integer'}, {'kind': 'base', 'name': 'string'}]}}

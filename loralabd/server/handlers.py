@@ -19,8 +19,8 @@ from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, E
     check_params
 from .jobs import job_info
 from .manager import ModelManager
-from .work import DomainError, adapter_info, available_backends, device_probe, generation, list_adapters, load_adapter, \
-    plan_estimate
+from .work import DomainError, adapter_info, available_backends, calibration_finish, calibration_result, \
+    calibration_start, device_probe, generation, list_adapters, load_adapter, plan_estimate, time_shape
 
 log = logging.getLogger("loralabd.rpc")
 # Tests (and developers) set LORALAB_CHECK_RESULTS=1: every result and notification is checked against
@@ -89,10 +89,17 @@ class Progress:
         self.last_sent = time.monotonic()
 
     def report(self, train: dict):
+        pct = int(100 * train["step"] / max(train["totalSteps"], 1))
+        self._queue({"kind": "report", "percentage": pct, "message": _train_msg(train), "train": train})
+
+    def report_message(self, percentage: int, message: str):
+        """A report without training metrics (e.g. plan/calibrate's shapes)."""
+        self._queue({"kind": "report", "percentage": int(percentage), "message": message})
+
+    def _queue(self, value: dict):
         if self.done:
             return
-        pct = int(100 * train["step"] / max(train["totalSteps"], 1))
-        self.pending = {"kind": "report", "percentage": pct, "message": _train_msg(train), "train": train}
+        self.pending = value
         wait = self.last_sent + PROGRESS_INTERVAL - time.monotonic()
         if wait <= 0:
             self._flush()
@@ -132,7 +139,7 @@ class Dispatcher:
         self.table = {
             "initialize": self.initialize, "shutdown": self.shutdown, "device/info": self.device_info,
             "model/load": self.model_load, "model/unload": self.model_unload, "model/list": self.model_list,
-            "plan/estimate": self.plan_estimate, "dataset/inspect": self.dataset_inspect,
+            "plan/estimate": self.plan_estimate, "plan/calibrate": self.plan_calibrate, "dataset/inspect": self.dataset_inspect,
             "train/start": self.train_start, "train/resume": self.train_resume, "train/cancel": self.train_cancel,
             "train/status": self.train_status, "train/list": self.train_list, "generate": self.generate,
             "adapter/list": self.adapter_list, "adapter/export": self.adapter_export,
@@ -298,6 +305,39 @@ class Dispatcher:
         e = self.manager.get(p["model"])
         async with e.turn():  # a calibration, when it runs, uses the engine
             return await self.manager.device.run(plan_estimate, e.model, e.engine, p)
+
+    async def plan_calibrate(self, conn, p, rid):
+        """Time the model's engine on a few shapes, one device call per shape: progress after each,
+        `$/cancelRequest` between them. Holds the model's turn so nothing else runs on it meanwhile."""
+        e = self.manager.get(p["model"])
+        clock = p.get("clock", "wall")
+        prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
+        t0 = time.perf_counter()
+        async with e.turn():
+            device, cal, todo = await self.manager.device.run(calibration_start, e.engine, e.model, clock,
+                                                              bool(p.get("refresh")))
+            if cal is None:
+                if prog:
+                    prog.begin(f"Calibrating {e.id} on {device.name}")
+                samples = []
+                try:
+                    for i, (cfg, B, T, n) in enumerate(todo):
+                        if prog:
+                            prog.report_message(100 * i // len(todo), f"shape {i + 1}/{len(todo)}: batch {B} x seq {T}, "
+                                                                      f"r={cfg.r}")
+                        samples.append(await self.manager.device.run(time_shape, e.engine, cfg, B, T, clock, n))
+                except asyncio.CancelledError:
+                    if prog:
+                        prog.end(f"cancelled after {len(samples)}/{len(todo)} shapes; nothing was cached")
+                    raise
+                cal = await self.manager.device.run(calibration_finish, e.engine, device, clock, samples,
+                                                    time.perf_counter() - t0)
+                if prog:
+                    prog.end(f"calibrated in {cal.seconds:.1f} s")
+                cached = False
+            else:
+                cached = True
+        return calibration_result(e.id, e.engine, device, cal, cached, time.perf_counter() - t0)
 
     async def dataset_inspect(self, conn, p, rid):
         from ..training.data import DatasetError, read_source

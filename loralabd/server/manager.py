@@ -149,6 +149,9 @@ class ModelManager:
                                            "cancel them with train/cancel first")
         async with e.turn():  # wait for its queue to drain
             self.models.pop(model_id, None)
+            close = getattr(e.engine, "close", None)  # WebGPU: free the device memory now, not at GC
+            if close is not None:
+                await self.device.run(close)
 
     async def ensure(self, source: str, name: str | None = None) -> ModelEntry:
         """The loaded model with this source, else load it (under `name` when that id is free)."""

@@ -38,6 +38,10 @@ export const FinishReasonValues: readonly FinishReason[] = ["stop", "length", "c
 export type ExportFormat = "peft" | "gguf" | "mlx";
 export const ExportFormatValues: readonly ExportFormat[] = ["peft", "gguf", "mlx"];
 
+/** What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines). */
+export type Clock = "wall" | "cpu";
+export const ClockValues: readonly Clock[] = ["wall", "cpu"];
+
 /** Who is connecting (LSP's clientInfo). */
 export interface ClientInfo {
   /** Client name. */
@@ -273,6 +277,16 @@ export interface PlanParams {
   steps?: number;
   /** Optimizer (sets the optimizer-state size). */
   optimizer?: OptimizerKind;
+  /** Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); with `epochs` it sets the run's length. */
+  datasetTokens?: number;
+  /** Passes over `datasetTokens` when `steps` is not given (default 1). */
+  epochs?: number;
+  /** Micro-batches per optimizer step. */
+  gradAccum?: number;
+  /** A time budget: the plan advises the largest rank whose run meets it. */
+  timeBudgetSeconds?: number;
+  /** Memory the run may use, instead of what the device reports. */
+  memoryCapBytes?: number;
 }
 
 /** Bytes by part. */
@@ -293,24 +307,202 @@ export interface MemoryBreakdown {
   total: number;
 }
 
-/** Will it fit, how long will it take. */
+/** The device a plan is for: the WebGPU adapter, or the CPU for the numpy engine. */
+export interface PlanDevice {
+  /** Adapter (or CPU) name. */
+  name: string;
+  /** `cpu`, `discrete-gpu`, `integrated-gpu`, `software`, ... */
+  type: string;
+  /** Engine backend: `numpy` or `webgpu`. */
+  backend: string;
+  /** Graphics API under WebGPU (Vulkan, Metal, D3D12); empty for numpy. */
+  api: string;
+  /** Vendor, where the adapter tells it. */
+  vendor: string;
+  /** Driver description. */
+  driver: string;
+  /** A CPU pretending to be a GPU (lavapipe, SwiftShader, WARP). */
+  software: boolean;
+  /** WebGPU limits (e.g. `max-storage-buffer-binding-size`, `max-buffer-size`); empty for numpy. */
+  limits: { [key: string]: number };
+  /** WebGPU features of the adapter. */
+  features: string[];
+  /** Device memory the platform reports (null: it does not say). */
+  memoryBytes: number | null;
+  /** Where memoryBytes came from. */
+  memorySource: string;
+  /** true when the plan's available memory is an assumed figure, not reported or given: override it with memoryCapBytes or LORALAB_DEVICE_MEMORY. */
+  memoryEstimated: boolean;
+}
+
+/** Bytes of one part of the training step's peak. */
+export interface PlanMemoryPart {
+  /** `weights`, `dequantized`, `lora`, `gradients`, `optimizer`, `activations`, `attention`, `logits`, `workspace` or `runtime`. */
+  part: string;
+  /** Bytes at the step's peak. */
+  bytes: number;
+  /** Share of the available memory (null when that is unknown). */
+  fraction: number | null;
+}
+
+/** A limit the run exceeds: how much is needed, how much there is, and what to change. */
+export interface PlanLimit {
+  /** `memory`, `context length`, or a WebGPU limit such as `max-storage-buffer-binding-size`. */
+  limit: string;
+  /** What exceeds it (the training step, a named buffer, the sequence). */
+  what: string;
+  /** `bytes` or `positions`. */
+  unit: string;
+  /** What the run needs. */
+  needed: number;
+  /** What the limit allows. */
+  available: number;
+  /** needed - available. */
+  over: number;
+  /** What to change so it fits. */
+  change: string;
+}
+
+/** What fits and what a time budget allows. */
+export interface PlanAdvice {
+  /** Largest batch that fits at this seqLen (null: not even 1). */
+  maxBatch: number | null;
+  /** Longest sequence (multiple of 8) that fits at this batch (null: not even 8). */
+  maxSeq: number | null;
+  /** With timeBudgetSeconds: the largest rank that fits and meets it (null: none, or no budget). */
+  rankForBudget: number | null;
+  /** The budget asked for. */
+  budgetSeconds: number | null;
+  /** Predicted run time at rankForBudget (or at rank 1 when none meets the budget). */
+  secondsAtRank: number | null;
+  /** When no rank meets the budget: how many steps it buys at rank 1. */
+  stepsInBudget: number | null;
+  /** The advice in sentences. */
+  text: string[];
+}
+
+/** The measured throughput model a time prediction comes from. */
+export interface PlanCalibration {
+  /** Cache key (adapter + driver + threads + model shape + clock). */
+  key: string;
+  /** `wall` or `cpu` (process CPU time). */
+  clock: Clock;
+  /** How long calibrating took. */
+  seconds: number;
+  /** Training shapes timed. */
+  shapes: number;
+  /** Unix time it was measured. */
+  created: number;
+  /** GFLOP/s achieved on the frozen base matmuls. */
+  matmulGflops: number | null;
+  /** GFLOP/s on the LoRA matmuls. */
+  loraGflops: number | null;
+  /** GFLOP/s on attention. */
+  attentionGflops: number | null;
+  /** Fixed seconds per micro-batch. */
+  stepOverheadSeconds: number;
+  /** Optimizer-step seconds per million LoRA parameters. */
+  optimizerSecondsPerMParam: number;
+  /** A new engine's one-time setup on its first step. */
+  warmupSeconds: number;
+}
+
+/** Will it fit, how long will it take, what to change. */
 export interface PlanEstimate {
-  /** Memory by part. */
+  /** Memory by part in fixed groups (weights includes the numpy engine's dequantized copies and the runtime; activations includes attention and workspace); `parts` lists every part. */
   memory: MemoryBreakdown;
-  /** Device memory where known. */
+  /** Memory the run may use (memoryCapBytes, LORALAB_DEVICE_MEMORY, or 90% of what the device reports). */
   availableBytes: number | null;
   /** Whether the total fits the available memory (null when unknown). */
   fits: boolean | null;
   /** Trainable parameters. */
   loraParameters: number;
-  /** batchSize * seqLen. */
+  /** batchSize * seqLen * gradAccum. */
   tokensPerStep: number;
   /** Predicted throughput (null until calibrated). */
   tokensPerSecond: number | null;
-  /** Predicted wall time. */
+  /** Predicted time of the whole run, with the engine's warm-up (null until calibrated). */
   seconds: number | null;
-  /** How each number was obtained, warnings and advice. */
+  /** Engine backend the plan is for. */
+  backend: string;
+  /** The adapter: name, type, backend, limits, memory and whether the memory is an estimate. */
+  device: PlanDevice;
+  /** Memory by part at the step's peak, each against the available memory. */
+  parts: PlanMemoryPart[];
+  /** Which phase of a step is the peak (e.g. loss, attention backward). */
+  peakPhase: string;
+  /** KV cache for generating after training (batch 1, seqLen positions). */
+  kvCacheBytes: number;
+  /** Where availableBytes came from. */
+  availableSource: string;
+  /** Every limit the run exceeds (empty when it fits). */
+  exceeded: PlanLimit[];
+  /** Largest batch and sequence that fit, the rank for a time budget. */
+  advice: PlanAdvice;
+  /** CPU fallback, software adapter, unknown device memory, a dataset smaller than one step. */
+  warnings: string[];
+  /** Sequences per micro-batch. */
+  batchSize: number;
+  /** Tokens per sequence. */
+  seqLen: number;
+  /** Micro-batches per optimizer step. */
+  gradAccum: number;
+  /** Optimizer. */
+  optimizer: OptimizerKind;
+  /** Optimizer steps of the run. */
+  steps: number;
+  /** Tokens trained over the run (steps * tokensPerStep). */
+  tokens: number;
+  /** Predicted seconds per optimizer step (null until calibrated). */
+  stepSeconds: number | null;
+  /** The calibration the time comes from (null: none cached; run plan/calibrate). */
+  calibration: PlanCalibration | null;
+  /** How each number was obtained, and every limit, warning and advice as a sentence. */
   notes: string[];
+}
+
+/** Calibrate the time model of a loaded model's engine on this device. */
+export interface CalibrateParams {
+  /** Model id. */
+  model: string;
+  /** Measure again even when a calibration is cached. */
+  refresh?: boolean;
+  /** `wall` (default: what a user waits) or `cpu` (process CPU time, for shared machines). */
+  clock?: Clock;
+  /** Token for `$/progress` (one report per timed shape). */
+  workDoneToken?: ProgressToken;
+}
+
+/** One timed training shape. */
+export interface CalibrationSample {
+  /** Sequences. */
+  batch: number;
+  /** Tokens per sequence. */
+  seq: number;
+  /** LoRA rank. */
+  r: number;
+  /** Forward + backward of one micro-batch (best of the timed steps). */
+  accumulateSeconds: number;
+  /** One optimizer step. */
+  stepSeconds: number;
+}
+
+/** A calibration: the measured throughput model and how long it took. */
+export interface CalibrateResult {
+  /** Model id. */
+  model: string;
+  /** Engine backend calibrated. */
+  backend: string;
+  /** The device it was measured on. */
+  device: PlanDevice;
+  /** true: taken from the cache, nothing was run. */
+  cached: boolean;
+  /** Seconds this request took. */
+  seconds: number;
+  /** The throughput model (also used by every later plan/estimate). */
+  calibration: PlanCalibration;
+  /** What was timed. */
+  samples: CalibrationSample[];
 }
 
 /** A dataset to inspect. */
@@ -584,6 +776,7 @@ export interface Requests {
   "model/unload": { params: ModelRef; result: null };
   "model/list": { params: undefined; result: ModelList };
   "plan/estimate": { params: PlanParams; result: PlanEstimate };
+  "plan/calibrate": { params: CalibrateParams; result: CalibrateResult };
   "dataset/inspect": { params: DatasetParams; result: DatasetInfo };
   "train/start": { params: TrainParams; result: JobInfo };
   "train/resume": { params: ResumeParams; result: JobInfo };
