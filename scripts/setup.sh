@@ -15,7 +15,7 @@ fi
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 
 stamp=".venv/.loralab-setup-$want_test"
-key="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+key="$(cat pyproject.toml scripts/setup.sh clients/vscode/package-lock.json | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
   exit 0
 fi
@@ -30,6 +30,13 @@ if [ $want_test = 1 ]; then
   fi
   echo "setup: installing loralabd with its test references (torch CPU, transformers, peft)"
   "${pip[@]}" install -e '.[test]'
+  # The VS Code extension's tests (tsc --strict, a node client against the real daemon) need its packages.
+  if command -v npm >/dev/null; then
+    echo "setup: npm ci in clients/vscode"
+    (cd clients/vscode && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  else
+    echo "setup: npm not found; the VS Code extension tests will be skipped"
+  fi
 else
   echo "setup: installing loralabd"
   "${pip[@]}" install -e .

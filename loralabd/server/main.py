@@ -153,7 +153,11 @@ def main(argv=None) -> None:
               "use it (`loralab status`), stop it (`loralab stop`), or set LORALAB_HOME to another directory",
               file=sys.stderr)
         sys.exit(EXIT_LOCKED)
-    rc = asyncio.run(serve(a))
+    # Not asyncio.run: it joins the default executor, where the stdio reader may sit in a blocking read of
+    # a stdin that stays open, and the daemon would never exit (holding the data-directory lock).
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    rc = loop.run_until_complete(serve(a))
     logging.shutdown()
     sys.stderr.flush()
     os._exit(rc)  # the stdio reader thread may sit in a blocking read; nothing is left to clean up
