@@ -69,7 +69,7 @@ class Connection:
 
 class Progress:
     """LSP work-done progress on one token, coalesced: begin and end always go out, reports at most every
-    PROGRESS_INTERVAL (the newest wins; a timer flushes the last one)."""
+    PROGRESS_INTERVAL (the newest wins; a timer or the end flushes the last one)."""
 
     def __init__(self, conn: Connection, token):
         self.conn, self.token = conn, token
@@ -119,6 +119,9 @@ class Progress:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.pending is not None:  # the newest report is never dropped, however short the work
+            self._send(self.pending)
+            self.pending = None
         self.done = True
         v = {"kind": "end", "message": message}
         if train:
