@@ -69,12 +69,10 @@ fn backward_dq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
     let kvh = h / (p.H / p.KV);
     let qi = dyn[0] + i;
     let qb = ((b * p.T + i) * p.H + h) * HD;
-    var qv: array<f32, HD>;
     var go: array<f32, HD>;
     var acc: array<f32, HD>;
     var dl = 0.0;
     for (var d = 0u; d < HD; d++) {
-        qv[d] = q[qb + d];
         go[d] = dout[qb + d];
         acc[d] = 0.0;
         dl += go[d] * out[qb + d];
@@ -88,7 +86,7 @@ fn backward_dq(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         var s = 0.0;
         var dp = 0.0;
         for (var d = 0u; d < HD; d++) {
-            s += qv[d] * k[kb + d];
+            s += q[qb + d] * k[kb + d];
             dp += go[d] * v[kb + d];
         }
         let pr = exp(s * p.scale - L);
@@ -107,11 +105,11 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     let b = idx / (p.TK * p.KV);
     let g = p.H / p.KV;
     let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
-    var kv: array<f32, HD>;
-    var vv: array<f32, HD>;
+    // k and v of this key are re-read from memory (cached) rather than held: two HD-float accumulators
+    // are as many registers as a GPU invocation keeps without spilling
     var ak: array<f32, HD>;
     var av: array<f32, HD>;
-    for (var d = 0u; d < HD; d++) { kv[d] = k[kb + d]; vv[d] = v[kb + d]; ak[d] = 0.0; av[d] = 0.0; }
+    for (var d = 0u; d < HD; d++) { ak[d] = 0.0; av[d] = 0.0; }
     let t0 = dyn[0];
     for (var hh = 0u; hh < g; hh++) {
         let h = kvh * g + hh;
@@ -122,8 +120,8 @@ fn backward_dkv(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
             var s = 0.0;
             var dp = 0.0;
             for (var d = 0u; d < HD; d++) {
-                s += q[qb + d] * kv[d];
-                dp += dout[qb + d] * vv[d];
+                s += q[qb + d] * k[kb + d];
+                dp += dout[qb + d] * v[kb + d];
             }
             let pr = exp(s * p.scale - lse[li]);
             let ds = pr * (dp - delta[li]) * p.scale;
@@ -150,15 +148,15 @@ fn kv_store(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgrou
     vc[dst] = vnew[idx];
 }
 
-// Decoding on hardware GPUs (flash-decoding): one workgroup of 32 lanes per (batch, head, query) splits
+// Decoding on hardware GPUs (flash-decoding): one workgroup of LANES lanes per (batch, head, query) splits
 // the keys, each lane keeps its own online-softmax state, then the states merge in workgroup memory —
 // so a long context is not one invocation's serial loop.
-const LANES: u32 = 32u;
+override LANES: u32 = 32u;  // set at pipeline creation so that LANES * HD floats fit workgroup memory
 var<workgroup> sm: array<f32, LANES>;
 var<workgroup> sl: array<f32, LANES>;
 var<workgroup> sacc: array<f32, LANES * HD>;
 
-@compute @workgroup_size(32)
+@compute @workgroup_size(LANES)
 fn forward_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                  @builtin(num_workgroups) nw: vec3<u32>) {
     let lane = lid.x;

@@ -243,15 +243,27 @@ const BK: u32 = 16u;
 var<workgroup> xtile: array<vec4<f32>, 256>;  // [kk][m/4]: the 4 rows an invocation needs in one load
 var<workgroup> wtile: array<vec4<f32>, 256>;  // [kk][n/4]
 
-fn tile_mac(tx: u32, ty: u32, acc: ptr<function, array<vec4<f32>, 4>>) {
+// acc as four named vec4 (an array indexed in a loop may be placed in local memory by the driver)
+struct Acc4 { c0: vec4<f32>, c1: vec4<f32>, c2: vec4<f32>, c3: vec4<f32> }
+
+fn tile_mac(tx: u32, ty: u32, acc: Acc4) -> Acc4 {
+    var r = acc;
     for (var kk = 0u; kk < BK; kk++) {
         let a = xtile[kk * 16u + ty];
         let b = wtile[kk * 16u + tx];
-        (*acc)[0] += a.x * b;
-        (*acc)[1] += a.y * b;
-        (*acc)[2] += a.z * b;
-        (*acc)[3] += a.w * b;
+        r.c0 += a.x * b;
+        r.c1 += a.y * b;
+        r.c2 += a.z * b;
+        r.c3 += a.w * b;
     }
+    return r;
+}
+
+fn store_acc(m: u32, n: u32, acc: Acc4) {
+    store4(m, n, acc.c0);
+    store4(m + 1u, n, acc.c1);
+    store4(m + 2u, n, acc.c2);
+    store4(m + 3u, n, acc.c3);
 }
 
 fn load_x_tile(m0: u32, k0: u32, t: u32) {  // X[m0 + t/4, k0 + 4*(t%4) ..+3] -> xtile transposed
@@ -266,7 +278,7 @@ fn forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
     let m0 = wid.y * 64u;
     let n0 = wid.x * 64u;
     let t = lid.y * 16u + lid.x;
-    var acc: array<vec4<f32>, 4>;
+    var acc = Acc4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < p.K; k0 += BK) {
         load_x_tile(m0, k0, t);
         let n = t / 4u;
@@ -275,10 +287,10 @@ fn forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         if (k0 + kq < p.K) { w = w4(p.w_row0 + min(n0 + n, p.N - 1u), k0 + kq, p.K); }
         for (var l = 0u; l < 4u; l++) { wtile[(kq + l) * 16u + n / 4u][n % 4u] = w[l]; }
         workgroupBarrier();
-        tile_mac(lid.x, lid.y, &acc);
+        acc = tile_mac(lid.x, lid.y, acc);
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) { store4(m0 + lid.y * 4u + i, n0 + lid.x * 4u, acc[i]); }
+    store_acc(m0 + lid.y * 4u, n0 + lid.x * 4u, acc);
 }
 
 @compute @workgroup_size(16, 16)
@@ -286,7 +298,7 @@ fn backward_dx_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
     let m0 = wid.y * 64u;
     let n0 = wid.x * 64u;
     let t = lid.y * 16u + lid.x;
-    var acc: array<vec4<f32>, 4>;
+    var acc = Acc4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
     for (var k0 = 0u; k0 < p.K; k0 += BK) {
         load_x_tile(m0, k0, t);
         let kk = t / 16u;
@@ -295,10 +307,10 @@ fn backward_dx_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         if (k0 + kk < p.K && n0 + nq < p.N) { w = w4(p.w_row0 + k0 + kk, n0 + nq, p.N); }
         wtile[kk * 16u + nq / 4u] = w;
         workgroupBarrier();
-        tile_mac(lid.x, lid.y, &acc);
+        acc = tile_mac(lid.x, lid.y, acc);
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) { store4(m0 + lid.y * 4u + i, n0 + lid.x * 4u, acc[i]); }
+    store_acc(m0 + lid.y * 4u, n0 + lid.x * 4u, acc);
 }
 
 // Decode on hardware GPUs: a workgroup of 64 = 8 outputs x 8 lanes; the lanes of an output share its
@@ -330,7 +342,12 @@ fn gemv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
 // dA / dB on large GPUs: the batch*seq reduction of backward_dw split over num_workgroups.z slices
 // (partials to a scratch buffer bound as c), then split_reduce sums them into the real C (bound as c,
 // the partials as x): C = alpha * sum_z partial_z + beta * C. K = slices in split_reduce.
-@compute @workgroup_size(8, 8)
+// workgroup shape (WX, WY), WX * WY = 64, set at pipeline creation: dA (r x in) and dB (out x r) have one
+// side of r = 8..16 columns, which an 8 x 8 shape would cover with 2 of 8 lanes
+override WX: u32 = 8u;
+override WY: u32 = 8u;
+
+@compute @workgroup_size(WX, WY)
 fn backward_dw_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
     let n0 = gid.x * 4u;
     let m0 = gid.y * 4u;
@@ -339,23 +356,34 @@ fn backward_dw_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
     let k_lo = gid.z * ks;
     let k_hi = min(p.K, k_lo + ks);
     let mm = p.M - 1u;
-    var acc: array<vec4<f32>, 4>;
+    var c0 = vec4<f32>(0.0);
+    var c1 = vec4<f32>(0.0);
+    var c2 = vec4<f32>(0.0);
+    var c3 = vec4<f32>(0.0);
     for (var k = k_lo; k < k_hi; k++) {
         let b = p.a_off + k * p.lda;
         let a = vec4<f32>(x[b + m0], x[b + min(m0 + 1u, mm)], x[b + min(m0 + 2u, mm)], x[b + min(m0 + 3u, mm)]);
         var w = w4(k, n0, p.N);
         if (p.drop_mode == 2u) { w *= keep4(k, n0); }
-        acc[0] += a.x * w;
-        acc[1] += a.y * w;
-        acc[2] += a.z * w;
-        acc[3] += a.w * w;
+        c0 += a.x * w;
+        c1 += a.y * w;
+        c2 += a.z * w;
+        c3 += a.w * w;
     }
     let base = gid.z * p.M * p.N;
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            if (m0 + i < p.M && n0 + j < p.N) { c[base + (m0 + i) * p.N + n0 + j] = acc[i][j]; }
-        }
-    }
+    split_store(base, m0, n0, c0);
+    split_store(base, m0 + 1u, n0, c1);
+    split_store(base, m0 + 2u, n0, c2);
+    split_store(base, m0 + 3u, n0, c3);
+}
+
+fn split_store(base: u32, m: u32, n0: u32, v: vec4<f32>) {
+    if (m >= p.M) { return; }
+    let o = base + m * p.N + n0;
+    if (n0 < p.N) { c[o] = v.x; }
+    if (n0 + 1u < p.N) { c[o + 1u] = v.y; }
+    if (n0 + 2u < p.N) { c[o + 2u] = v.z; }
+    if (n0 + 3u < p.N) { c[o + 3u] = v.w; }
 }
 
 @compute @workgroup_size(64)
@@ -369,3 +397,220 @@ fn split_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     if (p.beta != 0.0) { y += p.beta * c[i]; }
     c[i] = y;
 }
+
+// Skinny products on hardware GPUs (N <= 16 outputs: the LoRA x·Aᵀ and dY·B): a workgroup of 64 = 8 rows x
+// 8 lanes; the lanes of a row split K in vec4 steps and reduce through workgroup memory, so 4096 rows make
+// 512 workgroups, where a 64x64 tile leaves 7/8 of its lanes idle at N = 8.
+var<workgroup> skr: array<vec4<f32>, 256>;  // [row][lane][column group]
+
+fn skinny_finish(l: u32, m: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>) {
+    let row = l / 8u;
+    let lane = l % 8u;
+    let o = (row * 8u + lane) * 4u;
+    skr[o] = a0;
+    skr[o + 1u] = a1;
+    skr[o + 2u] = a2;
+    skr[o + 3u] = a3;
+    workgroupBarrier();
+    if (lane < 4u && lane * 4u < p.N && m < p.M) {
+        var v = vec4<f32>(0.0);
+        for (var j = 0u; j < 8u; j++) { v += skr[(row * 8u + j) * 4u + lane]; }
+        store4(m, lane * 4u, v);
+    }
+}
+
+@compute @workgroup_size(64)
+fn forward_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32,
+                  @builtin(num_workgroups) nw: vec3<u32>) {
+    let m = (wid.x + wid.y * nw.x) * 8u + l / 8u;
+    let mc = min(m, p.M - 1u);
+    let nn = p.N - 1u;
+    let r0 = p.w_row0;
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    for (var k = (l % 8u) * 4u; k < p.K; k += 32u) {
+        let xv = xrow4(mc, k);
+        a0 += vec4<f32>(dot(xv, w4(r0, k, p.K)), dot(xv, w4(r0 + min(1u, nn), k, p.K)),
+                        dot(xv, w4(r0 + min(2u, nn), k, p.K)), dot(xv, w4(r0 + min(3u, nn), k, p.K)));
+        if (p.N > 4u) {
+            a1 += vec4<f32>(dot(xv, w4(r0 + 4u, k, p.K)), dot(xv, w4(r0 + min(5u, nn), k, p.K)),
+                            dot(xv, w4(r0 + min(6u, nn), k, p.K)), dot(xv, w4(r0 + min(7u, nn), k, p.K)));
+        }
+        if (p.N > 8u) {
+            a2 += vec4<f32>(dot(xv, w4(r0 + 8u, k, p.K)), dot(xv, w4(r0 + min(9u, nn), k, p.K)),
+                            dot(xv, w4(r0 + min(10u, nn), k, p.K)), dot(xv, w4(r0 + min(11u, nn), k, p.K)));
+        }
+        if (p.N > 12u) {
+            a3 += vec4<f32>(dot(xv, w4(r0 + 12u, k, p.K)), dot(xv, w4(r0 + min(13u, nn), k, p.K)),
+                            dot(xv, w4(r0 + min(14u, nn), k, p.K)), dot(xv, w4(r0 + min(15u, nn), k, p.K)));
+        }
+    }
+    skinny_finish(l, m, a0, a1, a2, a3);
+}
+
+@compute @workgroup_size(64)
+fn backward_dx_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32,
+                      @builtin(num_workgroups) nw: vec3<u32>) {
+    let m = (wid.x + wid.y * nw.x) * 8u + l / 8u;
+    let mc = min(m, p.M - 1u);
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    for (var k4 = (l % 8u) * 4u; k4 < p.K; k4 += 32u) {
+        let xv = xrow4(mc, k4);  // zero past K
+        for (var i = 0u; i < 4u; i++) {
+            let wr = p.w_row0 + min(k4 + i, p.K - 1u);
+            let xi = xv[i];
+            a0 += xi * w4(wr, 0u, p.N);
+            if (p.N > 4u) { a1 += xi * w4(wr, 4u, p.N); }
+            if (p.N > 8u) { a2 += xi * w4(wr, 8u, p.N); }
+            if (p.N > 12u) { a3 += xi * w4(wr, 12u, p.N); }
+        }
+    }
+    skinny_finish(l, m, a0, a1, a2, a3);
+}
+
+//#if MMT
+// --- register-blocked tiles for hardware GPUs (forward_mmt NT, backward_dx_mmt NN): a (16*TM) x (16*TN)
+// output tile per 16x16 workgroup, TM x TN outputs per invocation (TM, TN = 4 or 8; rows 4*ty + 64g,
+// columns 4*tx + 64h, so that a quarter-warp's vec4 reads of workgroup memory hit distinct banks), K in
+// steps of 16 staged k-major through workgroup memory (the 4-bit block dequantized once per step, reused by
+// 16*TM rows); the next step's global loads are issued before this step's arithmetic (register prefetch).
+// Accumulators and staging registers are named variables, never arrays: an array indexed in a loop the
+// driver does not unroll lives in local memory (measured on an H200: ~1.6 TFLOP/s whatever the tile).
+const BM: u32 = {{BM}}u;   // 16 * TM
+const BN: u32 = {{BN}}u;   // 16 * TN
+const MK: u32 = 16u;
+var<workgroup> xs: array<vec4<f32>, 16u * BM / 4u>;  // [kk][m/4]: rows m..m+3 at one k
+var<workgroup> wt: array<vec4<f32>, 16u * BN / 4u>;  // [kk][n/4]
+
+fn fetch_x(e: u32, m0: u32, k0: u32) -> vec4<f32> {  // X[m0 + e%BM, k0 + 4*(e/BM) ..+3]
+    return xrow4(min(m0 + e % BM, p.M - 1u), k0 + (e / BM) * 4u);
+}
+
+fn stash_x(e: u32, v: vec4<f32>) {  // transposed: xs[k][m]
+    let m = e % BM;
+    let i = (e / BM) * 4u * (BM / 4u) + m / 4u;
+    let c = m % 4u;
+    xs[i][c] = v.x;
+    xs[i + BM / 4u][c] = v.y;
+    xs[i + BM / 2u][c] = v.z;
+    xs[i + 3u * BM / 4u][c] = v.w;
+}
+
+fn fetch_w(e: u32, n0: u32, k0: u32, nn: bool) -> vec4<f32> {
+    if (nn) {  // W[w_row0 + k0 + e/(BN/4), n0 + 4*(e%(BN/4)) ..+3]
+        let kk = e / (BN / 4u);
+        let n = n0 + (e % (BN / 4u)) * 4u;
+        if (k0 + kk < p.K && n < p.N) { return w4(p.w_row0 + k0 + kk, n, p.N); }
+        return vec4<f32>(0.0);
+    }
+    let kq = (e / BN) * 4u;  // W[w_row0 + n0 + e%BN, k0 + kq ..+3]
+    if (k0 + kq < p.K) { return w4(p.w_row0 + min(n0 + e % BN, p.N - 1u), k0 + kq, p.K); }
+    return vec4<f32>(0.0);
+}
+
+fn stash_w(e: u32, v: vec4<f32>, nn: bool) {
+    if (nn) {
+        wt[e] = v;  // e = kk * (BN/4) + n/4
+        return;
+    }
+    let n = e % BN;
+    let i = (e / BN) * 4u * (BN / 4u) + n / 4u;
+    let c = n % 4u;
+    wt[i][c] = v.x;
+    wt[i + BN / 4u][c] = v.y;
+    wt[i + BN / 2u][c] = v.z;
+    wt[i + 3u * BN / 4u][c] = v.w;
+}
+
+fn mm_tiles(wid: vec3<u32>, lid: vec3<u32>, nn: bool) {
+    let m0 = wid.y * BM;
+    let n0 = wid.x * BN;
+    let t = lid.y * 16u + lid.x;
+    let tx = lid.x;
+    let ty = lid.y;
+    // c{g}{r}{h}: row 4*ty + 64g + r, columns 4*tx + 64h ..+3
+    var c000 = vec4<f32>(0.0); var c010 = vec4<f32>(0.0); var c020 = vec4<f32>(0.0); var c030 = vec4<f32>(0.0);
+//#if TN8
+    var c001 = vec4<f32>(0.0); var c011 = vec4<f32>(0.0); var c021 = vec4<f32>(0.0); var c031 = vec4<f32>(0.0);
+//#endif
+//#if TM8
+    var c100 = vec4<f32>(0.0); var c110 = vec4<f32>(0.0); var c120 = vec4<f32>(0.0); var c130 = vec4<f32>(0.0);
+//#if TN8
+    var c101 = vec4<f32>(0.0); var c111 = vec4<f32>(0.0); var c121 = vec4<f32>(0.0); var c131 = vec4<f32>(0.0);
+//#endif
+//#endif
+    var x0 = fetch_x(t, m0, 0u);
+    var w0 = fetch_w(t, n0, 0u, nn);
+//#if TM8
+    var x1 = fetch_x(t + 256u, m0, 0u);
+//#endif
+//#if TN8
+    var w1 = fetch_w(t + 256u, n0, 0u, nn);
+//#endif
+    for (var k0 = 0u; k0 < p.K; k0 += MK) {
+        stash_x(t, x0);
+        stash_w(t, w0, nn);
+//#if TM8
+        stash_x(t + 256u, x1);
+//#endif
+//#if TN8
+        stash_w(t + 256u, w1, nn);
+//#endif
+        workgroupBarrier();
+        if (k0 + MK < p.K) {  // the next step's loads fly while this step computes
+            x0 = fetch_x(t, m0, k0 + MK);
+            w0 = fetch_w(t, n0, k0 + MK, nn);
+//#if TM8
+            x1 = fetch_x(t + 256u, m0, k0 + MK);
+//#endif
+//#if TN8
+            w1 = fetch_w(t + 256u, n0, k0 + MK, nn);
+//#endif
+        }
+        for (var kk = 0u; kk < MK; kk++) {
+            let a0 = xs[kk * (BM / 4u) + ty];
+            let b0 = wt[kk * (BN / 4u) + tx];
+            c000 += a0.x * b0; c010 += a0.y * b0; c020 += a0.z * b0; c030 += a0.w * b0;
+//#if TN8
+            let b1 = wt[kk * (BN / 4u) + tx + 16u];
+            c001 += a0.x * b1; c011 += a0.y * b1; c021 += a0.z * b1; c031 += a0.w * b1;
+//#endif
+//#if TM8
+            let a1 = xs[kk * (BM / 4u) + ty + 16u];
+            c100 += a1.x * b0; c110 += a1.y * b0; c120 += a1.z * b0; c130 += a1.w * b0;
+//#if TN8
+            c101 += a1.x * b1; c111 += a1.y * b1; c121 += a1.z * b1; c131 += a1.w * b1;
+//#endif
+//#endif
+        }
+        workgroupBarrier();
+    }
+    let r0 = m0 + ty * 4u;
+    let q0 = n0 + tx * 4u;
+    store4(r0, q0, c000); store4(r0 + 1u, q0, c010); store4(r0 + 2u, q0, c020); store4(r0 + 3u, q0, c030);
+//#if TN8
+    store4(r0, q0 + 64u, c001); store4(r0 + 1u, q0 + 64u, c011); store4(r0 + 2u, q0 + 64u, c021); store4(r0 + 3u, q0 + 64u, c031);
+//#endif
+//#if TM8
+    store4(r0 + 64u, q0, c100); store4(r0 + 65u, q0, c110); store4(r0 + 66u, q0, c120); store4(r0 + 67u, q0, c130);
+//#if TN8
+    store4(r0 + 64u, q0 + 64u, c101); store4(r0 + 65u, q0 + 64u, c111); store4(r0 + 66u, q0 + 64u, c121); store4(r0 + 67u, q0 + 64u, c131);
+//#endif
+//#endif
+}
+
+@compute @workgroup_size(16, 16)
+fn forward_mmt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    mm_tiles(wid, lid, false);
+}
+
+@compute @workgroup_size(16, 16)
+fn backward_dx_mmt(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    mm_tiles(wid, lid, true);
+}
+//#endif

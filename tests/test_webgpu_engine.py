@@ -6,6 +6,8 @@ Tolerances: loss 1e-4 relative, every dA/dB 1e-3 relative (max|Δ| / max|ref|), 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -66,14 +68,21 @@ def test_training_step_matches_numpy(tiny):
 
 
 def test_training_step_with_hardware_kernels(tiny, monkeypatch):
-    """The kernels a hardware GPU gets (64x64 tiled matmuls, split-K dA/dB) in a whole step, with dropout."""
+    """The kernels a hardware GPU gets (register-blocked tiled matmuls, split-K dA/dB, flash attention) in a
+    whole step, with dropout."""
     args, ne, we = tiny
     monkeypatch.setattr(we.rt, "tiled", True)
     ad = trained_adapter(args, seed=11)
     tok, lab = batch(args, B=4, T=256, seed=11)  # N = 1024 rows: tiles and 2 split-K slices
     sess = we.train_session(ad, {"kind": "adamw"})
-    kernels = {o.kernel.split(":")[1].split("[")[0] for o in sess._program(4, 256).ops}
-    assert {"forward_tiled", "backward_dx_tiled", "backward_dw_split", "split_reduce"} <= kernels
+    ops = sess._program(4, 256).ops
+    kernels = {o.kernel.split(":")[1].split("[")[0] for o in ops}
+    from loralabd.engine.webgpu.kernels import MMT_DEFAULT
+
+    mm = "_tiled" if os.environ.get("LORALAB_WGPU_MMT", MMT_DEFAULT) == "tiled" else "_mmt"
+    assert {"forward" + mm, "backward_dx" + mm, "backward_dw_split", "split_reduce", "forward_wg"} <= kernels
+    assert {"forward", "backward_dq", "backward_dkv"} <= {o.kernel.split(":")[1].split("[")[0] for o in ops
+                                                          if o.kernel.startswith("attention_flash.wgsl")}
     loss, n = sess.accumulate(tok, lab)
     g1 = sess.read_grads(1.0 / n)
     l0, g0, _ = ne.loss_and_grads(tok, lab, ad)
@@ -84,7 +93,7 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
     assert rel(we.step_logits(tok[:1, :70], c1, [(ad, 1.0)]), ne.step_logits(tok[:1, :70], c0, [(ad, 1.0)])) <= 1e-5
     assert rel(we.step_logits(tok[:1, 70:71], c1, [(ad, 1.0)]), ne.step_logits(tok[:1, 70:71], c0, [(ad, 1.0)])) <= 1e-5
     kernels = {o.kernel.split(":")[1].split("[")[0] for p in c1.programs.values() for o in p.ops}
-    assert {"gemv_wg", "forward_split", "forward_tiled"} <= kernels
+    assert {"gemv_wg", "forward_split", "forward" + mm} <= kernels
 
 
 def test_packed_training_step_matches_numpy(tiny):
@@ -233,6 +242,21 @@ def test_hf_dense_weights(tmp_path, arch, weights):
     l1, g1, _ = we.loss_and_grads(tok, lab, ad)
     assert abs(l1 - l0) <= 1e-4 * abs(l0)
     assert max(rel(g1[k], g0[k]) for k in g0) <= 1e-3
+
+
+def test_close_gives_the_memory_back(tiny):
+    from loralabd.engine.webgpu.engine import WebGPUEngine
+
+    args, ne, _ = tiny
+    rt = wgpu_rt.get_runtime()
+    rt.dummy, rt.dummy_rw  # the runtime's own placeholder buffers, made on first use
+    before = rt.live_bytes
+    we = WebGPUEngine(ne.model)
+    list(we.generate([1, 2, 3], 4, [(trained_adapter(args), 1.0)]))
+    we.logits(np.array([[1, 2, 3]]))
+    assert rt.live_bytes > before + ne.model.weight_bytes() // 2
+    we.close()
+    assert rt.live_bytes == before
 
 
 def test_make_engine_backend_choice(tiny):

@@ -125,13 +125,16 @@ def test_lora_linear_backward(rt, kind, M, N, Kd, r):
     assert rel(get(rt, gB, (N, r)) - 1.0, dB_ref) <= TOL
 
 
+@pytest.mark.parametrize("tile", ["tiled", "4x4", "8x4", "8x8"])
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "f32"])
-@pytest.mark.parametrize("M,N,Kd", [(100, 70, 96), (65, 36, 160), (64, 20, 44)])
-def test_tiled_and_workgroup_variants(rt, monkeypatch, kind, M, N, Kd):
-    """The workgroup-memory variants used on hardware GPUs (forward_tiled, backward_dx_tiled, gemv_wg)."""
+@pytest.mark.parametrize("M,N,Kd", [(100, 70, 96), (65, 36, 160), (64, 20, 44), (290, 140, 224)])
+def test_tiled_and_workgroup_variants(rt, monkeypatch, tile, kind, M, N, Kd):
+    """The workgroup-memory variants used on hardware GPUs (forward/backward_dx as `*_tiled` or the
+    register-blocked `*_mmt` with TMxTN outputs an invocation, gemv_wg)."""
     if kind != "f32" and Kd % 32:
         pytest.skip("quantized rows are whole blocks of 32")
     monkeypatch.setattr(rt, "tiled", True)
+    monkeypatch.setenv("LORALAB_WGPU_MMT", tile)
     rng = np.random.default_rng(M + Kd)
     W = QUANT[kind](rng.standard_normal((N, Kd)).astype(np.float32))
     x = rng.standard_normal((M, Kd)).astype(np.float32)
@@ -146,7 +149,10 @@ def test_tiled_and_workgroup_variants(rt, monkeypatch, kind, M, N, Kd):
     ops = [K.matmul(rt, xb, gw, y, M, N, Kd, lora=(xab, Bb, r, r, 1, 0.5)),
            K.matmul(rt, dyb, gw, dx, M, Kd, N, mode="backward_dx"),
            K.matmul(rt, xb, gw, yv, 2, N, Kd, mode="gemv", a_off=5 * Kd)]
-    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["forward_tiled", "backward_dx_tiled", "gemv_wg"]
+    def sfx(n):  # skinny products (n < 64 outputs) keep the 64x64 kernel
+        return "_tiled" if tile == "tiled" or n < 64 else "_mmt"
+    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["forward" + sfx(N), "backward_dx" + sfx(Kd),
+                                                                   "gemv_wg"]
     rt.run(ops)
     Wd = W.dequantize()
     assert rel(get(rt, y, (M, N)), x @ Wd.T + 0.5 * xa_ref @ Bm.T) <= TOL
@@ -154,7 +160,34 @@ def test_tiled_and_workgroup_variants(rt, monkeypatch, kind, M, N, Kd):
     assert rel(get(rt, yv, (2, N)), x[5:7] @ Wd.T) <= TOL
 
 
-@pytest.mark.parametrize("M,N,Kd,splits", [(3, 70, 1000, 7), (8, 36, 2048, 64)])
+@pytest.mark.parametrize("kind", ["q4_1", "f32"])
+@pytest.mark.parametrize("M,N,Kd", [(100, 8, 96), (64, 3, 160), (77, 13, 64), (130, 16, 44)])
+def test_skinny_products(rt, monkeypatch, kind, M, N, Kd):
+    """N <= 16 outputs on hardware GPUs (the LoRA products x·Aᵀ, dY·B): forward_skinny / backward_dx_skinny,
+    8 lanes per row splitting K, with the LoRA / residual epilogue."""
+    if kind != "f32" and Kd % 32:
+        pytest.skip("quantized rows are whole blocks of 32")
+    monkeypatch.setattr(rt, "tiled", True)
+    rng = np.random.default_rng(M + N)
+    W = QUANT[kind](rng.standard_normal((N, Kd)).astype(np.float32))
+    Bd = rng.standard_normal((Kd, N)).astype(np.float32)  # dense (out, r) operand of backward_dx
+    x = rng.standard_normal((M, Kd)).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    r = 2
+    xa = rng.standard_normal((M, r)).astype(np.float32)
+    Bm = rng.standard_normal((N, r)).astype(np.float32) * 0.1
+    y, dx = out(rt, M * N), out(rt, M * N)
+    xb = up(rt, x)
+    ops = [K.matmul(rt, xb, K.upload_weight(rt, W, "w"), y, M, N, Kd, lora=(up(rt, xa), up(rt, Bm), r, r, 1, 0.5),
+                    res=up(rt, res)),
+           K.matmul(rt, xb, K.upload_weight(rt, dense(Bd), "b"), dx, M, N, Kd, mode="backward_dx")]
+    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["forward_skinny", "backward_dx_skinny"]
+    rt.run(ops)
+    assert rel(get(rt, y, (M, N)), x @ W.dequantize().T + 0.5 * xa @ Bm.T + res) <= TOL
+    assert rel(get(rt, dx, (M, N)), x @ Bd) <= TOL
+
+
+@pytest.mark.parametrize("M,N,Kd,splits", [(3, 70, 1000, 7), (8, 36, 2048, 64), (70, 8, 1000, 5), (40, 36, 600, 3)])
 def test_split_k_weight_gradient(rt, M, N, Kd, splits):
     """dA / dB with the batch*seq reduction split in slices and summed (backward_dw_split + split_reduce)."""
     rng = np.random.default_rng(Kd)
@@ -164,7 +197,7 @@ def test_split_k_weight_gradient(rt, M, N, Kd, splits):
     c, scratch = up(rt, c0), out(rt, splits * M * N)
     ops = K.matmul_dw(rt, up(rt, a), K.dense_weight(up(rt, b), Kd, N), c, M, N, Kd, alpha=0.5, beta=1.0,
                       scratch=scratch, splits=splits)
-    assert [o.kernel.split(":")[1] for o in ops] == ["backward_dw_split[F32=1]", "split_reduce[F32=1]"]
+    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["backward_dw_split", "split_reduce"]
     rt.run(ops)
     assert rel(get(rt, c, (M, N)) - c0, 0.5 * a.T @ b) <= 1e-4  # the difference loses a few bits to c0
 
@@ -190,7 +223,10 @@ def test_embedding_gather_and_tied_head(rt, kind, V, D):
 # --- RMSNorm, RoPE, SwiGLU --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("N,D", [(7, 64), (65, 100)])
-def test_rmsnorm(rt, N, D):
+@pytest.mark.parametrize("wg", [False, True])
+def test_rmsnorm(rt, monkeypatch, N, D, wg):
+    """wg: one workgroup per row (forward_wg / backward_wg, hardware GPUs)."""
+    monkeypatch.setattr(rt, "tiled", wg)
     rng = np.random.default_rng(N)
     x = rng.standard_normal((N, D)).astype(np.float32)
     w = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
@@ -199,8 +235,9 @@ def test_rmsnorm(rt, N, D):
     y_ref, rstd = R.rmsnorm(x, w, 1e-5)
     dx_ref = R.rmsnorm_backward(dy, x, w, rstd)
     xb, wb, y, rs, dx = up(rt, x), up(rt, w), out(rt, N * D), out(rt, N), up(rt, prev)
-    rt.run([K.rmsnorm(rt, xb, wb, y, rs, N, D, 1e-5),
-            K.rmsnorm_backward(rt, up(rt, dy), xb, wb, rs, dx, N, D, beta=1.0)])
+    ops = [K.rmsnorm(rt, xb, wb, y, rs, N, D, 1e-5), K.rmsnorm_backward(rt, up(rt, dy), xb, wb, rs, dx, N, D, beta=1.0)]
+    assert all(op.kernel.endswith("_wg") == wg for op in ops)
+    rt.run(ops)
     assert rel(get(rt, y, (N, D)), y_ref) <= TOL
     assert rel(get(rt, rs, (N,)), rstd[:, 0]) <= TOL
     assert rel(get(rt, dx, (N, D)) - prev, dx_ref) <= 1e-4  # the difference loses a few bits to prev
@@ -246,8 +283,14 @@ def test_swiglu(rt, n):
 
 # --- attention ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("B,T,H,KV,hd,packed", [(2, 7, 4, 2, 16, False), (1, 33, 3, 1, 64, True)])
-def test_attention_forward_backward(rt, B, T, H, KV, hd, packed):
+@pytest.mark.parametrize("flash", [False, True])
+@pytest.mark.parametrize("B,T,H,KV,hd,packed", [(2, 7, 4, 2, 16, False), (1, 33, 3, 1, 64, True),
+                                                (2, 40, 4, 2, 32, True), (1, 35, 2, 1, 40, False)])
+def test_attention_forward_backward(rt, monkeypatch, flash, B, T, H, KV, hd, packed):
+    """flash: attention_flash.wgsl (blocks through workgroup memory, hardware GPUs: 32-query blocks where
+    the workgroup memory holds them, else 16 — lavapipe's 32 KiB gives 32 at hd <= 40, 16 at hd 64; hd 40
+    has two vec4 accumulators per invocation, as hd 64 on a 48 KiB GPU)."""
+    monkeypatch.setenv("LORALAB_WGPU_ATTN", "flash" if flash else "simple")
     rng = np.random.default_rng(T)
     q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
     k = rng.standard_normal((B, T, KV, hd)).astype(np.float32)
@@ -262,20 +305,25 @@ def test_attention_forward_backward(rt, B, T, H, KV, hd, packed):
     dyn = up(rt, np.zeros(4, np.uint32))
     o, lse, delta = out(rt, q.size), out(rt, B * H * T), out(rt, B * H * T)
     dq, dk, dv = out(rt, q.size), out(rt, k.size), out(rt, v.size)
-    rt.run([K.attention(rt, qb, kb, vb, o, lse, dyn, B, T, T, H, KV, hd, sb)]
-           + K.attention_backward(rt, up(rt, dout), qb, kb, vb, o, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, sb))
+    ops = [K.attention(rt, qb, kb, vb, o, lse, dyn, B, T, T, H, KV, hd, sb)]
+    ops += K.attention_backward(rt, up(rt, dout), qb, kb, vb, o, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, sb)
+    assert all(("attention_flash.wgsl" in op.kernel) == flash for op in ops)
+    rt.run(ops)
     assert rel(get(rt, o, q.shape), o_ref) <= TOL
     assert rel(get(rt, lse, lse_ref.shape), lse_ref) <= TOL
     for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel(get(rt, got, ref.shape), ref) <= 1e-4  # sums of ~T products of differences
 
 
-@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("split", ["no", "32 lanes", "4 lanes"])
 @pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 9, 1, 4, 2, 16), (2, 5, 3, 3, 3, 32), (1, 90, 1, 2, 1, 64)])
 def test_kv_cache_decode_attention(rt, monkeypatch, split, B, start, T, H, KV, hd):
     """kv_store appends at dyn[0]; attention of T new queries over start + T cached keys (split: the
-    flash-decoding variant hardware GPUs use, 32 lanes over the keys)."""
-    monkeypatch.setattr(rt, "tiled", split)
+    flash-decoding variant hardware GPUs use; its lane count is an `override` constant sized to the
+    adapter's workgroup memory — a small limit gives 4 lanes)."""
+    monkeypatch.setattr(rt, "tiled", split != "no")
+    if split == "4 lanes":
+        monkeypatch.setattr(rt, "limits", dict(rt.limits, **{"max-compute-workgroup-storage-size": 256}))
     rng = np.random.default_rng(start)
     Tmax = 100
     k_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
@@ -289,12 +337,35 @@ def test_kv_cache_decode_attention(rt, monkeypatch, split, B, start, T, H, KV, h
     o, lse = out(rt, q.size), out(rt, B * H * T)
     ops = [K.kv_store(rt, up(rt, k_all[:, start:]), up(rt, v_all[:, start:]), kc, vc, dyn, B, T, Tmax, KV, hd),
            K.attention(rt, up(rt, q), kc, vc, o, lse, dyn, B, T, Tmax, H, KV, hd)]
-    assert ("forward_split" in ops[-1].kernel) == split
+    assert ("forward_split" in ops[-1].kernel) == (split != "no")
+    assert ("LANES=4]" in ops[-1].kernel) == (split == "4 lanes")
     rt.run(ops)
     ref, lse_ref = R.attention(q, k_all, v_all, R.attention_mask(T, None, t_offset=start, t_keys=start + T))
     assert rel(get(rt, o, q.shape), ref) <= TOL
     assert rel(get(rt, lse, lse_ref.shape), lse_ref) <= TOL
     np.testing.assert_array_equal(get(rt, kc, kc0.shape)[:, : start + T], k_all)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_prefill_attention_over_cache(rt, monkeypatch, flash):
+    """T > 4 new queries at positions start.. over a cache of TK > start + T slots (prefill after a prompt)."""
+    monkeypatch.setenv("LORALAB_WGPU_ATTN", "flash" if flash else "simple")
+    B, start, T, H, KV, hd, Tmax = 2, 21, 37, 4, 2, 32, 70
+    rng = np.random.default_rng(7)
+    k_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
+    v_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
+    q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
+    kc_np = np.zeros((B, Tmax, KV, hd), np.float32)
+    vc_np = np.zeros((B, Tmax, KV, hd), np.float32)
+    kc_np[:, :start + T], vc_np[:, :start + T] = k_all, v_all
+    o, lse = out(rt, q.size), out(rt, B * H * T)
+    op = K.attention(rt, up(rt, q), up(rt, kc_np), up(rt, vc_np), o, lse, up(rt, np.array([start, 0, 0, 0], np.uint32)),
+                     B, T, Tmax, H, KV, hd)
+    assert ("attention_flash.wgsl" in op.kernel) == flash
+    rt.run([op])
+    ref, lse_ref = R.attention(q, k_all, v_all, R.attention_mask(T, None, t_offset=start, t_keys=start + T))
+    assert rel(get(rt, o, q.shape), ref) <= TOL
+    assert rel(get(rt, lse, lse_ref.shape), lse_ref) <= TOL
 
 
 @pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 9, 1, 4, 2, 16), (2, 5, 3, 3, 1, 32)])

@@ -242,10 +242,12 @@ class WebGPUEngine:
         return int(min(V, max(256, lim // max(N, 1))))
 
     def ce_rows(self, N: int) -> int:
-        """Rows per chunk of the training cross-entropy: (rows, V) logits at most ~16M floats at a time."""
+        """Rows per chunk of the training cross-entropy: (rows, V) logits of at most 16M floats at a time —
+        48M on hardware GPUs, where dh = grad·W (K = vocab) needs enough rows to fill the device."""
         if self.ce_row_chunk:
             return min(N, self.ce_row_chunk)
-        lim = min(1 << 24, self.rt.limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
+        budget = 3 << 24 if self.rt.tiled else 1 << 24
+        lim = min(budget, self.rt.limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
         return int(max(1, min(N, lim // self.args.vocab_size, 65535)))
 
     def linear(self, ops, i, name, x, y, M, loras, S, *, res=None, gemv=False, skip_base=False, drop=None):
@@ -552,3 +554,32 @@ class WebGPUEngine:
 
     def peak_bytes(self) -> int:
         return self.rt.peak_bytes
+
+    def close(self):
+        """Free every GPU buffer of this engine (weights, programs, caches, adapter slots): call it when the
+        model is unloaded so the device memory comes back at once, not whenever Python collects it."""
+        rt = self.rt
+        for prog in self._programs.values():
+            prog.acts.free()
+        self._programs.clear()
+        if self._gen_cache is not None:
+            self._gen_cache.free()
+            self._gen_cache = None
+        for slot in self._slots.values():
+            rt.free(slot.buf)
+        self._slots.clear()
+        seen = set()
+        for L in self.layers:
+            bufs = [L.ln1, L.ln2, *L.bias.values()]
+            for w, _, _ in L.W.values():
+                bufs += [w.wq, w.ws]
+            bufs += [fb for _, fb, _ in L.fused.values()]
+            for b in bufs:
+                if b is not None and id(b) not in seen:
+                    seen.add(id(b))
+                    rt.free(b)
+        for b in (self.norm, self.emb.wq, self.emb.ws, self.out.wq, self.out.ws, self.rope_tab, self.dyn0):
+            if b is not None and id(b) not in seen:
+                seen.add(id(b))
+                rt.free(b)
+        self.layers = []

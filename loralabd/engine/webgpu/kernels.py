@@ -6,6 +6,7 @@ Buffers are f32 unless said otherwise; shapes in the trailing comments. Weights 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,7 +92,8 @@ def matmul(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *,
        mode gemv:        the same for small M (decode), one invocation per 4 outputs (gemv_wg: a workgroup)
        mode backward_dx: C(M,N) = alpha*X(M,K)·W[w_row0:w_row0+K] + lscale·LP·LQᵀ + beta*C
        mode backward_dw: C(M,N) = alpha*X(K,M)ᵀ·W(K,N) + beta*C   (W dense)
-    forward/backward_dx become *_tiled on hardware adapters when M >= 64 (rt.tiled).
+    forward/backward_dx on hardware adapters (rt.tiled) when M >= 64: *_skinny for N <= 16 (LORALAB_WGPU_SKINNY=0:
+    off), else *_mmt or *_tiled (mm_tile).
     lora = (LP buf, LQ buf, R, q_sn, q_sr, lscale[, lp_ld, seg1, seg2]): LQ[n, r] at n*q_sn + r*q_sr; for a
     fused weight, columns >= seg1 (seg2) read LP's 2nd (3rd) group of R columns (LP row stride lp_ld).
     drop = (mode 1|2|3, dyn buf [seed, step, micro], p, salt, ld = in_features): LoRA dropout, see matmul.wgsl."""
@@ -101,8 +103,17 @@ def matmul(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *,
         raise WebGPUError("matmul backward_dw needs a dense f32 right operand")
     bufs, params = _mm_args(x, w, c, M, N, K, mode, a_off, lda, c_off, ldc, w_row0, bias, lora, res, beta, alpha,
                             drop)
+    defines = w.define
+    if rt.tiled and M >= 64 and N <= 16 and mode in ("forward", "backward_dx") \
+            and os.environ.get("LORALAB_WGPU_SKINNY", "1") == "1":  # LoRA products: lanes split K instead
+        return rt.op("matmul.wgsl", mode + "_skinny", grid1d(-(-M // 8), 1), bufs, params, defines)
     if rt.tiled and M >= 64 and mode in ("forward", "backward_dx"):
-        mode += "_tiled"  # workgroup-memory tiles: a win on hardware GPUs, a loss on lavapipe
+        tm, tn = mm_tile(rt, N)  # workgroup-memory tiles: a win on hardware GPUs, a loss on lavapipe
+        if tm:
+            defines = dict(defines, MMT=1, BM=16 * tm, BN=16 * tn, TM8=int(tm == 8), TN8=int(tn == 8))
+            return rt.op("matmul.wgsl", mode + "_mmt", (-(-N // (16 * tn)), -(-M // (16 * tm))), bufs, params,
+                         defines)
+        mode += "_tiled"
     if rt.tiled and mode == "gemv":
         mode = "gemv_wg"
     if mode == "gemv":
@@ -113,20 +124,44 @@ def matmul(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *,
         grid = (-(-N // 64), -(-M // 64))
     else:
         grid = (-(-N // 32), -(-M // 32))
-    return rt.op("matmul.wgsl", mode, grid, bufs, params, w.define)
+    return rt.op("matmul.wgsl", mode, grid, bufs, params, defines)
+
+
+MMT_DEFAULT = "tiled"  # measured best on an H100 over the training shapes (perf_log.md)
+
+
+def mm_tile(rt, N) -> tuple:
+    """(TM, TN) of the register-blocked tiled matmul (forward_mmt / backward_dx_mmt): TM x TN outputs an
+    invocation, a (16*TM) x (16*TN) tile a workgroup. LORALAB_WGPU_MMT=TMxTN picks another (4 or 8 each),
+    `tiled` the older 64x64 kernel (forward_tiled), which also takes the skinny LoRA products (N < 64)."""
+    env = os.environ.get("LORALAB_WGPU_MMT", MMT_DEFAULT)
+    if env == "tiled" or N < 64:
+        return 0, 0
+    try:
+        tm, tn = (int(x) for x in env.split("x"))
+    except ValueError:
+        raise WebGPUError(f"LORALAB_WGPU_MMT={env!r}: expected TMxTN such as 8x4, or 'tiled'") from None
+    if tm not in (4, 8) or tn not in (4, 8):
+        raise WebGPUError(f"LORALAB_WGPU_MMT={env!r}: TM and TN must be 4 or 8")
+    if 16 * 16 * (tm + tn) * 4 + 8192 > rt.limits.get("max-compute-workgroup-storage-size", 16384):
+        return 0, 0
+    return tm, tn
 
 
 def matmul_dw(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, alpha=1.0, beta=0.0,
               drop=None, scratch: Buf | None = None, splits: int | None = None) -> list:
     """C(M,N) = alpha*X(K,M)ᵀ·W(K,N) + beta*C — with the K reduction split over `splits` slices on hardware
     GPUs (K = batch*seq is long, M*N = r*features small: one slice would leave most of the GPU idle)."""
-    if splits is None:
-        splits = min(64, K // 512) if rt.tiled and scratch is not None else 1
+    if splits is None:  # slices of >= 64 rows: M*N = r*features outputs alone are a few hundred workgroups
+        splits = min(64, K // 64) if rt.tiled and scratch is not None else 1
     if splits <= 1 or scratch is None or scratch.n < splits * M * N:
         return [matmul(rt, x, w, c, M, N, K, mode="backward_dw", alpha=alpha, beta=beta, drop=drop)]
     bufs, params = _mm_args(x, w, scratch, M, N, K, "backward_dw", 0, None, 0, None, 0, None, None, None, 0.0,
                             1.0, drop)
-    split = rt.op("matmul.wgsl", "backward_dw_split", (-(-N // 32), -(-M // 32), splits), bufs, params, w.define)
+    wx = 8 if min(M, N) > 16 else (2 if N <= 8 else 4 if N <= 16 else 32 if M <= 8 else 16)
+    wy = 64 // wx
+    split = rt.op("matmul.wgsl", "backward_dw_split", (-(-N // (4 * wx)), -(-M // (4 * wy)), splits), bufs, params,
+                  w.define, {"WX": wx, "WY": wy})
     red_p = dict(params, K=splits, alpha=float(alpha), beta=float(beta))
     red = rt.op("matmul.wgsl", "split_reduce", grid1d(M * N, 64), dict(x=scratch, c=c), red_p, w.define)
     return [split, red]
@@ -160,13 +195,15 @@ def embed(rt, tok: Buf, w: GpuWeight, out: Buf, n_tok: int) -> Op:
 
 
 def rmsnorm(rt, x, w, y, rstd, N, D, eps) -> Op:
-    return rt.op("rmsnorm.wgsl", "forward", grid1d(N, 64), dict(x=x, w=w, y=y, rstd=rstd),
-                 dict(N=N, D=D, eps=float(eps), beta=0.0))
+    """One invocation per row (lavapipe), one workgroup per row on hardware GPUs (forward_wg)."""
+    entry, grid = ("forward_wg", grid1d(N, 1)) if rt.tiled else ("forward", grid1d(N, 64))
+    return rt.op("rmsnorm.wgsl", entry, grid, dict(x=x, w=w, y=y, rstd=rstd), dict(N=N, D=D, eps=float(eps), beta=0.0))
 
 
 def rmsnorm_backward(rt, dy, x, w, rstd, dx, N, D, beta=0.0) -> Op:
     """dx = beta*dx + d(rmsnorm)/dx · dy."""
-    return rt.op("rmsnorm.wgsl", "backward", grid1d(N, 64), dict(x=x, w=w, rstd=rstd, dy=dy, dx=dx),
+    entry, grid = ("backward_wg", grid1d(N, 1)) if rt.tiled else ("backward", grid1d(N, 64))
+    return rt.op("rmsnorm.wgsl", entry, grid, dict(x=x, w=w, rstd=rstd, dy=dy, dx=dx),
                  dict(N=N, D=D, eps=0.0, beta=float(beta)))
 
 
@@ -194,17 +231,55 @@ def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None) -> Op:
     """out (B,T,H,hd), lse (B,H,T) from q (B,T,H,hd) and k/v (B,TK,KV,hd); queries start at position dyn[0].
     Decoding on hardware GPUs (few queries per row) splits the keys over a workgroup (forward_split)."""
     if rt.tiled and T <= 4:
+        wg_bytes = rt.limits.get("max-compute-workgroup-storage-size", 16384)
+        lanes = 32
+        while lanes > 4 and lanes * (hd + 2) * 4 > wg_bytes:
+            lanes //= 2
         return rt.op("attention.wgsl", "forward_split", grid1d(B * H * T, 1),
                      dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
-                     _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd})
+                     _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd}, {"LANES": lanes})
+    if use_flash(rt, hd):
+        fd = _flash_defines(rt, hd)
+        return rt.op("attention_flash.wgsl", "forward", (-(-T // fd["BQ"]), H, B),
+                     dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
+                     _attn_params(B, T, TK, H, KV, hd, seg is not None), fd)
     return rt.op("attention.wgsl", "forward", grid1d(B * H * T, 64),
                  dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
                  _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd})
 
 
+def _flash_bytes(bq, hd):
+    """attention_flash.wgsl's workgroup memory: 4 row tiles, 4 row vectors, and 2 score tiles (backward) or
+    one score tile and 2 x 256 partials (forward), whichever is larger."""
+    sp = bq * (bq + 1) * 4
+    return 4 * bq * (hd // 4 + 1) * 16 + 4 * bq * 4 + max(2 * sp, sp + 2048)
+
+
+def _flash_defines(rt, hd):
+    """Blocks of 32 queries x 32 keys where workgroup memory holds them (hd <= 64 on a 48 KiB limit), else 16."""
+    lim = rt.limits.get("max-compute-workgroup-storage-size", 16384)
+    bq = 32 if _flash_bytes(32, hd) <= lim else 16
+    ndv = -(-(hd // 4) // (256 // bq))  # vec4 accumulators per invocation: 1 or 2 (hd <= 128)
+    return {"HD": hd, "BQ": bq, "NDV": ndv, "NDV2": int(ndv == 2), "TILE": bq * (hd // 4 + 1), "STILE": bq * (bq + 1)}
+
+
+def use_flash(rt, hd) -> bool:
+    """Blocked attention (attention_flash.wgsl) on hardware GPUs; one invocation per query on lavapipe, whose
+    barriers are slow. LORALAB_WGPU_ATTN=flash|simple forces either (where the head size fits)."""
+    env = os.environ.get("LORALAB_WGPU_ATTN")
+    want = rt.tiled if env is None else env == "flash"
+    return (want and hd % 4 == 0 and hd <= 128
+            and rt.limits.get("max-compute-workgroup-storage-size", 16384) >= _flash_bytes(16, hd))
+
+
 def attention_backward(rt, dout, q, k, v, out, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, seg=None) -> list:
     p = _attn_params(B, T, T, H, KV, hd, seg is not None)
     common = dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse, dout=dout, delta=delta)
+    if use_flash(rt, hd):
+        fd = _flash_defines(rt, hd)
+        nb = -(-T // fd["BQ"])
+        return [rt.op("attention_flash.wgsl", "backward_dq", (nb, H, B), dict(common, dq=dq), p, fd),
+                rt.op("attention_flash.wgsl", "backward_dkv", (nb, KV, B), dict(common, dk=dk, dv=dv), p, fd)]
     return [rt.op("attention.wgsl", "backward_dq", grid1d(B * H * T, 64), dict(common, dq=dq), p, {"HD": hd}),
             rt.op("attention.wgsl", "backward_dkv", grid1d(B * KV * T, 64), dict(common, dk=dk, dv=dv), p,
                   {"HD": hd})]

@@ -123,7 +123,6 @@ class Runtime:
         import wgpu
 
         self.wgpu = wgpu
-        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
         pref = os.environ.get("LORALAB_WGPU_POWER", "high-performance")
         adapter = wgpu.gpu.request_adapter_sync(power_preference=pref)
         if adapter is None:
@@ -229,12 +228,13 @@ class Runtime:
 
     # -- kernels ---------------------------------------------------------------------------------------
 
-    def _kernel(self, file: str, entry: str, defines: dict):
-        key = (file, entry, tuple(sorted(defines.items())))
+    def _kernel(self, file: str, entry: str, defines: dict, overrides: dict | None = None):
+        overrides = dict(overrides or {})
+        key = (file, entry, tuple(sorted(defines.items())), tuple(sorted(overrides.items())))
         hit = self._pipelines.get(key)
         if hit is not None:
             return hit
-        name = f"{file}:{entry}{_variant(defines)}"
+        name = f"{file}:{entry}{_variant({**defines, **overrides})}"
         src = render_wgsl(file, defines)
         mkey = (file, tuple(sorted(defines.items())))
         wgpu = self.wgpu
@@ -252,18 +252,22 @@ class Runtime:
                 {"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": types[k]}}
                 for i, k in sorted(binds.values())])
             pl = self.device.create_pipeline_layout(bind_group_layouts=[layout])
-            pipe = self.device.create_compute_pipeline(layout=pl, compute={"module": module, "entry_point": entry},
-                                                       label=name)
+            stage = {"module": module, "entry_point": entry}
+            if overrides:  # WGSL `override` constants (pipeline-creation time: sizes of workgroup arrays, lanes)
+                stage["constants"] = overrides
+            pipe = self.device.create_compute_pipeline(layout=pl, compute=stage, label=name)
         except Exception as e:
             raise WebGPUError(f"kernel {name}: pipeline creation failed: {e}") from e
         hit = (name, pipe, layout, binds, parse_params(src))
         self._pipelines[key] = hit
         return hit
 
-    def op(self, file: str, entry: str, grid, buffers: dict, params: dict | None = None, defines=None) -> Op:
-        """Record one dispatch. buffers: binding name -> Buf; params: fields of the shader's `struct P`."""
+    def op(self, file: str, entry: str, grid, buffers: dict, params: dict | None = None, defines=None,
+           overrides=None) -> Op:
+        """Record one dispatch. buffers: binding name -> Buf; params: fields of the shader's `struct P`;
+        defines: template step (text); overrides: WGSL `override` constants (pipeline creation)."""
         defines = dict(defines or {})
-        name, pipe, layout, binds, pfields = self._kernel(file, entry, defines)
+        name, pipe, layout, binds, pfields = self._kernel(file, entry, defines, overrides)
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         mx = self.limits.get("max-compute-workgroups-per-dimension", 65535)
         if min(grid) < 1 or max(grid) > mx:
