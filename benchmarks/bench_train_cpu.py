@@ -1,10 +1,11 @@
-"""LoRA training speed on CPU: our numpy train session vs PyTorch + PEFT (fp32), same model, same config.
+"""LoRA training speed on CPU: our numpy and WebGPU (lavapipe) train sessions vs PyTorch + PEFT (fp32), same config.
 
 The default model (SmolLM2-135M-Instruct; transformers reads the same GGUF, dequantized to f32),
 LoRA r=8 alpha=16 on all 7 linear projections, AdamW, clipping at 1.0, batch x seq random tokens.
 Each side runs `--warmup` optimizer steps, then `--steps` timed ones; tokens/s = batch*seq / median step.
 
     .venv/bin/python benchmarks/bench_train_cpu.py [--batch 1] [--seq 256] [--steps 3] [--threads 2]
+                                                   [--only numpy|webgpu|torch]
 """
 
 from __future__ import annotations
@@ -36,8 +37,7 @@ def batches(n, batch, seq, vocab, seed=0):
         yield t[:, :-1], t[:, 1:]
 
 
-def bench_numpy(model, cfg, args):
-    eng = NumpyEngine(model)
+def bench_ours(eng, model, cfg, args):
     sess = eng.train_session(LoraAdapter.init(model.args, cfg, seed=0), {"kind": args.optimizer})
     times, cpu, losses = [], [], []
     for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, model.args.vocab_size)):
@@ -86,7 +86,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adam8bit"])
-    ap.add_argument("--only", choices=["numpy", "torch"], default=None)
+    ap.add_argument("--only", choices=["numpy", "webgpu", "torch"], default=None)
     args = ap.parse_args()
     import torch
 
@@ -94,9 +94,19 @@ def main():
     cfg = LoraConfig(r=8, alpha=16, targets=LINEAR_NAMES)
     rows = []
     tok = args.batch * args.seq
-    if args.only in (None, "numpy"):
-        t, c, l0 = bench_numpy(load_model(), cfg, args)
-        rows.append({"backend": f"loralabd numpy ({args.optimizer})", "ms_per_step": 1000 * statistics.median(t),
+    model = load_model()
+    for backend in ("numpy", "webgpu"):
+        if args.only not in (None, backend):
+            continue
+        if backend == "numpy":
+            eng, name = NumpyEngine(model), "numpy"
+        else:  # the WebGPU engine on whatever adapter this machine has (lavapipe on a CPU-only box)
+            from loralabd.engine.webgpu.engine import WebGPUEngine
+            from loralabd.engine.webgpu.runtime import get_runtime
+
+            eng, name = WebGPUEngine(model), f"webgpu on {get_runtime().info()['name']}"
+        t, c, l0 = bench_ours(eng, model, cfg, args)
+        rows.append({"backend": f"loralabd {name} ({args.optimizer})", "ms_per_step": 1000 * statistics.median(t),
                      "tokens_per_s": tok / statistics.median(t), "cpu_s_per_step": statistics.median(c),
                      "first_loss": l0[0]})
     if args.only in (None, "torch"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 import shutil
 import tempfile
 import time
@@ -99,6 +100,6 @@ class AdapterStore:
         d = self._dir(name)
         if not d.exists():
             raise AdapterStoreError(f"no adapter named {name!r} in {self.root}")
-        trash = self.root / ("." + name + ".deleted-" + next(tempfile._get_candidate_names()))
+        trash = self.root / ("." + name + ".deleted-" + secrets.token_hex(4))
         d.rename(trash)  # atomic: the name is gone at once; the files go after
         shutil.rmtree(trash, ignore_errors=True)

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -218,6 +218,16 @@ class Generation:
         return self._run()
 
     def _run(self) -> Iterator[Delta]:
+        caches: list = []
+        try:
+            yield from self._decode(caches)
+        finally:  # also when the consumer stops iterating early: GPU caches go back at once
+            for c in caches:
+                if hasattr(c, "free"):
+                    with engine_lock(self.engine):
+                        c.free()
+
+    def _decode(self, caches: list) -> Iterator[Delta]:
         r, eng, st = self.req, self.engine, self.stats
         lock = engine_lock(eng)
         seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -234,8 +244,9 @@ class Generation:
         if self._cancelled():
             st.finish_reason = "cancelled"
             return
-        cache = eng.new_cache(1, len(self.prompt_ids) + self.max_tokens)
         with lock:
+            cache = eng.new_cache(1, len(self.prompt_ids) + self.max_tokens)
+            caches.append(cache)
             logits = eng.step_logits(np.asarray([self.prompt_ids]), cache, adapters)[0]  # (V,)
         st.prompt_s = time.perf_counter() - t0
         for n in range(self.max_tokens):

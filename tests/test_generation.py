@@ -181,3 +181,22 @@ def test_bad_requests_say_what_to_change(tiny, kw, msg):
     model, s = tiny
     with pytest.raises(GenerationError, match=msg):
         s.stream(**kw)
+
+
+# --- the WebGPU backend through the same service ------------------------------------------------------
+
+@pytest.mark.gpu
+def test_webgpu_engine_gives_the_same_generations(tiny):
+    rt = pytest.importorskip("loralabd.engine.webgpu.runtime")
+    if not rt.available():
+        pytest.skip("no WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
+    from loralabd.engine.webgpu.engine import WebGPUEngine
+
+    model, s = tiny
+    gpu = GenerationService(WebGPUEngine(model))
+    ad = adapter(model.args, 1)
+    for ads in ([], [(ad, 1.0)]):
+        for kw in (dict(), dict(temperature=0.8, top_k=40, seed=3)):
+            a = s.generate(prompt="the quick brown", max_tokens=24, stop_ids=[], adapters=ads, **kw)
+            b = gpu.generate(prompt="the quick brown", max_tokens=24, stop_ids=[], adapters=ads, **kw)
+            assert a.token_ids == b.token_ids and a.text == b.text, (len(ads), kw)

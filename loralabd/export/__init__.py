@@ -7,6 +7,7 @@ Each writer converts at the edge to what its reader expects (see docs/adapters.m
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     final = Path(final)
     old = None
     if final.exists():
-        old = final.with_name("." + final.name + ".old-" + next(tempfile._get_candidate_names()))
+        old = final.with_name("." + final.name + ".old-" + secrets.token_hex(4))
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:

@@ -196,7 +196,9 @@ def _load_gguf(path: Path) -> LoadedModel:
                 found[ours] = _gguf_tensor(path, names[name])
             elif not ours.endswith("_bias"):
                 need(name)
-        for p, nh in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)):
+        # llama.cpp's converter permutes q/k rows for llama and mistral only (qwen2 keeps HF's order)
+        permuted = args.arch in ("llama", "mistral")
+        for p, nh in (("q_proj", args.num_attention_heads), ("k_proj", args.num_key_value_heads)) if permuted else ():
             idx = gguf_unpermute_index(found[p].shape[0], nh)
             found[p] = found[p].take_rows(idx)
             b = p[0] + "_bias"
