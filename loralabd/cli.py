@@ -36,14 +36,17 @@ def _client(start=True) -> Client:
     return c
 
 
-def _ensure_model(c: Client, model: str) -> str:
-    """Load the model when needed (idempotent); returns its id."""
+def _ensure_model(c: Client, model: str, backend: str | None = None) -> str:
+    """Load the model when needed (idempotent); returns its id. `backend` applies to a new load only."""
     src = None if model in ("default", "") else os.path.abspath(os.path.expanduser(model))
     for m in c.request("model/list")["models"]:
         if m["id"] == model or (src and m["source"] == src):
             return m["id"]
     print(f"loading {model} ...", file=sys.stderr)
-    return c.request("model/load", {} if src is None else {"source": src})["id"]
+    p = {} if src is None else {"source": src}
+    if backend:
+        p["backend"] = backend
+    return c.request("model/load", p)["id"]
 
 
 def _fmt_s(s):
@@ -156,7 +159,8 @@ def cmd_stop(a):
 def cmd_models(a):
     with _client() as c:
         if a.load:
-            m = c.request("model/load", {"source": a.load, **({"name": a.name} if a.name else {})})
+            m = c.request("model/load", {"source": a.load, **({"name": a.name} if a.name else {}),
+                                         **({"backend": a.backend} if a.backend else {})})
             print(f"loaded {m['id']}")
         if a.unload:
             c.request("model/unload", {"model": a.unload})
@@ -257,7 +261,7 @@ def _show_plan(p: dict, mid: str, a) -> None:
 
 def cmd_plan(a):
     with _client() as c:
-        mid = _ensure_model(c, a.model)
+        mid = _ensure_model(c, a.model, a.backend)
         params = _plan_params(a, mid)
         if a.data:
             info = c.request("dataset/inspect", {"path": os.path.abspath(a.data), "model": mid, "seqLen": a.seq})
@@ -298,7 +302,7 @@ def cmd_train(a):
         else:
             if not a.data or not a.adapter:
                 sys.exit("loralab train: give DATA and --adapter NAME (or --list / --resume ID)")
-            mid = _ensure_model(c, a.model)
+            mid = _ensure_model(c, a.model, a.backend)
             length = {"epochs": a.epochs} if a.epochs else {"steps": a.steps}
             params = {"model": mid, "dataset": os.path.abspath(a.data), "adapter": a.adapter, **length,
                       "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a), "optimizer": {"lr": a.lr},
@@ -330,7 +334,7 @@ def _chat_once(c, mid, messages, a):
 
 def cmd_chat(a):
     with _client() as c:
-        mid = _ensure_model(c, a.model)
+        mid = _ensure_model(c, a.model, a.backend)
         if a.prompt:
             _chat_once(c, mid, [{"role": "user", "content": " ".join(a.prompt)}], a)
             return
@@ -370,7 +374,7 @@ def cmd_demo(a):
 
     cfg = DEMO_CONFIG
     with _client() as c:
-        mid = _ensure_model(c, a.model)
+        mid = _ensure_model(c, a.model, a.backend)
         lora = {"r": cfg["r"], "alpha": float(cfg["alpha"]), "targets": ["all"]}
         p = c.request("plan/estimate", {"model": mid, "lora": lora, "batchSize": cfg["batch_size"], "seqLen": cfg["seq_len"]})
         print(f"plan: {p['loraParameters']:,} trainable parameters, ~{_mb(p['memory']['total'])} to train "
@@ -394,6 +398,9 @@ def build_parser():
     ap = argparse.ArgumentParser(prog="loralab", description="LoRA Lab: fine-tune small language models with LoRA "
                                  "on your own machine, and chat with the result. Every command talks to the daemon "
                                  "(loralabd), starting it when none runs.")
+    ap.add_argument("--backend", choices=["auto", "webgpu", "numpy"], default=None,
+                    help="engine for models this command loads: auto (WebGPU on a hardware GPU, else numpy), "
+                         "webgpu (any WebGPU adapter, software ones too) or numpy")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
