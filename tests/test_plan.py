@@ -107,6 +107,8 @@ def test_webgpu_memory_model_equals_the_engines_buffers():
         used = rt.peak_bytes - before
         pred = training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), engine=eng).total
         assert abs(pred - used) <= 0.001 * used, (B, T, cfg, opt, pred, used)
+        # without an engine (a plan for a backend name): the same list from the device's limits and variants
+        assert training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), tiled=rt.tiled).total == pred
         for p in list(getattr(sess, "_programs", {}).values()):
             p.acts.free()
         if hasattr(sess, "free"):

@@ -9,7 +9,9 @@ matmul_flops: the frozen projections (forward y and backward dx: 4 N in out each
 vocabulary (forward, recompute, dh: 6 N D V); lora_flops: 6 N r (in + out) per adapted projection;
 attention_flops: 16 B H T^2 hd (forward QK, PV and the backward's six products over the full T x T);
 lora_params: work per parameter whatever the batch (adding each micro-batch's gradients into the
-accumulator, copies) — at a small batch and a large rank it outweighs the LoRA matmuls.
+accumulator, copies) — at a small batch and a large rank it outweighs the LoRA matmuls; lora_mats: the
+adapted projections (layers x targets), each a fixed number of small dispatches whatever its size — on a
+GPU their launch overhead, not their FLOPs, is what LoRA costs at a small rank.
 The coefficients come from a least-squares fit (non-negative) over a handful of shapes timed through
 `engine.train_session(...)`, so any engine with that interface is calibrated the same way. Results are
 cached per adapter + driver + BLAS threads + model shape in the data directory.
@@ -28,7 +30,7 @@ from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES
 from .hardware import Device, describe
 
-VERSION = 5  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 6  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
 
@@ -44,10 +46,11 @@ def features(args, cfg: LoraConfig, batch: int, seq: int) -> dict:
     lora = 6.0 * N * cfg.r * n_lay * sum(sum(args.linear_shape(t)) for t in cfg.targets)
     att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
     params = n_lay * sum(cfg.r * sum(args.linear_shape(t)) for t in cfg.targets)
-    return {"matmul_flops": mm, "lora_flops": lora, "attention_flops": att, "lora_params": float(params)}
+    return {"matmul_flops": mm, "lora_flops": lora, "attention_flops": att, "lora_params": float(params),
+            "lora_mats": float(n_lay * len(cfg.targets))}
 
 
-ACC_TERMS = ("const", "matmul_flops", "lora_flops", "attention_flops", "lora_params")
+ACC_TERMS = ("const", "matmul_flops", "lora_flops", "attention_flops", "lora_params", "lora_mats")
 STEP_TERMS = ("const", "lora_params")
 
 
@@ -107,6 +110,7 @@ def fit(samples: list[dict]) -> tuple[dict, dict]:
     """Coefficients of the accumulate and step models; relative errors weigh every shape alike."""
     Xa = np.array([[1.0] + [s["features"][k] for k in ACC_TERMS[1:]] for s in samples])
     ya = np.array([s["accumulate_s"] for s in samples])
+    Xa[:, 1:][:, np.ptp(Xa[:, 1:], axis=0) == 0] = 0.0  # a term no shape varies is the constant's: not fitted
     scale = Xa.max(axis=0)
     scale[scale == 0] = 1.0
     ca = nnls(Xa / scale, ya, 1.0 / ya) / scale
@@ -120,26 +124,35 @@ def fit(samples: list[dict]) -> tuple[dict, dict]:
 
 # -- running it ---------------------------------------------------------------------------------------
 
-def shapes_for(device: Device, args=None) -> list[tuple[int, int, int]]:
-    """(batch, seq, rank) to time: a base shape, more rows, a longer sequence (attention), a larger rank at
-    two batch sizes (LoRA work per token against work per parameter).
-    The base is small on CPUs (the numpy engine runs ~30-100 tokens/s there) and larger on GPUs, where a
-    tiny step measures only dispatch overhead. With the model's args, the shapes scale with it: the longest
-    (4 x base) stays within the context, and the large rank within the width (a tiny test model calibrates
-    in about a second)."""
-    s = 32 if device.backend == "numpy" or device.software else 256
-    r_hi = 64
+def shapes_for(device: Device, args=None) -> list[tuple]:
+    """(batch, seq, rank[, targets]) to time.
+    CPUs and software adapters: a base shape, more rows, a longer sequence (attention), a larger rank at two
+    batch sizes (LoRA work per token against work per parameter) — small, the numpy engine runs ~30-100
+    tokens/s there. Discrete GPUs: 2k-8k tokens a step, where the step is compute-bound (at <= 1k tokens a
+    big GPU measures mostly the fixed cost of ~2,700 dispatches, and larger batches came out over-predicted
+    by up to 43%), the large rank at two batch sizes, and one shape with fewer adapted projections (the
+    per-dispatch cost of LoRA); one timed step each, so that it stays within 10 s with the pipelines
+    compiled cold (~9 s on an H100). Other GPUs: 256-1k tokens.
+    With the model's args, the shapes scale with it: the longest stays within the context, and the large
+    rank within the width (a tiny test model calibrates in about a second)."""
+    r_hi, ctx = 64, 0
     if args is not None:
         ctx = int(getattr(args, "max_position_embeddings", 0) or 0)
-        if ctx:
-            s = max(8, min(s, ctx // 4 // 8 * 8))
         r_hi = max(16, min(64, args.hidden_size // 2))
+    if device.backend != "numpy" and not device.software and "discrete" in device.type.lower().replace("-", ""):
+        s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
+        # 2k-8k tokens: (4, s) against (16 x 4, s / 4) moves the matmuls at equal attention work (B x T^2)
+        return [(4, s, 8), (16 * 4, max(8, s // 4), 8), (4, s, r_hi), (8, s, r_hi), (8, s, 8, ("q_proj", "v_proj"))]
+    s = 32 if device.backend == "numpy" or device.software else 256
+    if ctx:
+        s = max(8, min(s, ctx // 4 // 8 * 8))
     return [(1, s, 8), (4, s, 8), (2, 2 * s, 8), (1, 4 * s, 8), (1, s, r_hi), (4, s, r_hi)]
 
 
 def repeats_for(device: Device) -> int:
-    """Timed steps per shape after the warm-up, best kept: a software adapter is too slow for more."""
-    return 1 if device.software else (2 if device.backend == "numpy" else 3)
+    """Timed steps per shape after the warm-up, best kept: one on GPUs (steady, and the <= 10 s budget goes to
+    larger shapes) and software adapters (too slow for more), two on the CPU (other processes steal time)."""
+    return 2 if device.backend == "numpy" else 1
 
 
 def _clock(kind: str):
@@ -192,8 +205,8 @@ def plan_shapes(engine, device: Device, shapes=None, repeats: int | None = None,
     """[(LoraConfig, batch, seq, repeats)] a calibration times, in order."""
     args = engine.model.args if hasattr(engine, "model") else engine.args
     repeats = repeats or repeats_for(device)
-    return [(LoraConfig(r=r, alpha=2 * r, targets=tuple(targets)), B, T, repeats)
-            for B, T, r in (shapes or shapes_for(device, args))]
+    return [(LoraConfig(r=sh[2], alpha=2 * sh[2], targets=tuple(sh[3] if len(sh) > 3 else targets)), sh[0], sh[1],
+             repeats) for sh in (shapes or shapes_for(device, args))]
 
 
 def finish(engine, device: Device, clock: str, samples: list, seconds: float) -> Calibration:

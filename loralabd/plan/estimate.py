@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from ..engine.lora import LoraConfig
 from .calibrate import Calibration, cached, cached_calibration
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
+from ..engine.webgpu.sizing import default_tiled
 from .memory import MemoryEstimate, binding_violations, lora_params, mib, training_memory
 
 RANKS = (64, 32, 16, 8, 4, 2, 1)  # what the rank advice picks from, largest first
@@ -182,8 +183,8 @@ def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
 
 # -- the search for what fits -----------------------------------------------------------------------------
 
-def _fits(model, backend, cfg, B, T, optim, engine, available, limits) -> bool:
-    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=engine)
+def _fits(model, backend, cfg, B, T, optim, engine, available, limits, tiled=None) -> bool:
+    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=engine, tiled=tiled)
     return (available is None or mem.total <= available) and not binding_violations(mem, limits)
 
 
@@ -247,14 +248,15 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
 
     # -- memory and limits
     limits = device.limits if backend == "webgpu" else {}
-    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=eng)
+    tiled = default_tiled(not device.software)  # without an engine: the kernels this adapter would run
+    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=eng, tiled=tiled)
     available, avail_src = _available(device, memory_cap_bytes)
     exceeded = []
-    fits_batch = lambda b: _fits(model, backend, cfg, b, T, optim, eng, available, limits)  # noqa: E731
-    fits_seq = lambda t: _fits(model, backend, cfg, B, t, optim, eng, available, limits)  # noqa: E731
+    fits_batch = lambda b: _fits(model, backend, cfg, b, T, optim, eng, available, limits, tiled)  # noqa: E731
+    fits_seq = lambda t: _fits(model, backend, cfg, B, t, optim, eng, available, limits, tiled)  # noqa: E731
     max_b = largest(fits_batch, 1, 4096)
     max_t = largest(fits_seq, 8, max(8, a.max_position_embeddings), 8)
-    change = _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits)
+    change = _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits, tiled)
     if available is not None and mem.total > available:
         exceeded.append({"limit": "memory", "what": f"the training step (peak in {mem.phase})",
                          "needed": mem.total, "available": available, "over": mem.total - available,
@@ -285,7 +287,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
         advice["text"].append(f"the longest sequence that fits at batch {B} is {max_t}")
     if cal is not None and time_budget_s is not None:
         def rank_fits(c):
-            return _fits(model, backend, c, B, T, optim, eng, available, limits)
+            return _fits(model, backend, c, B, T, optim, eng, available, limits, tiled)
         advice.update(_rank_for_budget(model, cal, cfg, B, T, ga, n_steps, time_budget_s, per_step, rank_fits))
         advice["text"].append(advice.pop("_text"))
 
@@ -343,7 +345,7 @@ def _achieved(cal) -> str:
             f"{g(a['attention_gflops'])} on attention; {a['step_overhead_s'] * 1e3:.1f} ms fixed per micro-batch")
 
 
-def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits) -> str:
+def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits, tiled=None) -> str:
     """The changes that make the run fit, most useful first."""
     opts = []
     if max_b is not None and max_b < B:
@@ -353,13 +355,14 @@ def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem
     if max_t is not None and max_t < T:
         opts.append(f"seq {max_t} at batch {B}")
     if optim == "adamw" and mem.parts.get("optimizer", 0) > 0:
-        saved = mem.parts["optimizer"] - training_memory(model, backend, cfg, B, T, "adam8bit", limits, engine=eng).parts["optimizer"]
+        eight = training_memory(model, backend, cfg, B, T, "adam8bit", limits, engine=eng, tiled=tiled)
+        saved = mem.parts["optimizer"] - eight.parts["optimizer"]
         if saved > 0:
             opts.append(f"optimizer adam8bit (saves {mib(saved)})")
     if cfg.r > 8:
         small = LoraConfig(r=8, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, targets=cfg.targets,
                            layers=cfg.layers)
-        saved = mem.total - training_memory(model, backend, small, B, T, optim, limits, engine=eng).total
+        saved = mem.total - training_memory(model, backend, small, B, T, optim, limits, engine=eng, tiled=tiled).total
         if saved > 0:
             opts.append(f"rank {small.r} (saves {mib(saved)})")
     if max_b is None and max_t is None:  # not even the smallest step: the changes above cannot be enough alone

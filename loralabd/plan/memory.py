@@ -11,8 +11,9 @@ keeps every layer's activations for backward (no checkpointing); materialises at
 
 WebGPU engine (loralabd/engine/webgpu/): base weights stay quantized; per-layer checkpointing (each layer
 keeps its input, one layer's activations are reused by all); flash-style attention; vocabulary-chunked
-logits. Every allocation is one buffer, so each is checked against the adapter's binding limits. Where the
-engine can list its own buffers (`engine.plan_buffers(batch, seq, lora_config, optim)`), that list is used.
+logits. Every allocation is one buffer, so each is checked against the adapter's binding limits. The list is
+the engine's own (`WebGPUEngine.plan_buffers`, engine/webgpu/sizing.py: its allocation code run without
+allocating), so it follows the kernel variants each adapter runs.
 """
 
 from __future__ import annotations
@@ -176,106 +177,23 @@ def numpy_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ada
 
 # -- the WebGPU engine ------------------------------------------------------------------------------
 
-def _buf16(n: int) -> int:
-    return max(16, (int(n) + 15) // 16 * 16)  # runtime.buffer rounds every allocation up to 16 bytes
-
-
-def webgpu_chunk(args, N: int, limits: dict, vocab_chunk: int | None = None) -> int:
-    """WebGPUEngine.chunk_size: (N, C) logits of at most ~16M floats and one storage binding."""
-    V = args.vocab_size
-    if vocab_chunk:
-        return min(V, vocab_chunk)
-    lim = min(1 << 24, limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
-    return int(min(V, max(256, lim // max(N, 1))))
-
-
-def webgpu_buffers(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw", limits: dict | None = None,
-                   vocab_chunk: int | None = None) -> list[Buffer]:
-    """The buffers WebGPUEngine + WebGPUTrainSession allocate for one training shape (engine/webgpu/engine.py,
-    train.py): weights as stored (4-bit blocks + f16 scales), one flat f32 buffer each for LoRA params,
-    grads and moments, per-layer checkpoints (L + 1 of (N, D)), one layer's activations and gradients,
-    flash-style attention (only lse and delta per row), one (N, chunk) logits buffer."""
-    a = model.args
-    limits = limits or {}
-    B, T = int(batch), int(seq)
-    N = B * T
-    D, F, H, KV, hd, V = (a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads,
-                          a.head_dim, a.vocab_size)
-    L, r = a.num_hidden_layers, cfg.r
-    Hq, Hk = H * hd, KV * hd
-    out: list[Buffer] = []
-
-    def add(name, part, nbytes):
-        out.append(Buffer(name, part, _buf16(nbytes)))
-
-    def weight(name, qt):
-        if qt.kind in ("q4_1", "q8_0"):
-            add(name, "weights", qt.qs.nbytes)
-            add(name + ".scales", "weights", qt.scales.nbytes + (2 if qt.kind == "q8_0" and qt.scales.size % 2 else 0))
-        elif qt.kind == "f16":
-            add(name, "weights", qt.shape[0] * -(-qt.shape[1] // 4) * 4 * 2)
-        else:
-            add(name, "weights", qt.shape[0] * qt.shape[1] * F32)
-
-    for i, Lw in enumerate(model.layers):
-        for n in LINEAR_NAMES:
-            weight(f"{i}.{n}", Lw.linear[n])
-        for n, b in Lw.bias.items():
-            add(f"{i}.{n}.bias", "weights", b.nbytes)
-        add(f"{i}.ln1", "weights", F32 * D)
-        add(f"{i}.ln2", "weights", F32 * D)
-    add("norm", "weights", F32 * D)
-    weight("embed", model.embed_tokens)
-    if model.lm_head is not None:
-        weight("lm_head", model.lm_head)
-    add("rope", "weights", a.max_position_embeddings * hd * F32)
-    add("dyn0", "runtime", 16)
-    add("dummy", "runtime", 64)
-    # the train session: flat A/B (each tensor padded to 256 floats), grads, moments
-    n = max(sum(-(-k // 256) * 256 for k in lora_tensors(a, cfg)), 256)
-    add("lora.params", "lora", F32 * n)
-    add("lora.grads", "gradients", F32 * n)
-    add("gstat", "gradients", 16)
-    add("gnorm.parts", "gradients", F32 * 64)
-    if optim == "adamw":
-        add("adam.m", "optimizer", F32 * n)
-        add("adam.v", "optimizer", F32 * n)
-    else:
-        add("adam8.m", "optimizer", n)
-        add("adam8.v", "optimizer", n)
-        add("adam8.absmax", "optimizer", 8 * (n // QBLOCK))
-        add("adam8.codes", "optimizer", F32 * 4 * 256)
-    # Acts of the (B, T) shape
-    for name, floats in (("tok", N), ("pos", N), ("seg", N), ("labels", N), ("r1", N), ("r2", N), ("rf", N)):
-        add(name, "activations", F32 * floats)
-    for name, floats in (("h", N * D), ("q", N * Hq), ("k", N * Hk), ("v", N * Hk), ("att", N * Hq), ("x1", N * D),
-                         ("h2", N * D), ("g", N * F), ("u", N * F), ("act", N * F), ("hf", N * D)):
-        add(name, "activations", F32 * floats)
-    for t in cfg.targets:  # LoRA's x·Aᵀ, one per projection name (reused by every layer)
-        add(f"xa0.{t}", "activations", F32 * N * r)
-    for i in range(L + 1):
-        add(f"x{i}", "activations", F32 * N * D)  # the checkpoints
-    add("ce_state", "logits", F32 * N * 4)
-    add("loss", "logits", F32)
-    for name, floats in (("dhf", N * D), ("dx", N * D), ("dh", N * D), ("dact", N * F), ("dg", N * F), ("du", N * F),
-                         ("datt", N * Hq), ("dq", N * Hq), ("dk", N * Hk), ("dv", N * Hk), ("dxa", N * r)):
-        add(name, "workspace", F32 * floats)
-    add("lse", "attention", F32 * B * H * T)
-    add("delta", "attention", F32 * B * H * T)
-    add("logits_chunk", "logits", F32 * N * webgpu_chunk(a, N, limits, vocab_chunk))
-    return out
-
-
 def webgpu_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw", limits: dict | None = None,
-                  engine=None) -> MemoryEstimate:
-    notes = []
-    bufs = None
+                  engine=None, tiled: bool | None = None) -> MemoryEstimate:
+    """The engine's own buffer list for this shape (engine/webgpu/sizing.py: WebGPUEngine's allocation code run
+    without allocating). With an engine, its device's limits and kernel variants; without one, `limits` and
+    `tiled` (the GPU-only variants of hardware adapters: split dA/dB scratch, larger logit rows)."""
     if engine is not None and hasattr(engine, "plan_buffers"):
-        bufs = [Buffer(*b) if not isinstance(b, Buffer) else b for b in engine.plan_buffers(batch, seq, cfg, optim)]
-        notes.append("buffers: the engine's own list for this shape")
-    if bufs is None:
-        bufs = webgpu_buffers(model, cfg, batch, seq, optim, limits, getattr(engine, "vocab_chunk", None))
-        notes.append("buffers: WebGPUEngine's allocations for this shape, counted from its code")
+        raw = engine.plan_buffers(batch, seq, cfg, optim)
+        notes = ["buffers: the engine's own list for this shape"]
+    else:
+        from ..engine.webgpu.sizing import default_tiled, plan_buffers
+
+        t = default_tiled(True) if tiled is None else tiled
+        raw = plan_buffers(model, batch, seq, cfg, optim, limits or {}, t, getattr(engine, "vocab_chunk", None),
+                           getattr(engine, "ce_row_chunk", None))
+        notes = [f"buffers: WebGPUEngine's allocations for this shape ({'hardware' if t else 'software'} "
+                 "adapter kernels), planned by the engine's own code"]
+    bufs = [b if isinstance(b, Buffer) else Buffer(*b) for b in raw]
     parts = dict.fromkeys(PARTS, 0)
     for b in bufs:
         parts[b.part] = parts.get(b.part, 0) + b.nbytes
@@ -285,12 +203,13 @@ def webgpu_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ad
 
 
 def training_memory(model, backend: str, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw",
-                    limits: dict | None = None, engine=None) -> MemoryEstimate:
-    """limits: the WebGPU adapter's (they set the logits chunk); engine: to read its settings / buffer list."""
+                    limits: dict | None = None, engine=None, tiled: bool | None = None) -> MemoryEstimate:
+    """limits: the WebGPU adapter's (they size the logits); engine: to read its settings / buffer list;
+    tiled: without an engine, whether the adapter runs the hardware-GPU kernel variants (default: yes)."""
     if backend == "numpy":
         return numpy_memory(model, cfg, batch, seq, optim, getattr(engine, "vocab_chunk", 8192))
     if backend == "webgpu":
-        return webgpu_memory(model, cfg, batch, seq, optim, limits, engine)
+        return webgpu_memory(model, cfg, batch, seq, optim, limits, engine, tiled)
     raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")
 
 

@@ -184,8 +184,8 @@ class WebGPUEngine:
     backend = "webgpu"
 
     def __init__(self, model: LoadedModel, vocab_chunk: int | None = None, max_programs: int = 8,
-                 ce_row_chunk: int | None = None):
-        rt = self.rt = get_runtime()
+                 ce_row_chunk: int | None = None, runtime=None):
+        rt = self.rt = runtime if runtime is not None else get_runtime()  # sizing.SizingRuntime: plan only
         self.model, self.args = model, model.args
         a = self.args
         if a.head_dim % 2:
@@ -551,6 +551,14 @@ class WebGPUEngine:
         grads = sess.read_grads(scale=1.0 / max(n, 1))
         sess.free()
         return loss_sum / max(n, 1), grads, n
+
+    def plan_buffers(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> list:
+        """[(name, part, nbytes)] this engine and a train session allocate for (batch, seq), without allocating:
+        the same code run on a sizing runtime with this device's limits and kernel variants (sizing.py)."""
+        from .sizing import plan_buffers
+
+        return plan_buffers(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
+                            self.vocab_chunk, self.ce_row_chunk)
 
     def peak_bytes(self) -> int:
         return self.rt.peak_bytes
