@@ -1,4 +1,4 @@
-"""Decode speed on CPU: our generation service on NumpyEngine vs transformers `generate` (and llama.cpp
+"""Decode speed on CPU: our generation service on NumpyEngine and WebGPUEngine vs transformers `generate` (and llama.cpp
 when llama-cpp-python is installed), the default model, batch 1, greedy, same prompt ids.
 
 Reports time to first token (prompt in -> first token out), prompt tokens/s and decode tokens/s
@@ -29,8 +29,8 @@ from loralabd.models import default_model_path, load_model  # noqa: E402
 QUESTION = "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
 
 
-def bench_ours(model, ids, n, adapters):
-    svc = GenerationService(NumpyEngine(model))
+def bench_ours(engine, ids, n, adapters):
+    svc = GenerationService(engine)
     svc.generate(prompt_ids=ids, max_tokens=4, stop_ids=[], adapters=adapters)  # warm-up
     g = svc.generate(prompt_ids=ids, max_tokens=n, stop_ids=[], adapters=adapters)
     s = g.stats
@@ -107,6 +107,8 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--adapter", action="store_true", help="all runs with an r=8 LoRA on all projections")
+    ap.add_argument("--engines", default="numpy,webgpu,transformers,llama.cpp",
+                    help="comma list of numpy, webgpu (this machine's WebGPU adapter), transformers, llama.cpp")
     a = ap.parse_args()
     import torch
 
@@ -128,12 +130,21 @@ def main():
         lora = save_gguf_lora(ad, tmp / "lora.gguf", model.args)
     res = {"machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", "threads": a.threads,
            "prompt_tokens": len(ids), "new_tokens": a.tokens, "adapter": a.adapter}
-    res["numpy"] = median([bench_ours(model, ids, a.tokens, adapters) for _ in range(a.runs)])
+    engines = a.engines.split(",")
+    res["numpy"] = median([bench_ours(NumpyEngine(model), ids, a.tokens, adapters) for _ in range(a.runs)])
+    if "webgpu" in engines:
+        from loralabd.engine.webgpu.engine import WebGPUEngine
+        from loralabd.engine.webgpu.runtime import get_runtime
+
+        res["webgpu_adapter"] = get_runtime().info()["name"]
+        eng = WebGPUEngine(model)
+        res["webgpu"] = median([bench_ours(eng, ids, a.tokens, adapters) for _ in range(a.runs)])
     res["transformers"] = median([bench_transformers(path, ids, a.tokens, adapter_dir) for _ in range(a.runs)])
     try:
         import llama_cpp  # noqa: F401
 
-        res["llama.cpp"] = median([bench_llamacpp(path, ids, a.tokens, a.threads, lora) for _ in range(a.runs)])
+        if "llama.cpp" in engines:
+            res["llama.cpp"] = median([bench_llamacpp(path, ids, a.tokens, a.threads, lora) for _ in range(a.runs)])
     except ImportError:
         pass
     # transformers' min_new_tokens masks the end-of-turn token, so compare up to our first one
@@ -141,7 +152,9 @@ def main():
     stop = {model.tokenizer.eos_id}
     n_cmp = next((i for i, t in enumerate(ours_t) if t in stop), len(ours_t))
     same = ours_t[:n_cmp] == hf_t[:n_cmp]
-    for k in ("numpy", "transformers", "llama.cpp"):
+    if "webgpu" in res:
+        res["webgpu_tokens_equal_numpy"] = res["webgpu"]["tokens"] == ours_t
+    for k in ("numpy", "webgpu", "transformers", "llama.cpp"):
         if k in res:
             res[k].pop("tokens")
             res[k] = {m: round(v, 3) for m, v in res[k].items()}
@@ -149,7 +162,7 @@ def main():
     res["load_average_after"] = round(os.getloadavg()[0], 1)
     print(json.dumps(res, indent=2))
     print("\n| backend | time to first token | prompt tokens/s | decode tokens/s |\n|---|---|---|---|")
-    for k in ("numpy", "transformers", "llama.cpp"):
+    for k in ("numpy", "webgpu", "transformers", "llama.cpp"):
         if k in res:
             r = res[k]
             print(f"| {k} | {r['ttft_s'] * 1000:.0f} ms | {r['prompt_tok_s']:.0f} | {r['decode_tok_s']:.1f} |")
