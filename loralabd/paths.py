@@ -78,15 +78,17 @@ def lock_file() -> Path:
     return data_dir() / "loralabd.lock"
 
 
-def write_private_json(path: Path, obj) -> None:
-    """Atomic write (temp file, fsync, rename) of a file only the user can read (mode 0600)."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory: readers never see half a
+    file, and a crash leaves the old file or the new one. `mode` (e.g. 0o600) is set before any byte."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
-        if hasattr(os, "fchmod"):  # POSIX; on Windows the per-user profile directory is private already
-            os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
+        if mode is not None and hasattr(os, "fchmod"):  # POSIX; Windows profile dirs are private already
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -96,6 +98,17 @@ def write_private_json(path: Path, obj) -> None:
         except OSError:
             pass
         raise
+    if hasattr(os, "O_DIRECTORY"):  # the rename itself survives a power cut only once the directory is synced
+        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def write_private_json(path: Path, obj) -> None:
+    """Atomic write of a JSON file only the user can read (mode 0600)."""
+    atomic_write_bytes(path, json.dumps(obj).encode("utf-8"), mode=0o600)
 
 
 def read_connection() -> dict | None:

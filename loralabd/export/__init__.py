@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LoraLabError
+from ..paths import atomic_write_bytes  # noqa: F401  (re-exported for the writers here)
 
 
 class AdapterFormatError(LoraLabError):
@@ -48,25 +48,6 @@ def check_adapter(adapter, args, where: str = "adapter") -> None:
             raise AdapterFormatError(
                 f"{where}: layer {i} {name}: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)}, but this model "
                 f"needs ({r}, {in_f}) / ({out_f}, {r}) at rank {r}; the adapter was made for a different base model")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """temp file in the same directory, fsync, rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraLabError
+from ..paths import atomic_write_bytes
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -32,18 +33,6 @@ def _fsync_path(p: Path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write a single file atomically: temp file in the same directory, fsync, rename, fsync dir."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def save_checkpoint(run_dir, step: int, arrays: dict[str, np.ndarray], meta: dict, keep_last: int = 3) -> Path:
