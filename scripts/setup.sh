@@ -15,7 +15,9 @@ fi
 pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
 
 stamp=".venv/.loralab-setup-$want_test"
-key="$(cat pyproject.toml scripts/setup.sh clients/vscode/package-lock.json | sha256sum | cut -c1-16)"
+# what the setup depends on, hashed portably (macOS has no sha256sum)
+key="$("$py" -c 'import hashlib, sys; print(hashlib.sha256(b"".join(open(f, "rb").read() for f in sys.argv[1:])).hexdigest()[:16])' \
+  pyproject.toml scripts/setup.sh clients/vscode/package-lock.json)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$key" ]; then
   exit 0
 fi
