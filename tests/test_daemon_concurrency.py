@@ -45,12 +45,15 @@ def test_three_clients_and_serialized_generates(daemon, tiny_model):
     run(_three_clients_two_generates(daemon, tiny_model))
 
 
+STEPS = 400  # long enough that training is still running when the generate returns, on a fast machine too
+
+
 async def _generate_during_training(d, tiny_model, dataset):
     trainer, chatter = await d.client(), await d.client()
     try:
         await trainer.request("model/load", {"source": str(tiny_model), "name": "tiny"})
         steps = []
-        s = trainer.stream("train/start", {"model": "tiny", "dataset": str(dataset), "adapter": "live", "steps": 40,
+        s = trainer.stream("train/start", {"model": "tiny", "dataset": str(dataset), "adapter": "live", "steps": STEPS,
                                            "batchSize": 4, "seqLen": 48, "lora": {"r": 4}, "optimizer": {"lr": 1e-2}})
         async for ev in s:
             if ev["kind"] == "report" and ev["train"]["step"] >= 2:
@@ -61,14 +64,14 @@ async def _generate_during_training(d, tiny_model, dataset):
         dt = time.monotonic() - t0
         status = (await chatter.request("train/list"))["jobs"][0]
         assert status["state"] == "running", "training must still be running when generate returns"
-        assert 2 <= g["adapterStep"] < 40 and g["tokens"] >= 1
+        assert 2 <= g["adapterStep"] < STEPS and g["tokens"] >= 1
         async for ev in s:
             steps.append(ev)
         job = await s.result()
-        assert job["state"] == "completed" and job["step"] == 40
+        assert job["state"] == "completed" and job["step"] == STEPS
         assert dt < 30
         final = await chatter.request("generate", {"model": "tiny", "prompt": "the quick", "maxTokens": 8, "adapter": "live"})
-        assert final["adapterStep"] == 40
+        assert final["adapterStep"] == STEPS
     finally:
         await trainer.close()
         await chatter.close()
