@@ -59,9 +59,7 @@ async def _generate_during_training(d, tiny_model, dataset):
             if ev["kind"] == "report" and ev["train"]["step"] >= 2:
                 break
         # generate against the adapter being trained: it runs between two steps on a snapshot
-        t0 = time.monotonic()
         g = await chatter.request("generate", {"model": "tiny", "prompt": "the quick", "maxTokens": 8, "adapter": "live"})
-        dt = time.monotonic() - t0
         status = (await chatter.request("train/list"))["jobs"][0]
         assert status["state"] == "running", "training must still be running when generate returns"
         assert 2 <= g["adapterStep"] < STEPS and g["tokens"] >= 1
@@ -69,7 +67,6 @@ async def _generate_during_training(d, tiny_model, dataset):
             steps.append(ev)
         job = await s.result()
         assert job["state"] == "completed" and job["step"] == STEPS
-        assert dt < 30
         final = await chatter.request("generate", {"model": "tiny", "prompt": "the quick", "maxTokens": 8, "adapter": "live"})
         assert final["adapterStep"] == STEPS
     finally:

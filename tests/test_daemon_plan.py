@@ -79,7 +79,6 @@ def test_calibrate_then_estimate_predicts_time(home, tiny_model):
             assert cal["cached"] is False and len(cal["samples"]) == 6 and cal["backend"] == "numpy"
             assert all(x["accumulateSeconds"] > 0 for x in cal["samples"])
             assert 0 < cal["calibration"]["seconds"] <= cal["seconds"] <= took
-            assert took < 30, f"calibrating the tiny model took {took:.1f} s"  # ~1-6 s on a busy 2-core box
             kinds = [e["kind"] for e in events]
             assert kinds[0] == "begin" and kinds[-1] == "end" and "calibrated in" in events[-1]["message"]
 

@@ -4,7 +4,6 @@ the memory and time models against measurement (numpy engine on the default mode
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -125,9 +124,8 @@ def test_calibration_is_cached_per_device_and_model(home):
     cal = cached_calibration(eng, clock="cpu")
     assert cache_path().is_file() and str(cache_path()).startswith(str(home))
     assert len(cal.samples) == 6 and all(s["accumulate_s"] > 0 for s in cal.samples)
-    t = time.perf_counter()
     again = cached_calibration(NumpyEngine(model), clock="cpu")
-    assert time.perf_counter() - t < 0.5 and again.created == cal.created and again.acc == cal.acc
+    assert again.created == cal.created and again.acc == cal.acc  # read from the cache, not measured again
     other = random_model(tiny_args(hidden_size=96, num_hidden_layers=2), seed=0)  # another shape: not a hit
     from loralabd.plan.calibrate import cached
     from loralabd.plan.hardware import describe
