@@ -65,6 +65,18 @@ def dequantize_blockwise(q: np.ndarray, absmax: np.ndarray, code: np.ndarray, sh
     return (code[q] * scale).reshape(shape).astype(np.float32)
 
 
+def check_state(state: dict, kind: str, keys) -> None:
+    """A checkpoint fits this session: same optimizer, a weight for every LoRA matrix (both engines)."""
+    got = bytes(np.asarray(state["kind"], np.uint8)).decode()
+    if got != kind:
+        raise ValueError(f"checkpoint holds {got} optimizer state but this run uses {kind}; "
+                         "resume with the optimizer the run was started with")
+    missing = [k for k in keys if f"param.{k}" not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks LoRA weights for {missing[:3]}...; it was written for other "
+                         "LoRA targets or layers — resume with the run's own LoRA settings")
+
+
 class NumpyTrainSession:
     """One training run's adapter, gradient accumulator and optimizer state on the CPU."""
 
@@ -175,14 +187,7 @@ class NumpyTrainSession:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        kind = bytes(np.asarray(state["kind"], np.uint8)).decode()
-        if kind != self.kind:
-            raise ValueError(f"checkpoint holds {kind} optimizer state but this run uses {self.kind}; "
-                             "resume with the optimizer the run was started with")
-        missing = [k for k in self.params if f"param.{k}" not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks LoRA weights for {missing[:3]}...; it was written for other "
-                             "LoRA targets or layers — resume with the run's own LoRA settings")
+        check_state(state, self.kind, self.params)
         for k, p in self.params.items():
             p[...] = state[f"param.{k}"]  # in place: the adapter's arrays stay the same objects
             if self.kind == "adamw":

@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import reference as R
 from ..lora import LoraAdapter
-from ..numpy_train import CODE_SIGNED, CODE_UNSIGNED, QBLOCK, quantize_blockwise
+from ..numpy_train import CODE_SIGNED, CODE_UNSIGNED, QBLOCK, check_state, quantize_blockwise
 from . import kernels as K
 from .engine import Acts, Program, drop_salt
 
@@ -271,14 +271,7 @@ class WebGPUTrainSession:
         return self.rt.read(buf, np.float32).view(np.uint8)[: self.n]
 
     def load_state_dict(self, state: dict) -> None:
-        kind = bytes(np.asarray(state["kind"], np.uint8)).decode()
-        if kind != self.kind:
-            raise ValueError(f"checkpoint holds {kind} optimizer state but this run uses {self.kind}; "
-                             "resume with the optimizer the run was started with")
-        missing = [k for k in self.layout if f"param.{k}" not in state]
-        if missing:
-            raise ValueError(f"checkpoint lacks LoRA weights for {missing[:3]}...; it was written for other "
-                             "LoRA targets or layers — resume with the run's own LoRA settings")
+        check_state(state, self.kind, self.layout)
         prm = np.zeros(self.n, np.float32)
         if self.kind == "adamw":
             m, v = np.zeros(self.n, np.float32), np.zeros(self.n, np.float32)
