@@ -38,11 +38,13 @@ def emit(**kw):
 
 
 def batch_data(args, B, T, seed=0):
+    from loralabd.training.packing import Batch
+
     rng = np.random.default_rng(seed)
     tok = rng.integers(0, args.vocab_size, (B, T))
     lab = np.roll(tok, -1, axis=1)
     lab[:, -1] = -100
-    return tok, lab
+    return Batch.of(tok, lab)
 
 
 # --- ours ---------------------------------------------------------------------------------------------
@@ -60,19 +62,19 @@ def bench_webgpu(args, model, batches, seq, steps, decode_tokens, profile, r):
     emit(what="load", engine="webgpu", seconds=round(time.perf_counter() - t0, 3), weight_bytes=weights)
     ad = LoraAdapter.init(args, LoraConfig(r=r, alpha=2 * r), seed=0)
     for B in batches:
-        sess = eng.train_session(ad, {"kind": "adamw"})
-        tok, lab = batch_data(args, B, seq)
+        sess = eng.train_session(ad)
+        b = batch_data(args, B, seq)
         rt.peak_bytes = rt.live_bytes
         t0 = time.perf_counter()
-        sess.accumulate(tok, lab)  # builds the program (pipelines, buffers, bind groups)
-        sess.step(1e-4)
+        sess.step([b], 1e-4, 1.0)  # builds the program (pipelines, buffers, bind groups)
+        sess.metrics()
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(steps):
-            sess.accumulate(tok, lab)
-            sess.step(1e-4, 1.0)
+            sess.step([b], 1e-4, 1.0)
+        sess.metrics()  # one read at the end: waits for the device
         dt = (time.perf_counter() - t0) / steps
-        prog = sess._program(B, seq)
+        prog = sess.prepare(B, seq)
         emit(what="train", engine="webgpu", device=info["name"], batch=B, seq=seq, r=r, steps=steps,
              tokens_per_s=round(B * seq / dt, 1), ms_per_step=round(1e3 * dt, 2), first_step_s=round(warm, 2),
              dispatches_per_step=len(prog.ops) + 3, peak_bytes=rt.peak_bytes,
@@ -87,12 +89,12 @@ def bench_webgpu(args, model, batches, seq, steps, decode_tokens, profile, r):
                      top=[[k, round(1e3 * v, 2), round(100 * v / total, 1)] for k, v in top])
             else:
                 emit(what="profile", engine="webgpu", skipped="adapter has no timestamp-query feature")
-        sess.free()
+        sess.close()
     if decode_tokens:
         prompt = list(range(1, 17))
-        list(eng.generate(prompt, 4))  # build the decode programs
+        list(eng.decode(prompt, 4))  # build the decode programs
         t0 = time.perf_counter()
-        gen = eng.generate(prompt, decode_tokens)
+        gen = eng.decode(prompt, decode_tokens)
         next(gen)
         t1 = time.perf_counter()
         n = 1 + sum(1 for _ in gen)
@@ -109,20 +111,18 @@ def bench_numpy(args, model, batches, seq, steps, decode_tokens, r):
     eng = NumpyEngine(model)
     ad = LoraAdapter.init(args, LoraConfig(r=r, alpha=2 * r), seed=0)
     for B in batches:
-        sess = eng.train_session(ad, {"kind": "adamw"})
-        tok, lab = batch_data(args, B, seq)
-        sess.accumulate(tok, lab)
-        sess.step(1e-4)
+        sess = eng.train_session(ad)
+        b = batch_data(args, B, seq)
+        sess.step([b], 1e-4, 1.0)
         t0 = time.perf_counter()
         for _ in range(steps):
-            sess.accumulate(tok, lab)
-            sess.step(1e-4, 1.0)
+            sess.step([b], 1e-4, 1.0)
         dt = (time.perf_counter() - t0) / steps
         emit(what="train", engine="numpy", device=platform.processor() or "cpu", batch=B, seq=seq, r=r, steps=steps,
              tokens_per_s=round(B * seq / dt, 1), ms_per_step=round(1e3 * dt, 2))
     if decode_tokens:
         prompt = list(range(1, 17))
-        gen = eng.generate(prompt, decode_tokens)
+        gen = eng.decode(prompt, decode_tokens)
         next(gen)
         t1 = time.perf_counter()
         n = 1 + sum(1 for _ in gen)

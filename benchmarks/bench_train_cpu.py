@@ -38,16 +38,19 @@ def batches(n, batch, seq, vocab, seed=0):
 
 
 def bench_ours(eng, model, cfg, args):
-    sess = eng.train_session(LoraAdapter.init(model.args, cfg, seed=0), {"kind": args.optimizer})
+    from loralabd.engine.interface import OptimSettings
+    from loralabd.training.packing import Batch
+
+    sess = eng.train_session(LoraAdapter.init(model.args, cfg, seed=0), OptimSettings(kind=args.optimizer))
     times, cpu, losses = [], [], []
     for i, (x, y) in enumerate(batches(args.warmup + args.steps, args.batch, args.seq, model.args.vocab_size)):
         t0, c0 = time.perf_counter(), time.process_time()
-        ls, n = sess.accumulate(x, y)
-        sess.step(1e-4, 1.0)
+        sess.step([Batch.of(x, y)], 1e-4, 1.0)
+        m = sess.metrics()[-1]  # the numpy engine's metrics are there at once
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        losses.append(ls / n)
+        losses.append(m.loss)
     return times, cpu, losses
 
 

@@ -120,23 +120,26 @@ def bench_step(rt, B, T, layers, steps, top):
     if layers:
         args = replace(args, num_hidden_layers=layers)
     from loralabd.engine.webgpu.engine import WebGPUEngine
+    from loralabd.training.packing import Batch
 
     model = random_model(args, seed=0)
     eng = WebGPUEngine(model)
     ad = LoraAdapter.init(args, LoraConfig(r=8, alpha=16), seed=0)
-    sess = eng.train_session(ad, {"kind": "adamw"})
+    sess = eng.train_session(ad)
     rng = np.random.default_rng(0)
     tok = rng.integers(0, args.vocab_size, (B, T))
     lab = np.roll(tok, -1, axis=1)
     lab[:, -1] = -100
-    loss0 = sess.accumulate(tok, lab)
-    sess.step(1e-4)
+    b = Batch.of(tok, lab)
+    sess.step([b], 1e-4, 1.0)
+    m0 = sess.metrics()[0]
+    loss0 = (m0.loss_sum, m0.targets)
     t0 = time.perf_counter()
     for _ in range(steps):
-        sess.accumulate(tok, lab)
-        sess.step(1e-4, 1.0)
+        sess.step([b], 1e-4, 1.0)
+    sess.metrics()  # waits for the device
     dt = (time.perf_counter() - t0) / steps
-    prog = sess._program(B, T)
+    prog = sess.prepare(B, T)
     prof = rt.profile(prog.ops)
     total = sum(prof.values()) or 1.0
     tops = sorted(prof.items(), key=lambda kv: -kv[1])[:top]
@@ -144,7 +147,7 @@ def bench_step(rt, B, T, layers, steps, top):
          first_loss=float(loss0[0]) / max(loss0[1], 1), ms_per_step=round(1e3 * dt, 2),
          tokens_per_s=round(B * T / dt, 1), dispatches=len(prog.ops) + 3, gpu_ms=round(1e3 * total, 2),
          top=[[k, round(1e3 * v, 2), round(100 * v / total, 1)] for k, v in tops])
-    sess.free()
+    sess.close()
     eng.close()
 
 

@@ -52,6 +52,10 @@ class AdapterStore:
                                     "starting with a letter or digit")
         return self.root / name
 
+    def path(self, name: str) -> Path:
+        """The adapter's directory (a PEFT directory plus loralab.json), checked for a valid name."""
+        return self._dir(name)
+
     def save(self, name: str, adapter: LoraAdapter, args: ModelArgs, *, base_model: str | None = None,
              meta: dict | None = None) -> Path:
         """Store (or replace) an adapter under `name`."""

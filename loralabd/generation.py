@@ -1,12 +1,13 @@
-"""Generation over any engine with NumpyEngine's decoding interface (new_cache / step_logits).
+"""Generation over any engine: the engine's decode iterator (engine/interface.py) turned into text.
 
 One request: chat messages (rendered with the model's own template) or a raw prompt -> streamed text
-deltas. Sampling: greedy, temperature, top-k, top-p, seed; stop strings, stop tokens, max tokens.
-Adapters are chosen per request as [(LoraAdapter, scale), ...] and stay unmerged, so switching is free.
+deltas. The engine samples (greedy, temperature, top-k, top-p, seed; on the GPU for WebGPU); this module
+only tokenizes, detokenizes, applies stop tokens and stop strings, and streams. Adapters are chosen per
+request as [(LoraAdapter, scale), ...] and stay unmerged, so switching is free.
 
-Concurrency: requests on one engine may run from several threads; every engine call takes the
-engine's lock, so they interleave token by token and each gives exactly what it gives alone (the
-sampler's RNG and the KV cache belong to the request, never to the engine).
+Concurrency: an engine decodes one request at a time (its KV cache and programs are reused across
+requests); a request holds the engine's lock from its first token to its last, so requests from several
+threads run one after another and each gives exactly what it gives alone.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
-
-from .engine import reference as R
+from .engine.interface import Engine, Sampling
 from .engine.lora import LoraAdapter
 from .errors import LoraLabError
 
@@ -153,7 +152,8 @@ class IncrementalDetokenizer:
 class Generation:
     """One running request: iterate for Delta objects; afterwards .text, .token_ids, .stats."""
 
-    def __init__(self, engine, tokenizer, req: GenerationRequest, should_stop: Callable[[], bool] | None = None):
+    def __init__(self, engine: Engine, tokenizer, req: GenerationRequest,
+                 should_stop: Callable[[], bool] | None = None):
         req.validate()
         self.engine, self.tok, self.req = engine, tokenizer, req
         self.should_stop = should_stop
@@ -218,21 +218,13 @@ class Generation:
         return self._run()
 
     def _run(self) -> Iterator[Delta]:
-        caches: list = []
-        try:
-            yield from self._decode(caches)
-        finally:  # also when the consumer stops iterating early: GPU caches go back at once
-            for c in caches:
-                if hasattr(c, "free"):
-                    with engine_lock(self.engine):
-                        c.free()
+        with engine_lock(self.engine):
+            yield from self._decode()
 
-    def _decode(self, caches: list) -> Iterator[Delta]:
+    def _decode(self) -> Iterator[Delta]:
         r, eng, st = self.req, self.engine, self.stats
-        lock = engine_lock(eng)
         seed = r.seed if r.seed is not None else int.from_bytes(os.urandom(4), "little")
         st.seed, st.prompt_tokens = seed, len(self.prompt_ids)
-        rng = np.random.default_rng(seed)
         adapters = [(a, float(s)) for a, s in r.adapters if float(s) != 0.0]
         stop_ids = self._stop_ids()
         detok = IncrementalDetokenizer(self.tok) if self.tok is not None else None
@@ -244,46 +236,43 @@ class Generation:
         if self._cancelled():
             st.finish_reason = "cancelled"
             return
-        with lock:
-            cache = eng.new_cache(1, len(self.prompt_ids) + self.max_tokens)
-            caches.append(cache)
-            logits = eng.step_logits(np.asarray([self.prompt_ids]), cache, adapters)[0]  # (V,)
-        st.prompt_s = time.perf_counter() - t0
-        for n in range(self.max_tokens):
-            t = R.sample(np.asarray(logits, np.float32), rng, r.temperature, r.top_k, r.top_p)
-            t_last = time.perf_counter()
-            if n == 0:
-                t_first = t_last
-                st.time_to_first_token_s = t_first - t0
-            self.token_ids.append(t)
-            st.completion_tokens = len(self.token_ids)
-            if t in stop_ids:
-                finish = "stop"
-                break
-            pending_ids.append(t)
-            if detok is not None:
-                pending += detok.push(t)
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    pending, finish, cut_by_string = pending[:cut], "stop", True
+        tokens = eng.decode(self.prompt_ids, self.max_tokens, Sampling(r.temperature, r.top_k, r.top_p, seed),
+                            adapters)
+        try:
+            for n, t in enumerate(tokens):
+                t_last = time.perf_counter()
+                if n == 0:
+                    t_first = t_last
+                    st.time_to_first_token_s = st.prompt_s = t_first - t0
+                self.token_ids.append(t)
+                st.completion_tokens = len(self.token_ids)
+                if t in stop_ids:
+                    finish = "stop"
                     break
-                keep = _stop_prefix_len(pending, stops)
-                emit = pending[:len(pending) - keep]
-                if emit or not pending:  # report token ids even when they add no text yet
-                    pending = pending[len(emit):]
-                    self.text += emit
-                    yield Delta(emit, pending_ids)
+                pending_ids.append(t)
+                if detok is not None:
+                    pending += detok.push(t)
+                    cut = _find_stop(pending, stops)
+                    if cut is not None:
+                        pending, finish, cut_by_string = pending[:cut], "stop", True
+                        break
+                    keep = _stop_prefix_len(pending, stops)
+                    emit = pending[:len(pending) - keep]
+                    if emit or not pending:  # report token ids even when they add no text yet
+                        pending = pending[len(emit):]
+                        self.text += emit
+                        yield Delta(emit, pending_ids)
+                        pending_ids = []
+                else:
+                    yield Delta("", pending_ids)
                     pending_ids = []
-            else:
-                yield Delta("", pending_ids)
-                pending_ids = []
-            if n + 1 == self.max_tokens:
-                break
-            if self._cancelled():
-                finish = "cancelled"
-                break
-            with lock:
-                logits = eng.step_logits(np.asarray([[t]]), cache, adapters)[0]
+                if n + 1 == self.max_tokens:
+                    break
+                if self._cancelled():
+                    finish = "cancelled"
+                    break
+        finally:
+            tokens.close()  # a GPU engine lets the batch in flight land
         st.decode_s = t_last - t_first
         st.total_s = time.perf_counter() - t0
         if detok is not None and not cut_by_string:
@@ -321,9 +310,9 @@ def _find_stop(text: str, stops: list[str]) -> int | None:
 class GenerationService:
     """Generation on one engine (any backend): streaming or whole, one request per call, thread-safe."""
 
-    def __init__(self, engine, tokenizer=None):
+    def __init__(self, engine: Engine, tokenizer=None):
         self.engine = engine
-        self.tokenizer = tokenizer if tokenizer is not None else getattr(engine.model, "tokenizer", None)
+        self.tokenizer = tokenizer if tokenizer is not None else engine.model.tokenizer
 
     def stream(self, req: GenerationRequest | None = None, should_stop: Callable[[], bool] | None = None,
                **kw) -> Generation:

@@ -59,6 +59,16 @@ def ts_type(t: dict) -> str:
     raise ValueError(f"unknown type kind {k!r}")
 
 
+def ts_literal(v) -> str:
+    """A JSON value as a TypeScript literal (object keys unquoted where they are identifiers)."""
+    if isinstance(v, dict):
+        keys = [k if k.isidentifier() else json.dumps(k) for k in v]
+        return "{ " + ", ".join(f"{k}: {ts_literal(x)}" for k, x in zip(keys, v.values())) + " }" if v else "{}"
+    if isinstance(v, list):
+        return "[" + ", ".join(ts_literal(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def md_type(t: dict) -> str:
     k = t["kind"]
     if k == "reference":
@@ -83,11 +93,79 @@ def constraints(p: dict) -> str:
     return "; ".join(c)
 
 
+# -- the spec's own rules and its defaults ------------------------------------------------------------
+
+PROPERTY_KEYS = {"name", "type", "documentation", "optional", "minimum", "maximum", "maxLength", "pattern", "default"}
+
+
+def check_spec(spec: dict) -> None:
+    """What the meta-model allows on a property: known keys only, and a `default` only where the property is
+    optional (a required property has no default). Whether each default fits its own type is a test
+    (tests/test_protocol_schema.py runs it through the validator)."""
+    for s in spec["structures"]:
+        for p in s["properties"]:
+            where = f"{s['name']}.{p['name']}"
+            unknown = set(p) - PROPERTY_KEYS
+            if unknown:
+                raise ValueError(f"protocol.json: {where}: unknown key(s) {sorted(unknown)}; known: {sorted(PROPERTY_KEYS)}")
+            if "default" in p and not p.get("optional"):
+                raise ValueError(f"protocol.json: {where}: a required property cannot have a default")
+
+
+def defaults(spec: dict) -> dict[str, dict]:
+    """Structure -> property -> default, for every property with one. A default object on a property typed
+    as a structure holds that structure's own defaults too (TrainParams.lora: every LoraSettings default)."""
+    structs = {s["name"]: s for s in spec["structures"]}
+
+    def expand(name: str, value):
+        if not isinstance(value, dict) or name not in structs:
+            return value
+        out = dict(value)
+        for p in structs[name]["properties"]:
+            t = p["type"]
+            if p["name"] not in out and "default" in p:
+                out[p["name"]] = expand(t["name"] if t["kind"] == "reference" else "", p["default"])
+        return out
+
+    out = {}
+    for s in spec["structures"]:
+        d = {}
+        for p in s["properties"]:
+            if "default" in p:
+                t = p["type"]
+                d[p["name"]] = expand(t["name"] if t["kind"] == "reference" else "", p["default"])
+        if d:
+            out[s["name"]] = d
+    return out
+
+
+WITH_DEFAULTS_PY = '''
+def with_defaults(structure: str, params: dict | None) -> dict:
+    """A copy of `params` (a `structure` value, e.g. TrainParams) with every missing optional property that has
+    a default filled in from DEFAULTS, into nested structures too: a missing TrainParams.lora becomes every
+    LoraSettings default, a given one gets the LoraSettings defaults it lacks. Values are not checked here
+    (loralabd.protocol.validate does that); the caller's dict is not changed."""
+    out = dict(params or {})
+    mine = DEFAULTS.get(structure, {})
+    for p in STRUCTURES[structure]["properties"]:
+        n, t = p["name"], p["type"]
+        if n not in out:
+            if n in mine:
+                out[n] = copy.deepcopy(mine[n])
+        elif t["kind"] == "reference" and t["name"] in STRUCTURES and isinstance(out[n], dict):
+            out[n] = with_defaults(t["name"], out[n])
+        elif (t["kind"] == "array" and t["element"]["kind"] == "reference" and t["element"]["name"] in STRUCTURES
+              and isinstance(out[n], list)):
+            out[n] = [with_defaults(t["element"]["name"], x) if isinstance(x, dict) else x for x in out[n]]
+    return out
+'''
+
+
 # -- Python -----------------------------------------------------------------------------------------
 
 def gen_python(spec: dict) -> str:
     L = [f'"""{BANNER}\n\n{spec["metaData"]["documentation"]}\n"""', "",
-         "from __future__ import annotations", "", "from enum import IntEnum",
+         "from __future__ import annotations", "", "import copy", "from enum import IntEnum",
          "from typing import Any, Literal, NotRequired, TypedDict, Union", "",
          f'PROTOCOL_VERSION = "{spec["metaData"]["version"]}"', ""]
     for a in spec["typeAliases"]:
@@ -122,7 +200,11 @@ def gen_python(spec: dict) -> str:
           "ENUMERATIONS: dict[str, list] = " + pprint.pformat(
               {e["name"]: [v["value"] for v in e["values"]] for e in spec["enumerations"]}, width=110, sort_dicts=False), "",
           "ALIASES: dict[str, dict] = " + pprint.pformat({a["name"]: a["type"] for a in spec["typeAliases"]},
-                                                       width=110, sort_dicts=False), ""]
+                                                       width=110, sort_dicts=False), "",
+          "# Every protocol default: structure -> property -> the value the daemon uses when the property is absent",
+          "# (protocol.json `default`; nothing else states one). A structure-typed default holds its own defaults.",
+          "DEFAULTS: dict[str, dict[str, Any]] = " + pprint.pformat(defaults(spec), width=110, sort_dicts=False), "",
+          WITH_DEFAULTS_PY]
     return "\n".join(L)
 
 
@@ -140,11 +222,27 @@ def gen_ts(spec: dict) -> str:
     for s in spec["structures"]:
         L += [f"/** {s['documentation']} */", f"export interface {s['name']} {{"]
         for p in s["properties"]:
-            L.append(f"  /** {p['documentation']} */")
+            if "default" in p:
+                L += ["  /**", f"   * {p['documentation']}", f"   * @default {ts_literal(p['default'])}", "   */"]
+            else:
+                L.append(f"  /** {p['documentation']} */")
             L.append(f"  {p['name']}{'?' if p.get('optional') else ''}: {ts_type(p['type'])};")
         if s.get("additionalProperties"):
             L.append("  [key: string]: unknown;")
         L += ["}", ""]
+    dflt = defaults(spec)
+    L += ["/** The type of DEFAULTS: per structure, its properties that have a default (each present). */",
+          "export interface ProtocolDefaults {"]
+    for name, d in dflt.items():
+        keys = " | ".join(json.dumps(k) for k in d)
+        L.append(f"  {name}: Readonly<Required<Pick<{name}, {keys}>>>;")
+    L += ["}", "",
+          "/** Every protocol default: structure -> property -> the value the daemon uses when the property is absent",
+          " * (protocol.json `default`). A structure-typed default holds its own defaults. */",
+          "export const DEFAULTS: ProtocolDefaults = {"]
+    for name, d in dflt.items():
+        L.append(f"  {name}: {ts_literal(d)},")
+    L += ["};", ""]
     L += ["/** Request method -> params and result types. */", "export interface Requests {"]
     for r in spec["requests"]:
         params = ts_type(r["params"]) if r.get("params") else "undefined"
@@ -163,6 +261,15 @@ def gen_ts(spec: dict) -> str:
 
 
 # -- Markdown -----------------------------------------------------------------------------------------
+
+def md_default(p: dict) -> str:
+    if "default" not in p:
+        return "—"
+    v, t = p["default"], p["type"]
+    if isinstance(v, dict) and not v and t["kind"] == "reference":
+        return f"`{{}}` (each field's default)"
+    return f"`{json.dumps(v)}`"
+
 
 def gen_md(spec: dict) -> str:
     L = [f"<!-- {BANNER} -->", "", "# LoRA Lab protocol reference", "", spec["metaData"]["documentation"], "",
@@ -188,7 +295,14 @@ def gen_md(spec: dict) -> str:
     L += ["", "## Structures", ""]
     for s in spec["structures"]:
         L += [f"### {s['name']}", "", s["documentation"], ""]
-        if s["properties"]:
+        if s["properties"] and any("default" in p for p in s["properties"]):
+            L += ["| field | type | required | default | description |", "|---|---|---|---|---|"]
+            for p in s["properties"]:
+                c = constraints(p)
+                L.append(f"| `{p['name']}` | {md_type(p['type'])} | {'no' if p.get('optional') else 'yes'} | "
+                         f"{md_default(p)} | {p['documentation']}{' (' + c + ')' if c else ''} |")
+            L.append("")
+        elif s["properties"]:
             L += ["| field | type | required | description |", "|---|---|---|---|"]
             for p in s["properties"]:
                 c = constraints(p)
@@ -209,6 +323,7 @@ def gen_md(spec: dict) -> str:
 
 def outputs() -> dict[Path, str]:
     spec = json.loads(SPEC.read_text())
+    check_spec(spec)
     return {OUT_PY: gen_python(spec), OUT_TS: gen_ts(spec), OUT_MD: gen_md(spec)}
 
 

@@ -1,6 +1,6 @@
 // Type-level checks of the generated clients/vscode/src/protocol.ts (compiled by tests with tsc --strict).
 import {
-  ErrorCodes, GenerateParams, JobInfo, Notifications, ProgressParams, Requests, RequestMethod, TrainParams,
+  DEFAULTS, ErrorCodes, GenerateParams, JobInfo, Notifications, ProgressParams, Requests, RequestMethod, TrainParams,
 } from "../clients/vscode/src/protocol";
 
 const train: TrainParams = {
@@ -24,9 +24,16 @@ function finished(j: JobInfo): boolean {
   }
 }
 
+// protocol defaults are typed by the property they belong to, and read-only
+const seqDefault: number = DEFAULTS.TrainParams.seqLen;
+const loraDefaults: TrainParams["lora"] = DEFAULTS.TrainParams.lora;
+const clip: number | null = DEFAULTS.TrainParams.maxGradNorm;
+// @ts-expect-error: DEFAULTS is read-only
+DEFAULTS.TrainParams.seqLen = 1;
+
 // @ts-expect-error: adapter is required
 const missing: TrainParams = { model: "m", dataset: "d", steps: 3 };
 // @ts-expect-error: roles are a closed set
 const badRole: GenerateParams = { model: "m", messages: [{ role: "robot", content: "x" }] };
 
-export { train, gen, progress, delta, methods, cancelled, finished, missing, badRole };
+export { train, gen, progress, delta, methods, cancelled, finished, missing, badRole, seqDefault, loraDefaults, clip };

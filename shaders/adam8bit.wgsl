@@ -3,11 +3,7 @@
 // table for m, unsigned for v). One invocation per block, two passes over it: the first finds the new
 // absmax, the second recomputes the update, writes the weight and the new codes. No barriers, no atomics.
 const QB: u32 = 256u;
-struct P {
-    n: u32, nblk: u32, inv_n: f32, max_norm: f32,
-    decay: f32, b1: f32, c1: f32, b2: f32,
-    c2: f32, eps: f32, step_size: f32, sqrt_bc2: f32,
-}
+struct P { n: u32, nblk: u32, max_norm: f32, b1: f32, c1: f32, b2: f32, c2: f32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> prm: array<f32>;
 @group(0) @binding(2) var<storage, read_write> grad: array<f32>;
@@ -16,6 +12,7 @@ struct P {
 @group(0) @binding(5) var<storage, read_write> absmax: array<f32>; // (nblk, 2) [m, v]
 @group(0) @binding(6) var<storage, read_write> gstat: array<f32>;  // [norm, grad scale]
 @group(0) @binding(7) var<storage, read> codes: array<f32>;        // [signed 256 | unsigned 256 | mids s 256 | mids u 256]
+@group(0) @binding(8) var<storage, read> hyp: array<f32>;          // [inv_n, decay, step_size, sqrt_bc2] (adamw.wgsl)
 
 fn code_of(word: u32, l: u32) -> u32 { return (word >> (8u * l)) & 255u; }
 
@@ -56,7 +53,7 @@ fn step(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         for (var l = 0u; l < 4u; l++) {
             let i = base + w * 4u + l;
             let mv = moments(i, blk);
-            prm[i] = prm[i] * p.decay - p.step_size * mv.x / (sqrt(mv.y) / p.sqrt_bc2 + p.eps);
+            prm[i] = prm[i] * hyp[1] - hyp[2] * mv.x / (sqrt(mv.y) / hyp[3] + p.eps);
             pm |= nearest(mv.x / sm, 512u) << (8u * l);
             pv |= nearest(mv.y / sv, 768u) << (8u * l);
         }

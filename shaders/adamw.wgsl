@@ -1,12 +1,10 @@
 // AdamW over one flat f32 buffer holding every LoRA matrix (torch.optim.AdamW arithmetic), with the
-// gradient scaled on the fly by gstat[1] = (1 / labelled tokens) * clip coefficient:
+// gradient scaled on the fly by gstat[1] = (1 / labelled tokens) * clip coefficient. What changes every
+// step (learning rate, bias corrections, token count) is in the storage buffer hyp, so the optimizer is
+// recorded once per run: hyp = [inv_n, decay = 1 - lr*wd, step_size = lr / (1 - b1^t), sqrt(1 - b2^t)].
 //   sumsq : per-workgroup partial sums of grad^2           clip : gstat = [norm, scale] from the partials
 //   adamw : p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= step_size * m / (sqrt(v)/sqrt_bc2 + eps); grad = 0
-struct P {
-    n: u32, nparts: u32, inv_n: f32, max_norm: f32,
-    decay: f32, b1: f32, c1: f32, b2: f32,
-    c2: f32, eps: f32, step_size: f32, sqrt_bc2: f32,
-}
+struct P { n: u32, nparts: u32, max_norm: f32, b1: f32, c1: f32, b2: f32, c2: f32, eps: f32 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read_write> prm: array<f32>;
 @group(0) @binding(2) var<storage, read_write> grad: array<f32>;
@@ -14,6 +12,7 @@ struct P {
 @group(0) @binding(4) var<storage, read_write> v: array<f32>;
 @group(0) @binding(5) var<storage, read_write> gstat: array<f32>;  // [norm, grad scale]
 @group(0) @binding(6) var<storage, read_write> parts: array<f32>;  // (nparts,)
+@group(0) @binding(7) var<storage, read> hyp: array<f32>;          // [inv_n, decay, step_size, sqrt_bc2]
 
 var<workgroup> red: array<f32, 256>;
 
@@ -34,11 +33,11 @@ fn sumsq(@builtin(local_invocation_id) lid: vec3<u32>, @builtin(workgroup_id) wi
 fn clip() {
     var s = 0.0;
     for (var i = 0u; i < p.nparts; i++) { s += parts[i]; }
-    let norm = sqrt(s) * p.inv_n;
+    let norm = sqrt(s) * hyp[0];
     var coef = 1.0;
     if (p.max_norm > 0.0) { coef = min(1.0, p.max_norm / (norm + 1e-6)); }
     gstat[0] = norm;
-    gstat[1] = p.inv_n * coef;
+    gstat[1] = hyp[0] * coef;
 }
 
 @compute @workgroup_size(64)
@@ -46,10 +45,10 @@ fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let i = gid.x + gid.y * nw.x * 64u;
     if (i >= p.n) { return; }
     let g = grad[i] * gstat[1];
-    var w = prm[i] * p.decay;
+    var w = prm[i] * hyp[1];
     let mi = m[i] * p.b1 + p.c1 * g;
     let vi = v[i] * p.b2 + p.c2 * g * g;
-    w -= p.step_size * mi / (sqrt(vi) / p.sqrt_bc2 + p.eps);
+    w -= hyp[2] * mi / (sqrt(vi) / hyp[3] + p.eps);
     prm[i] = w;
     m[i] = mi;
     v[i] = vi;

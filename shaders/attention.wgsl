@@ -211,3 +211,99 @@ fn forward_split(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         if (lane == 0u) { lse[(b * p.H + h) * p.T + i] = sm[0] + log(sl[0]); }
     }
 }
+
+// Decoding, the default on hardware GPUs (flash-decoding): the keys of each (batch, head, query) are split
+// over S workgroups (grid (S, rows)) so that a short loop, not one long dependent chain, meets the memory
+// latency; each writes its online-softmax state (m, l, acc[HD]), and decode_merge combines the S states.
+// Within a workgroup of HD threads the keys go in tiles of HD: thread t scores key j0 + t (q read from
+// workgroup memory), then thread d accumulates output dimension d. No per-thread arrays.
+@group(0) @binding(17) var<storage, read_write> pml: array<f32>;   // (rows, S, 2) partial max, sum
+@group(0) @binding(18) var<storage, read_write> pacc: array<f32>;  // (rows, S, HD) partial outputs
+var<workgroup> qs: array<f32, HD>;
+var<workgroup> ps: array<f32, HD>;
+
+fn decode_row(idx: u32) -> vec4<u32> {  // (b, h, i, first element of q / out)
+    let i = idx % p.T;
+    let h = (idx / p.T) % p.H;
+    let b = idx / (p.T * p.H);
+    return vec4<u32>(b, h, i, ((b * p.T + i) * p.H + h) * HD);
+}
+
+@compute @workgroup_size(HD)
+fn decode_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+               @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = lid.x;
+    let S = nw.x;
+    let split = wid.x;
+    let idx = wid.y + wid.z * nw.y;  // (grid y, z) cover the rows
+    let valid = idx < p.B * p.H * p.T;
+    let r = decode_row(min(idx, p.B * p.H * p.T - 1u));
+    let b = r.x;
+    let kvh = r.y / (p.H / p.KV);
+    let qi = dyn[0] + r.z;
+    qs[t] = q[r.w + t];
+    workgroupBarrier();
+    let n = qi + 1u;
+    let per = (n + S - 1u) / S;
+    let lo = min(split * per, n);
+    let hi = min(lo + per, n);
+    var m = -3.0e38;
+    var l = 0.0;
+    var acc = 0.0;
+    for (var j0 = lo; j0 < hi; j0 += HD) {
+        let j = j0 + t;
+        var s = -3.0e38;  // not a key: weight 0 below
+        if (j < hi && visible(b, qi, j)) {
+            let kb = ((b * p.TK + j) * p.KV + kvh) * HD;
+            var dot = 0.0;
+            for (var d = 0u; d < HD; d++) { dot += qs[d] * k[kb + d]; }
+            s = dot * p.scale;
+        }
+        ps[t] = s;
+        workgroupBarrier();
+        let cnt = min(HD, hi - j0);
+        var mt = m;
+        for (var u = 0u; u < cnt; u++) { mt = max(mt, ps[u]); }
+        let corr = exp(m - mt);
+        l *= corr;
+        acc *= corr;
+        for (var u = 0u; u < cnt; u++) {
+            let su = ps[u];
+            if (su > -3.0e38) {
+                let e = exp(su - mt);
+                l += e;
+                acc += e * v[((b * p.TK + j0 + u) * p.KV + kvh) * HD + t];
+            }
+        }
+        m = mt;
+        workgroupBarrier();  // every thread has read ps before the next tile writes it
+    }
+    if (valid) {
+        pacc[(idx * S + split) * HD + t] = acc;
+        if (t == 0u) {
+            pml[(idx * S + split) * 2u] = m;
+            pml[(idx * S + split) * 2u + 1u] = l;
+        }
+    }
+}
+
+@compute @workgroup_size(HD)
+fn decode_merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                @builtin(num_workgroups) nw: vec3<u32>) {
+    let t = lid.x;
+    let idx = wid.x + wid.y * nw.x;
+    if (idx >= p.B * p.H * p.T) { return; }
+    let S = p.pad;  // splits
+    var mx = -3.0e38;
+    for (var s = 0u; s < S; s++) { mx = max(mx, pml[(idx * S + s) * 2u]); }
+    var l = 0.0;
+    var acc = 0.0;
+    for (var s = 0u; s < S; s++) {
+        let c = exp(pml[(idx * S + s) * 2u] - mx);  // an empty split: l = acc = 0
+        l += c * pml[(idx * S + s) * 2u + 1u];
+        acc += c * pacc[(idx * S + s) * HD + t];
+    }
+    let r = decode_row(idx);
+    out[r.w + t] = acc / l;
+    if (t == 0u) { lse[(r.x * p.H + r.y) * p.T + r.z] = mx + log(l); }
+}

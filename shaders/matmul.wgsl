@@ -339,6 +339,30 @@ fn gemv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
     }
 }
 
+// Decode of a skinny projection (a LoRA A: N = r .. 3r outputs) on hardware GPUs: one workgroup of 64 lanes
+// an output, the lanes over its 32-wide blocks — gemv_wg's 8 lanes would leave a few workgroups each walking
+// a long dependent chain of loads.
+@compute @workgroup_size(64)
+fn gemv_lanes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+              @builtin(num_workgroups) nw: vec3<u32>) {
+    let n = wid.x + wid.y * nw.x;
+    let row = min(n, p.N - 1u);
+    let nb = (p.K + 31u) / 32u;
+    for (var m = 0u; m < p.M; m++) {
+        var acc = 0.0;
+        let xo = p.a_off + m * p.lda;
+        for (var b = lid.x; b < nb; b += 64u) { acc += wdot_block(p.w_row0 + row, b, xo + b * 32u); }
+        red[lid.x] = acc;
+        workgroupBarrier();
+        for (var w = 32u; w > 0u; w >>= 1u) {
+            if (lid.x < w) { red[lid.x] += red[lid.x + w]; }
+            workgroupBarrier();
+        }
+        if (lid.x == 0u && n < p.N) { store(m, n, red[0]); }
+        workgroupBarrier();
+    }
+}
+
 // dA / dB on large GPUs: the batch*seq reduction of backward_dw split over num_workgroups.z slices
 // (partials to a scratch buffer bound as c), then split_reduce sums them into the real C (bound as c,
 // the partials as x): C = alpha * sum_z partial_z + beta * C. K = slices in split_reduce.

@@ -29,6 +29,14 @@ def test_numpy_and_webgpu_models_side_by_side(home, tiny_model, dataset):
             tn = await c.request("generate", {**q, "model": "n", "adapter": "an"})
             tg = await c.request("generate", {**q, "model": "g", "adapter": "an"})  # numpy-trained adapter on WebGPU
             assert tn["text"] == tg["text"]
+            # seeded sampling (top-k, top-p) runs on the GPU for WebGPU and in reference.sample_token for numpy:
+            # the same tokens request after request, and the same on both engines (one algorithm)
+            s = {"prompt": "the quick brown", "maxTokens": 12, "temperature": 0.9, "topK": 20, "topP": 0.9, "seed": 5}
+            sn = [(await c.request("generate", {**s, "model": "n", "adapter": "an"}))["text"] for _ in range(2)]
+            sg = [(await c.request("generate", {**s, "model": "g", "adapter": "an"}))["text"] for _ in range(2)]
+            assert sn[0] == sn[1] == sg[0] == sg[1], (sn, sg)
+            other = await c.request("generate", {**s, "seed": 6, "model": "g", "adapter": "an"})
+            assert other["text"] != sg[0]
             await c.close()
         run(go(), timeout=300)
     finally:

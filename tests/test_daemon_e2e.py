@@ -250,3 +250,28 @@ def test_vscode_languageclient_handshake(home):
         await c.close()
         return c.proc.returncode
     assert run(go()) == 0
+
+
+def test_a_second_client_follows_a_running_job(home, tiny_model, dataset):  # noqa: F811
+    """train/follow: another connection attaches to the job's progress and gets its end."""
+    d = Daemon(home)
+    try:
+        async def go():
+            a, b = await d.client(), await d.client()
+            await a.request("model/load", {"source": str(tiny_model), "name": "m", "backend": "numpy"})
+            job = await a.request("train/start", {"model": "m", "adapter": "f", "dataset": str(dataset), "steps": 100,
+                                                  "batchSize": 2, "seqLen": 32, "wait": False})
+            follow = b.stream("train/follow", {"jobId": job["jobId"]})
+            seen = [v async for v in follow]
+            done = await follow.result()
+            assert done["state"] == "completed" and done["step"] == 100
+            kinds = [v["kind"] for v in seen]
+            assert kinds[0] == "begin" and kinds[-1] == "end", kinds
+            assert all("targetsSeen" in v["train"] for v in seen if v["kind"] == "report")
+            with pytest.raises(RpcError, match="not running"):
+                await b.request("train/follow", {"jobId": job["jobId"], "workDoneToken": "follow-2"})
+            await a.close()
+            await b.close()
+        run(go(), timeout=300)
+    finally:
+        d.stop()

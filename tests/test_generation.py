@@ -161,7 +161,9 @@ def test_concurrent_requests_match_alone(tiny):
 
 @pytest.mark.slow
 def test_concurrent_requests_match_alone_default_model(default_model, svc):
-    ad = adapter(default_model.args, 3, b_std=0.1, targets=("q_proj", "v_proj", "down_proj"))
+    # (sampling is Gumbel-max on counter-based noise, the same for both requests of a seed, so the adapter
+    # must move the logits enough to change the sampled tokens: at b_std 0.1 all 16 stay the base model's)
+    ad = adapter(default_model.args, 3, b_std=0.3, targets=("q_proj", "v_proj", "down_proj"))
     _concurrent_check(svc, ad, dict(messages=[{"role": "user", "content": "Name three colours."}]), 16)
 
 

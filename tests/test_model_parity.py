@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from loralabd.engine.interface import Sampling
 from loralabd.engine.numpy_engine import NumpyEngine
 
 PROMPTS = [
@@ -47,7 +48,8 @@ def test_greedy_64_tokens_match_transformers(engine, hf_default):
     hf, _ = hf_default
     tok = engine.model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": "Write a short poem about the sea and the moon."}])
-    ours = list(engine.generate(ids, max_tokens=64))  # no stop: all 64
+    ours = list(engine.decode(ids, 64))  # greedy (Sampling()), no stop: all 64
+    assert len(ours) == 64
     with torch.no_grad():
         out = hf.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
     ref = out[0, len(ids):].tolist()
@@ -57,5 +59,12 @@ def test_greedy_64_tokens_match_transformers(engine, hf_default):
 def test_capital_of_france(engine):
     tok = engine.model.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    out = list(engine.generate(ids, max_tokens=16, stop_ids=[tok.eos_id]))
+    out = []
+    gen = engine.decode(ids, 16, Sampling())
+    for t in gen:  # the caller stops at the stop token
+        out.append(t)
+        if t == tok.eos_id:
+            break
+    gen.close()
+    assert out[-1] == tok.eos_id and len(out) < 16
     assert tok.decode(out, skip_special=True).strip() == "The capital of France is Paris."

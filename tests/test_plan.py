@@ -8,10 +8,12 @@ import math
 import numpy as np
 import pytest
 
+from loralabd.engine.interface import OptimSettings
 from loralabd.engine.lora import LoraAdapter, LoraConfig
 from loralabd.plan import estimate
 from loralabd.plan.hardware import describe_cpu, parse_bytes
 from loralabd.plan.memory import binding_violations, mib, training_memory
+from loralabd.training.packing import Batch
 
 GiB = 1 << 30
 
@@ -95,23 +97,23 @@ def test_webgpu_memory_model_equals_the_engines_buffers():
     args = smollm2_135m_args()
     args = type(args)(**{**args.to_dict(), "num_hidden_layers": 2})
     model = random_model(args, seed=1)
+    rt.dummy, rt.dummy_rw  # the runtime's own placeholder buffers, made on first use (not the engine's)
     for B, T, cfg, opt in [(1, 16, LoraConfig(r=8), "adamw"), (2, 8, LoraConfig(r=4, targets=("q", "v")), "adam8bit")]:
         before = rt.live_bytes
         rt.peak_bytes = before
         eng = make_engine(model, "webgpu")
-        sess = eng.train_session(LoraAdapter.init(args, cfg), {"kind": opt})
+        sess = eng.train_session(LoraAdapter.init(args, cfg), OptimSettings(kind=opt))
         tok = np.random.default_rng(0).integers(0, args.vocab_size, (B, T))
-        sess.accumulate(tok, tok)
-        sess.step(1e-4, 1.0)
+        sess.step([Batch.of(tok, tok)], 1e-4, 1.0)
+        assert len(sess.metrics()) == 1  # the step has run (and its metrics were read back)
         used = rt.peak_bytes - before
         pred = training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), engine=eng).total
         assert abs(pred - used) <= 0.001 * used, (B, T, cfg, opt, pred, used)
         # without an engine (a plan for a backend name): the same list from the device's limits and variants
         assert training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), tiled=rt.tiled).total == pred
-        for p in list(getattr(sess, "_programs", {}).values()):
-            p.acts.free()
-        if hasattr(sess, "free"):
-            sess.free()
+        sess.close()
+        eng.close()
+        assert rt.live_bytes == before  # the session and the engine gave every buffer back
 
 
 def test_calibration_is_cached_per_device_and_model(home):

@@ -152,7 +152,7 @@ def test_resume_after_clean_stop_is_exact(setup, tmp_path, kw):
     full.run()
     stop_at = 6  # between checkpoints (save_every=4): the stop itself writes one
     part = make_trainer(d, data, tmp_path / "part", **kw)
-    part.run(lambda m: m["step"] < stop_at)
+    part.run(lambda m: m.step < stop_at)
     assert part.step_num == stop_at and latest_checkpoint(tmp_path / "part").name == f"step-{stop_at:08d}"
     resumed = make_trainer(d, data, tmp_path / "part", resume=True, **kw)
     assert resumed.step_num == stop_at
@@ -172,7 +172,7 @@ def test_resume_is_exact_on_webgpu(setup, tmp_path, optimizer):
     full = make_trainer(d, data, tmp_path / "full", backend="webgpu", optimizer=optimizer, max_steps=8)
     full.run()
     part = make_trainer(d, data, tmp_path / "part", backend="webgpu", optimizer=optimizer, max_steps=8)
-    part.run(lambda m: m["step"] < 3)
+    part.run(lambda m: m.step < 3)
     resumed = make_trainer(d, data, tmp_path / "part", resume=True, backend="webgpu", optimizer=optimizer, max_steps=8)
     assert resumed.step_num == 3
     resumed.run()
@@ -237,15 +237,26 @@ def test_stop_by_tokens_and_epochs(setup):
     tr.run()
     assert tr.tokens_seen >= 600 and tr.tokens_seen - tr.history[-1]["tokens"] < 600
     ep = make_trainer(d, data, max_steps=None, epochs=2, save_every=0, eval_every=0)
-    hist = ep.run()
+    reports = []
+    hist = ep.run(reports.append)
+    assert hist is ep.history
+    assert [r.step for r in reports] == [h["step"] for h in hist] == list(range(1, ep.step_num + 1))
     assert ep.stream.epoch == 2 and ep.stream.row == 0
     assert len(hist) == ep.total_steps
     rows = len(ep.stream.rows(0)) + len(ep.stream.rows(1))
     assert sum(h["tokens"] for h in hist) == sum(len(e) for e in ep.data.train) * 2 and rows > 0
     last = hist[-1]
     assert "val_loss" in last and np.isclose(last["val_ppl"], np.exp(last["val_loss"]))
-    for k in ("loss", "lr", "tokens_per_s", "tokens_seen", "eta_s", "memory_bytes", "grad_norm"):
+    for k in ("loss", "lr", "tokens_seen", "grad_norm"):
         assert k in last
+    # every step's loss and gradient norm are in the history once the run has read them back
+    assert all(h["loss"] is not None and h["grad_norm"] is not None for h in hist)
+    # the per-step reports carry throughput, time left and memory; loss where it was read at that step
+    r = reports[-1]
+    assert r.step == ep.step_num == r.total_steps and r.tokens_seen == ep.tokens_seen
+    assert r.tokens_per_s > 0 and r.eta_s is not None and r.memory_bytes > 0
+    assert r.loss is not None and r.loss == last["loss"] and r.val_loss == last["val_loss"]  # the last step reads
+    assert all(x.loss is None or x.loss == hist[x.step - 1]["loss"] for x in reports)
 
 
 def test_schedules_match_transformers():

@@ -11,9 +11,11 @@ import os
 import numpy as np
 import pytest
 
+from loralabd.engine.interface import OptimSettings, Sampling
 from loralabd.engine.lora import LoraAdapter, LoraConfig
 from loralabd.engine.numpy_engine import NumpyEngine
 from loralabd.models.random import random_model, tiny_args
+from loralabd.training.packing import Batch
 
 wgpu_rt = pytest.importorskip("loralabd.engine.webgpu.runtime")
 pytestmark = pytest.mark.gpu
@@ -54,12 +56,31 @@ def batch(args, B=2, T=13, seed=0):
     return tok, lab
 
 
+def loss_and_grads(eng, tok, lab, ad, segments=None, positions=None):
+    """Mean loss over the labelled positions, d(mean loss)/d(A, B) and the labelled-token count of one
+    micro-batch, through a train session's gradients() (no optimizer step)."""
+    sess = eng.train_session(ad, OptimSettings())
+    try:
+        loss_sum, n, g = sess.gradients(Batch.of(tok, lab, segments, positions))
+    finally:
+        sess.close()
+    return loss_sum / n, {k: v * np.float32(1.0 / n) for k, v in g.items()}, n
+
+
+def decode_kernels(we, adapters) -> set:
+    """Kernel names of the decode programs (prefill chunk + token) of the decode that ran last, which used
+    these adapters."""
+    key, progs = list(we._arena.programs.items())[-1]
+    assert [u for u, _ in key] == [a.uid for a, s in adapters if s != 0.0]
+    return {o.kernel for p in progs for o in p.ops}
+
+
 def test_training_step_matches_numpy(tiny):
     args, ne, we = tiny
     ad = trained_adapter(args)
     tok, lab = batch(args)
-    l0, g0, n0 = ne.loss_and_grads(tok, lab, ad)
-    l1, g1, n1 = we.loss_and_grads(tok, lab, ad)
+    l0, g0, n0 = loss_and_grads(ne, tok, lab, ad)
+    l1, g1, n1 = loss_and_grads(we, tok, lab, ad)
     assert n1 == n0
     assert abs(l1 - l0) <= 1e-4 * abs(l0)
     assert set(g1) == set(g0) and len(g0) == 2 * 7 * args.num_hidden_layers
@@ -74,8 +95,8 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
     monkeypatch.setattr(we.rt, "tiled", True)
     ad = trained_adapter(args, seed=11)
     tok, lab = batch(args, B=4, T=256, seed=11)  # N = 1024 rows: tiles and 2 split-K slices
-    sess = we.train_session(ad, {"kind": "adamw"})
-    ops = sess._program(4, 256).ops
+    sess = we.train_session(ad, OptimSettings(kind="adamw"))
+    ops = sess.prepare(4, 256).ops
     kernels = {o.kernel.split(":")[1].split("[")[0] for o in ops}
     from loralabd.engine.webgpu.kernels import MMT_DEFAULT
 
@@ -83,17 +104,27 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
     assert {"forward" + mm, "backward_dx" + mm, "backward_dw_split", "split_reduce", "forward_wg"} <= kernels
     assert {"forward", "backward_dq", "backward_dkv"} <= {o.kernel.split(":")[1].split("[")[0] for o in ops
                                                           if o.kernel.startswith("attention_flash.wgsl")}
-    loss, n = sess.accumulate(tok, lab)
-    g1 = sess.read_grads(1.0 / n)
-    l0, g0, _ = ne.loss_and_grads(tok, lab, ad)
+    loss, n, g = sess.gradients(Batch.of(tok, lab))
+    sess.close()
+    g1 = {k: v * np.float32(1.0 / n) for k, v in g.items()}
+    l0, g0, _ = loss_and_grads(ne, tok, lab, ad)
     assert abs(loss / n - l0) <= 1e-4 * l0
     assert max(rel(g1[k], g0[k]) for k in g0) <= 1e-3
-    # decoding with gemv_wg and flash-decoding attention
-    c0, c1 = ne.new_cache(1, 80), we.new_cache(1, 80)
-    assert rel(we.step_logits(tok[:1, :70], c1, [(ad, 1.0)]), ne.step_logits(tok[:1, :70], c0, [(ad, 1.0)])) <= 1e-5
-    assert rel(we.step_logits(tok[:1, 70:71], c1, [(ad, 1.0)]), ne.step_logits(tok[:1, 70:71], c0, [(ad, 1.0)])) <= 1e-5
-    kernels = {o.kernel.split(":")[1].split("[")[0] for p in c1.programs.values() for o in p.ops}
-    assert {"gemv_wg", "forward_split", "forward" + mm} <= kernels
+    # decoding with gemv_wg / gemv_lanes and split-key attention: the logits of a 71-token prefix, and greedy
+    # decoding after a 70-token prompt (chunked prefill, then one token program per token), on an engine
+    # made while the runtime says "hardware" (its prefill chunks are a hardware GPU's, >= 64 rows: tiled)
+    from loralabd.engine.webgpu.engine import WebGPUEngine
+
+    hw = WebGPUEngine(ne.model)
+    try:
+        assert rel(hw.logits(tok[:1, :71], [(ad, 1.0)]), ne.logits(tok[:1, :71], [(ad, 1.0)])) <= 1e-5
+        prompt = [int(t) for t in tok[0, :70]]
+        assert list(hw.decode(prompt, 10, Sampling(), [(ad, 1.0)])) == \
+            list(ne.decode(prompt, 10, Sampling(), [(ad, 1.0)]))
+        kernels = {k.split(":")[1].split("[")[0] for k in decode_kernels(hw, [(ad, 1.0)])}
+        assert {"gemv_wg", "gemv_lanes", "decode_part", "decode_merge", "forward" + mm} <= kernels
+    finally:
+        hw.close()
 
 
 def test_packed_training_step_matches_numpy(tiny):
@@ -103,8 +134,8 @@ def test_packed_training_step_matches_numpy(tiny):
     tok, lab = batch(args, B=2, T=11, seed=2)
     seg = np.array([[0] * 4 + [1] * 7, [0] * 11])
     pos = np.array([list(range(4)) + list(range(7)), list(range(11))])
-    l0, g0, _ = ne.loss_and_grads(tok, lab, ad, segments=seg, positions=pos)
-    l1, g1, _ = we.loss_and_grads(tok, lab, ad, segments=seg, positions=pos)
+    l0, g0, _ = loss_and_grads(ne, tok, lab, ad, segments=seg, positions=pos)
+    l1, g1, _ = loss_and_grads(we, tok, lab, ad, segments=seg, positions=pos)
     assert abs(l1 - l0) <= 1e-4 * abs(l0)
     assert max(rel(g1[k], g0[k]) for k in g0) <= 1e-3
 
@@ -114,26 +145,38 @@ def test_train_session_follows_numpy(tiny, kind, clip, steps):
     """Same loss curve, grad norms and final weights as NumpyTrainSession, with 2 micro-batches per step."""
     args, ne, we = tiny
     ad = LoraAdapter.init(args, LoraConfig(r=4, alpha=8), seed=5)
-    optim = {"kind": kind, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01}
+    optim = OptimSettings(kind=kind, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01)
     s0, s1 = ne.train_session(ad, optim), we.train_session(ad, optim)
     tok, lab = batch(args, B=2, T=12, seed=7)
-    start = s1.evaluate(tok, lab)[0]
+    whole = Batch.of(tok, lab)
+    start = s1.evaluate(whole)[0]
+    micro = [Batch.of(tok[half], lab[half]) for half in (slice(0, 1), slice(1, 2))]
     for step in range(steps):
-        for half in (slice(0, 1), slice(1, 2)):
-            a0, n0 = s0.accumulate(tok[half], lab[half])
-            a1, n1 = s1.accumulate(tok[half], lab[half])
+        for mb in micro:  # each micro-batch's loss at the weights the step starts from
+            a0, n0, _ = s0.gradients(mb)
+            a1, n1, _ = s1.gradients(mb)
             assert n0 == n1 and abs(a1 - a0) <= 1e-4 * abs(a0), (step, a0, a1)
-        g0, g1 = s0.step(5e-3, clip), s1.step(5e-3, clip)  # (at 3e-2 this toy run oscillates: chaos, not a bug)
-        assert abs(g1 - g0) <= 1e-4 * g0 + 1e-7, (step, g0, g1)
+        s0.step(micro, 5e-3, clip)  # (at 3e-2 this toy run oscillates: chaos, not a bug)
+        s1.step(micro, 5e-3, clip)
+        if step == 2:  # a read between steps, then the rest read back at once from the GPU's ring
+            m0, m1 = s0.metrics(), s1.metrics()
+            assert len(m0) == len(m1) == 3
+    m0, m1 = m0 + s0.metrics(), m1 + s1.metrics()
+    assert len(m0) == len(m1) == steps and s0.t == s1.t == steps
+    for step, (a, b) in enumerate(zip(m0, m1)):
+        assert a.targets == b.targets == sum(mb.n_targets for mb in micro)
+        assert abs(b.loss_sum - a.loss_sum) <= 1e-4 * abs(a.loss_sum), (step, a.loss_sum, b.loss_sum)
+        assert abs(b.grad_norm - a.grad_norm) <= 1e-4 * a.grad_norm + 1e-7, (step, a.grad_norm, b.grad_norm)
     w0, w1 = s0.snapshot(), s1.snapshot()
     if kind == "adamw":
         assert max(rel(w1.B[k], w0.B[k]) for k in w0.B) <= 1e-3
     # (8-bit: ~1e-6 gradient differences flip a few codes that sit on quantization midpoints, and a flipped
     # code moves its weight's step by up to ~10%; test_adam8bit_step_is_numpy_train_arithmetic checks the
     # step itself exactly.)
-    e0, e1 = s0.evaluate(tok, lab), s1.evaluate(tok, lab)
+    e0, e1 = s0.evaluate(whole), s1.evaluate(whole)
     assert e0[1] == e1[1] and abs(e1[0] - e0[0]) <= 1e-3 * e0[0]
     assert e1[0] < 0.95 * start  # and it did learn
+    s1.close()
 
 
 def test_adam8bit_step_is_numpy_train_arithmetic(tiny):
@@ -143,13 +186,16 @@ def test_adam8bit_step_is_numpy_train_arithmetic(tiny):
 
     args, ne, we = tiny
     ad = LoraAdapter.init(args, LoraConfig(r=4, alpha=8), seed=5)
-    s1 = we.train_session(ad, {"kind": "adam8bit", "betas": (0.9, 0.99), "weight_decay": 0.01})
+    s1 = we.train_session(ad, OptimSettings(kind="adam8bit", betas=(0.9, 0.99), weight_decay=0.01))
     tok, lab = batch(args, B=2, T=12, seed=7)
+    b = Batch.of(tok, lab)
     for step in range(1, 4):
-        s1.accumulate(tok, lab)
-        st, g = s1.state_dict(), s1.read_grads(1.0 / s1.acc_tokens)
-        s1.step(5e-3)
+        st = s1.state_dict()
+        _, n, g = s1.gradients(b)  # the gradient the step computes (same program, same inputs)
+        g = {k: v * np.float32(1.0 / n) for k, v in g.items()}  # the kernel's scale: grad * (1 / n)
+        s1.step([b], 5e-3)
         new = s1.state_dict()
+        assert new["step"][0] == step
         for k in g:
             p = st[f"param.{k}"].copy()
             m = dequantize_blockwise(st[f"m.{k}.q"], st[f"m.{k}.absmax"], CODE_SIGNED, p.shape)
@@ -158,6 +204,7 @@ def test_adam8bit_step_is_numpy_train_arithmetic(tiny):
             assert rel(new[f"param.{k}"], p) <= 1e-6, k
             np.testing.assert_array_equal(new[f"m.{k}.q"], quantize_blockwise(m, CODE_SIGNED)[0])
             np.testing.assert_array_equal(new[f"v.{k}.q"], quantize_blockwise(v, CODE_UNSIGNED)[0])
+    s1.close()
 
 
 def test_checkpoint_moves_between_engines(tiny):
@@ -165,21 +212,23 @@ def test_checkpoint_moves_between_engines(tiny):
     args, ne, we = tiny
     ad = LoraAdapter.init(args, LoraConfig(r=2, alpha=4, targets=("q_proj", "down_proj")), seed=9)
     tok, lab = batch(args, B=1, T=9, seed=9)
-    s1 = we.train_session(ad, {"kind": "adamw"})
+    b = Batch.of(tok, lab)
+    s1 = we.train_session(ad, OptimSettings(kind="adamw"))
     for _ in range(3):
-        s1.accumulate(tok, lab)
-        s1.step(1e-2)
+        s1.step([b], 1e-2)
     state = s1.state_dict()
-    s0 = ne.train_session(ad, {"kind": "adamw"})
+    s0 = ne.train_session(ad, OptimSettings(kind="adamw"))
     s0.load_state_dict(state)
-    s2 = we.train_session(ad, {"kind": "adamw"})
+    s2 = we.train_session(ad, OptimSettings(kind="adamw"))
     s2.load_state_dict(s0.state_dict())
+    assert s0.t == s2.t == 3
     for s in (s0, s1, s2):
-        s.accumulate(tok, lab)
-        s.step(1e-2)
+        s.step([b], 1e-2)
     w0, w1, w2 = s0.snapshot(), s1.snapshot(), s2.snapshot()
     assert max(rel(w1.A[k], w0.A[k]) for k in w0.A) <= 1e-4
     assert max(rel(w2.A[k], w1.A[k]) for k in w0.A) == 0.0
+    s1.close()
+    s2.close()
 
 
 def test_logits_loss_and_decoding_match_numpy(tiny):
@@ -190,17 +239,27 @@ def test_logits_loss_and_decoding_match_numpy(tiny):
     adapters = [(ad, 1.0), (ad2, 0.5)]  # two adapters at once: the first fused, the second added
     assert rel(we.logits(tok, adapters), ne.logits(tok, adapters)) <= 1e-5
     assert abs(we.loss(tok, lab, [(ad, 1.0)]) - ne.loss(tok, lab, [(ad, 1.0)])) <= 1e-5
-    c0, c1 = ne.new_cache(2, 16), we.new_cache(2, 16)
-    assert rel(we.step_logits(tok[:, :6], c1, adapters), ne.step_logits(tok[:, :6], c0, adapters)) <= 1e-5
-    for t in range(6, 9):
-        assert rel(we.step_logits(tok[:, t:t + 1], c1, adapters), ne.step_logits(tok[:, t:t + 1], c0, adapters)) <= 1e-5
+    # decoding through the KV cache (both adapters: the unfused path) gives the tokens of NumpyEngine's
+    for row in range(2):
+        prompt = [int(t) for t in tok[row, :6]]
+        assert list(we.decode(prompt, 12, Sampling(), adapters)) == list(ne.decode(prompt, 12, Sampling(), adapters))
     prompt = [int(t) for t in tok[0, :5]]
-    assert list(we.generate(prompt, 24, [(ad, 1.0)])) == list(ne.generate(prompt, 24, [(ad, 1.0)]))
-    sampled = list(we.generate(prompt, 24, temperature=1.0, seed=1))
-    assert sampled == list(we.generate(prompt, 24, temperature=1.0, seed=1))  # reproducible per seed
-    assert sampled != list(we.generate(prompt, 24, temperature=1.0, seed=2))
-    assert list(we.generate(prompt, 8, top_k=3, temperature=0.8, seed=1)) == \
-        list(ne.generate(prompt, 8, top_k=3, temperature=0.8, seed=1))  # top-k: CPU sampling, same RNG
+    assert list(we.decode(prompt, 24, Sampling(), [(ad, 1.0)])) == list(ne.decode(prompt, 24, Sampling(), [(ad, 1.0)]))
+    for eng in (we, ne):  # seeded sampling: the same seed gives the same tokens request after request
+        sampled = list(eng.decode(prompt, 24, Sampling(temperature=1.0, seed=1)))
+        other = list(eng.decode(prompt, 24, Sampling(temperature=1.0, seed=2)))
+        assert sampled != other
+        assert list(eng.decode(prompt, 24, Sampling(temperature=1.0, seed=1))) == sampled, eng.backend
+        assert list(eng.decode(prompt, 24, Sampling(temperature=1.0, seed=2))) == other, eng.backend
+        gen = eng.decode(prompt, 24, Sampling(temperature=1.0, seed=1))
+        first = [next(gen) for _ in range(3)]
+        gen.close()  # stopped early: the next request is not disturbed
+        assert first == sampled[:3]
+        assert list(eng.decode(prompt, 24, Sampling(temperature=1.0, seed=1))) == sampled, eng.backend
+    # GPU sampling and reference.sample_token are one algorithm: the same tokens for a seed
+    for sp in (Sampling(temperature=1.0, seed=1), Sampling(temperature=0.8, top_k=3, seed=1),
+               Sampling(temperature=1.2, top_p=0.7, seed=4), Sampling(temperature=0.9, top_k=20, top_p=0.8, seed=9)):
+        assert list(we.decode(prompt, 24, sp, [(ad, 1.0)])) == list(ne.decode(prompt, 24, sp, [(ad, 1.0)])), sp
 
 
 def test_fused_decode_path_matches_numpy(tiny):
@@ -213,12 +272,11 @@ def test_fused_decode_path_matches_numpy(tiny):
         part.B[k] = np.full_like(part.B[k], 0.05)
     tok, _ = batch(args, B=2, T=9, seed=12)
     for adapters in ([(ad, 1.0)], [(part, 0.7)], []):
-        c0, c1 = ne.new_cache(2, 16), we.new_cache(2, 16)
-        assert rel(we.step_logits(tok[:, :6], c1, adapters), ne.step_logits(tok[:, :6], c0, adapters)) <= 1e-5
-        for t in range(6, 9):
-            assert rel(we.step_logits(tok[:, t:t + 1], c1, adapters),
-                       ne.step_logits(tok[:, t:t + 1], c0, adapters)) <= 1e-5
-        kernels = [o.kernel for p in c1.programs.values() for o in p.ops]
+        assert rel(we.logits(tok, adapters), ne.logits(tok, adapters)) <= 1e-5
+        for row in range(2):
+            prompt = [int(t) for t in tok[row, :6]]
+            assert list(we.decode(prompt, 8, Sampling(), adapters)) == list(ne.decode(prompt, 8, Sampling(), adapters))
+        kernels = decode_kernels(we, adapters)
         assert any("decode_qkv" in k for k in kernels) and any("forward_fused" in k for k in kernels)
         assert not any("kv_store" in k for k in kernels)
 
@@ -238,8 +296,8 @@ def test_hf_dense_weights(tmp_path, arch, weights):
     ad = trained_adapter(model.args, seed=2)
     tok, lab = batch(model.args, B=1, T=10, seed=3)
     assert rel(we.logits(tok, [(ad, 1.0)]), ne.logits(tok, [(ad, 1.0)])) <= 1e-5
-    l0, g0, _ = ne.loss_and_grads(tok, lab, ad)
-    l1, g1, _ = we.loss_and_grads(tok, lab, ad)
+    l0, g0, _ = loss_and_grads(ne, tok, lab, ad)
+    l1, g1, _ = loss_and_grads(we, tok, lab, ad)
     assert abs(l1 - l0) <= 1e-4 * abs(l0)
     assert max(rel(g1[k], g0[k]) for k in g0) <= 1e-3
 
@@ -252,7 +310,7 @@ def test_close_gives_the_memory_back(tiny):
     rt.dummy, rt.dummy_rw  # the runtime's own placeholder buffers, made on first use
     before = rt.live_bytes
     we = WebGPUEngine(ne.model)
-    list(we.generate([1, 2, 3], 4, [(trained_adapter(args), 1.0)]))
+    assert len(list(we.decode([1, 2, 3], 4, Sampling(), [(trained_adapter(args), 1.0)]))) == 4
     we.logits(np.array([[1, 2, 3]]))
     assert rt.live_bytes > before + ne.model.weight_bytes() // 2
     we.close()
@@ -275,7 +333,7 @@ def test_make_engine_backend_choice(tiny):
 def test_lora_dropout_matches_numpy_with_the_same_masks(tiny):
     """GPU dropout masks are counter-based (seed, step, micro-batch, layer, projection); fed the same masks,
     NumpyEngine gives the same loss and gradients."""
-    from loralabd.engine.webgpu.engine import drop_salt
+    from loralabd.engine.webgpu.graph import drop_salt
     from loralabd.engine.webgpu.kernels import dropout_keep
     from loralabd.models.args import LINEAR_NAMES
 
@@ -285,6 +343,7 @@ def test_lora_dropout_matches_numpy_with_the_same_masks(tiny):
     ad.config = LoraConfig(r=4, alpha=8, dropout=p)
     tok, lab = batch(args, B=2, T=10, seed=8)
     N = tok.size
+    b = Batch.of(tok, lab)
 
     class SameMasks:  # what NumpyEngine draws masks from: .random(shape) >= p keeps
         def __init__(self, step, micro):
@@ -296,15 +355,33 @@ def test_lora_dropout_matches_numpy_with_the_same_masks(tiny):
             assert m.shape == shape
             return m.astype(np.float64)
 
-    sess = we.train_session(ad, {"kind": "adamw", "seed": 7})
-    sess.accumulate(tok, lab)  # micro-batch 0 of step 0
-    loss1, n1 = sess.accumulate(tok, lab)  # micro-batch 1: other masks
+    # An optimizer whose update is the normalised accumulated gradient itself: betas 0 (m = g, v = g²,
+    # no bias correction), eps ≫ |g| and lr = eps, so p_new = p - lr·g/(|g| + eps) = p - g (to f32 rounding).
+    big = 1e6
+    sess = we.train_session(ad, OptimSettings(kind="adamw", betas=(0.0, 0.0), eps=big, seed=7))
     l0, g0, n0 = ne.loss_and_grads(tok, lab, ad, drop_rng=SameMasks(0, 0))
     l0b, g0b, _ = ne.loss_and_grads(tok, lab, ad, drop_rng=SameMasks(0, 1))
+    loss0, n1, gs = sess.gradients(b)  # micro-batch 0 of step 0
+    assert n1 == n0 and abs(loss0 / n1 - l0) <= 1e-4 * l0
+    for k in g0:
+        assert rel(gs[k] * np.float32(1.0 / n1), g0[k]) <= 1e-3, k
+    before = sess.state_dict()
+    sess.step([b, b], big)  # micro-batches 0 and 1 of step 0: other masks for the second
+    (m,) = sess.metrics()
+    assert m.targets == 2 * n1
+    loss1 = m.loss_sum - loss0  # micro-batch 1's loss sum
     assert abs(loss1 / n1 - l0b) <= 1e-4 * l0b and abs(l0b - l0) > 1e-6  # the masks differ per micro-batch
-    g1 = sess.read_grads(1.0 / (2 * n1))
+    after = sess.state_dict()
+    g1 = {k: before[f"param.{k}"] - after[f"param.{k}"] for k in g0}  # d(mean loss of both)/d(A, B)
     for k in g0:
         assert rel(g1[k], (g0[k] + g0b[k]) / 2) <= 1e-3, k
+    # and the next step draws other masks again: (seed, step 1, micro-batch 0)
+    l2, g2, _ = ne.loss_and_grads(tok, lab, sess.snapshot(), drop_rng=SameMasks(1, 0))
+    loss2, n2, gs2 = sess.gradients(b)
+    assert abs(loss2 / n2 - l2) <= 1e-4 * l2
+    for k in g2:
+        assert rel(gs2[k] * np.float32(1.0 / n2), g2[k]) <= 1e-3, k
+    sess.close()
     keep = dropout_keep((N, args.hidden_size), 7, 0, 0, 0, p)
     assert abs(keep.mean() - (1 - p)) < 0.05
 
@@ -322,7 +399,8 @@ def test_default_model_logits_and_greedy_64(default_model):
     ref = ne.logits(np.asarray([prompt]))
     got = we.logits(np.asarray([prompt]))
     assert np.abs(got - ref).max() <= 1e-3 * np.abs(ref).max()
-    g_ref = list(ne.generate(prompt, 64))
-    g = list(we.generate(prompt, 64))
+    g_ref = list(ne.decode(prompt, 64))
+    g = list(we.decode(prompt, 64))
+    assert len(g_ref) == 64
     assert g == g_ref
     assert tk.decode(g[:8], skip_special=True).startswith("The capital of France is Paris")

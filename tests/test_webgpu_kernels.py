@@ -130,7 +130,7 @@ def test_lora_linear_backward(rt, kind, M, N, Kd, r):
 @pytest.mark.parametrize("M,N,Kd", [(100, 70, 96), (65, 36, 160), (64, 20, 44), (290, 140, 224)])
 def test_tiled_and_workgroup_variants(rt, monkeypatch, tile, kind, M, N, Kd):
     """The workgroup-memory variants used on hardware GPUs (forward/backward_dx as `*_tiled` or the
-    register-blocked `*_mmt` with TMxTN outputs an invocation, gemv_wg)."""
+    register-blocked `*_mmt` with TMxTN outputs an invocation, gemv_wg; gemv_lanes for N <= 64)."""
     if kind != "f32" and Kd % 32:
         pytest.skip("quantized rows are whole blocks of 32")
     monkeypatch.setattr(rt, "tiled", True)
@@ -152,7 +152,7 @@ def test_tiled_and_workgroup_variants(rt, monkeypatch, tile, kind, M, N, Kd):
     def sfx(n):  # skinny products (n < 64 outputs) keep the 64x64 kernel
         return "_tiled" if tile == "tiled" or n < 64 else "_mmt"
     assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["forward" + sfx(N), "backward_dx" + sfx(Kd),
-                                                                   "gemv_wg"]
+                                                                   "gemv_lanes" if N <= 64 else "gemv_wg"]
     rt.run(ops)
     Wd = W.dequantize()
     assert rel(get(rt, y, (M, N)), x @ Wd.T + 0.5 * xa_ref @ Bm.T) <= TOL
@@ -315,6 +315,32 @@ def test_attention_forward_backward(rt, monkeypatch, flash, B, T, H, KV, hd, pac
         assert rel(get(rt, got, ref.shape), ref) <= 1e-4  # sums of ~T products of differences
 
 
+@pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 0, 1, 4, 2, 16), (1, 77, 1, 9, 3, 64), (2, 150, 3, 4, 2, 16),
+                                                 (1, 5, 2, 4, 4, 32)])
+def test_split_key_decode_attention(rt, monkeypatch, B, start, T, H, KV, hd):
+    """decode_part + decode_merge (hardware GPUs): the keys of each query over 32 workgroups — most of them
+    empty at short contexts, several tiles each at long ones — merged, against the reference."""
+    monkeypatch.setattr(rt, "tiled", True)
+    rng = np.random.default_rng(start + hd)
+    Tmax = 200
+    k_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
+    v_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
+    q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
+    kc0 = np.zeros((B, Tmax, KV, hd), np.float32)
+    vc0 = np.zeros((B, Tmax, KV, hd), np.float32)
+    kc0[:, :start + T], vc0[:, :start + T] = k_all, v_all
+    dyn = up(rt, np.array([start, 0, 0, 0], np.uint32))
+    o, lse = out(rt, q.size), out(rt, B * H * T)
+    rows, S = B * H * T, K.DECODE_SPLITS
+    ops = K.attention(rt, up(rt, q), up(rt, kc0), up(rt, vc0), o, lse, dyn, B, T, Tmax, H, KV, hd,
+                      split=(out(rt, rows * S * 2), out(rt, rows * S * hd), S))
+    assert [op.kernel.split(":")[1].split("[")[0] for op in ops] == ["decode_part", "decode_merge"]
+    rt.run(ops)
+    ref, lse_ref = R.attention(q, k_all, v_all, R.attention_mask(T, None, t_offset=start, t_keys=start + T))
+    assert rel(get(rt, o, q.shape), ref) <= TOL
+    assert rel(get(rt, lse, lse_ref.shape), lse_ref) <= TOL
+
+
 @pytest.mark.parametrize("split", ["no", "32 lanes", "4 lanes"])
 @pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 9, 1, 4, 2, 16), (2, 5, 3, 3, 3, 32), (1, 90, 1, 2, 1, 64)])
 def test_kv_cache_decode_attention(rt, monkeypatch, split, B, start, T, H, KV, hd):
@@ -439,14 +465,15 @@ def test_grad_norm_clip_and_adamw(rt, n, max_norm, wd):
     rng = np.random.default_rng(n)
     p0 = rng.standard_normal(n).astype(np.float32)
     pb, mb, vb = up(rt, p0), out(rt, n), out(rt, n)
-    gstat, parts, gb = out(rt, 4), out(rt, 64), out(rt, n)
+    gstat, parts, gb, hyp = out(rt, 4), out(rt, 64), out(rt, n), out(rt, 4)
     p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
     ntok = 37
+    ops = K.grad_norm(rt, gb, parts, gstat, hyp, n, 64, max_norm)  # recorded once: the step's numbers are in hyp
+    ops.append(K.adamw(rt, pb, gb, mb, vb, gstat, hyp, n, (0.9, 0.999), 1e-8))
     for step in range(1, 4):
         g = rng.standard_normal(n).astype(np.float32) * ntok
         rt.write(gb, g)
-        ops = K.grad_norm(rt, gb, parts, gstat, n, 64, 1.0 / ntok, max_norm)
-        ops.append(K.adamw(rt, pb, gb, mb, vb, gstat, n, 1e-2, (0.9, 0.999), 1e-8, wd, step))
+        rt.write(hyp, K.adam_hyp(1e-2, wd, (0.9, 0.999), step, 1.0 / ntok))
         rt.run(ops)
         gg = g / np.float32(ntok)
         norm = float(np.linalg.norm(gg))
@@ -471,10 +498,13 @@ def test_adam8bit_matches_numpy_train(rt, n):
     mids = lambda c: np.concatenate([(c[1:] + c[:-1]) / 2.0, [np.inf]]).astype(np.float32)  # noqa: E731
     codes = up(rt, np.concatenate([CODE_SIGNED, CODE_UNSIGNED, mids(CODE_SIGNED), mids(CODE_UNSIGNED)]).astype(np.float32))
     ms, vs = quantize_blockwise(np.zeros(n, np.float32), CODE_SIGNED), quantize_blockwise(np.zeros(n, np.float32), CODE_UNSIGNED)
+    hyp = out(rt, 4)
+    op = K.adam8bit(rt, pb, gb, mq, vq, am, gstat, codes, hyp, n, (0.9, 0.999), 1e-8)  # recorded once
     for step in range(1, 6):
         g = rng.standard_normal(n).astype(np.float32)
         rt.write(gb, g)
-        rt.run([K.adam8bit(rt, pb, gb, mq, vq, am, gstat, codes, n, 1e-2, (0.9, 0.999), 1e-8, 0.0, step)])
+        rt.write(hyp, K.adam_hyp(1e-2, 0.0, (0.9, 0.999), step, 1.0))
+        rt.run([op])
         m, v = dequantize_blockwise(*ms, CODE_SIGNED, (n,)), dequantize_blockwise(*vs, CODE_UNSIGNED, (n,))
         R.adamw(p, g, m, v, step, 1e-2)
         ms, vs = quantize_blockwise(m, CODE_SIGNED), quantize_blockwise(v, CODE_UNSIGNED)
@@ -484,26 +514,4 @@ def test_adam8bit_matches_numpy_train(rt, n):
     assert rel(get(rt, am, (n // 256, 2))[:, 0], ms[1]) <= 1e-5
 
 
-# --- sampling ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("V", [7, 5000])
-def test_greedy_sampling_is_argmax(rt, V):
-    rng = np.random.default_rng(V)
-    z = rng.standard_normal((3, V)).astype(np.float32)
-    z[1, V // 2] = z[1, V - 1] = z[1].max() + 1  # a tie: the lower id wins, as np.argmax
-    ids, tok = out(rt, 3), out(rt, 3)
-    rt.run([K.sample(rt, up(rt, z), up(rt, np.zeros(4, np.uint32)), ids, tok, 3, V, V, 0.0)])
-    assert list(get(rt, ids, (3,), np.int32)) == list(np.argmax(z, axis=1))
-    assert list(get(rt, tok, (3,), np.int32)) == list(np.argmax(z, axis=1))
-
-
-def test_temperature_sampling_distribution(rt):
-    """Gumbel-max on the GPU samples softmax(z / T): 4000 rows of the same logits, frequencies within 0.03."""
-    z = np.array([2.0, 1.0, 0.5, 0.0, -1.0], np.float32)
-    rows, T = 4000, 0.7
-    ids = out(rt, rows)
-    rt.run([K.sample(rt, up(rt, np.tile(z, (rows, 1))), up(rt, np.array([3, 11, 0, 0], np.uint32)), ids,
-                     out(rt, rows), rows, 5, 5, T)])
-    freq = np.bincount(get(rt, ids, (rows,), np.int32), minlength=5) / rows
-    p = np.exp(z / T) / np.exp(z / T).sum()
-    assert np.abs(freq - p).max() <= 0.03, (freq, p)
+# --- sampling: tests/test_sampler.py (GPU top-k / top-p / seeded sampling against reference.sample_token) ---

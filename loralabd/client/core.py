@@ -15,7 +15,8 @@ import uuid
 
 from .. import paths
 
-STREAM_KEYS = {"train/start": "workDoneToken", "train/resume": "workDoneToken", "plan/calibrate": "workDoneToken",
+STREAM_KEYS = {"train/start": "workDoneToken", "train/resume": "workDoneToken", "train/follow": "workDoneToken",
+               "plan/calibrate": "workDoneToken",
                "generate": "partialResultToken"}
 
 

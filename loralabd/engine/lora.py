@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, asdict
 
@@ -71,14 +72,39 @@ class LoraConfig:
             d["layers"] = tuple(d["layers"])
         return cls(**d)
 
+    @classmethod
+    def from_protocol(cls, d: dict | None, where: str = "lora") -> "LoraConfig":
+        """The protocol's LoraSettings (camelCase, as on the wire; None or {}: every default) -> LoraConfig: the
+        one place LoraSettings are read. Defaults come from protocol/protocol.json; alpha, which has none there,
+        is 2 x r when omitted (scale 2). A wrong value raises ValueError naming the field (`lora.targets`)."""
+        from ..protocol.validate import read_settings
 
-@dataclass
+        s = read_settings("LoraSettings", d, where)
+        r = int(s["r"])
+        try:
+            targets = normalize_targets(s["targets"])
+        except ValueError as e:
+            raise ValueError(f"{where}.targets: {e}") from None
+        return cls(r=r, alpha=float(s["alpha"]) if "alpha" in s else 2.0 * r, dropout=float(s["dropout"]),
+                   use_rslora=bool(s["useRslora"]), targets=targets,
+                   layers=None if s["layers"] is None else tuple(int(i) for i in s["layers"]))
+
+
+_uids = itertools.count(1)
+
+
+@dataclass(eq=False)
 class LoraAdapter:
-    """A (r, in) and B (out, r) per targeted projection, keyed "{layer}.{name}" (f32)."""
+    """A (r, in) and B (out, r) per targeted projection, keyed "{layer}.{name}" (f32).
+
+    (uid, version) name the weights' contents for GPU engines, which upload an adapter once per version:
+    whoever changes A or B in place bumps the version (a train session's snapshot carries its step)."""
 
     config: LoraConfig
     A: dict[str, np.ndarray] = field(default_factory=dict)
     B: dict[str, np.ndarray] = field(default_factory=dict)
+    uid: int = field(default_factory=lambda: next(_uids))
+    version: int = 0
 
     @classmethod
     def init(cls, args: ModelArgs, config: LoraConfig, seed: int = 0) -> "LoraAdapter":
@@ -109,6 +135,7 @@ class LoraAdapter:
         return out
 
     def copy(self) -> "LoraAdapter":
+        """An independent copy (a new uid: its contents may change apart from this one's)."""
         return LoraAdapter(self.config, {k: v.copy() for k, v in self.A.items()},
                            {k: v.copy() for k, v in self.B.items()})
 

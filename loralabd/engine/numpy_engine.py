@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
 from ..models.load import LoadedModel
 from . import reference as R
+from .interface import AdapterScales, OptimSettings, Sampling
 from .lora import LoraAdapter
+from .numpy_train import NumpyTrainSession
 
 ATTN = ("q_proj", "k_proj", "v_proj")
 
@@ -193,10 +197,7 @@ class NumpyEngine:
             dx = dx1 + R.rmsnorm_backward(dh.reshape(Bsz, T, D), sv["x"], L.input_layernorm, sv["r1"])
         return loss, grads, n
 
-    def train_session(self, adapter: LoraAdapter, optim: dict | None = None):
-        """The train-session interface (accumulate / step / snapshot / state_dict), see numpy_train."""
-        from .numpy_train import NumpyTrainSession
-
+    def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> NumpyTrainSession:
         return NumpyTrainSession(self, adapter, optim)
 
     # -- decoding --------------------------------------------------------------------------------
@@ -209,15 +210,30 @@ class NumpyEngine:
         hf, _ = self._forward(np.asarray(tokens), list(adapters), cache=cache)
         return hf[:, -1] @ self.out_rows(0, self.args.vocab_size).T
 
-    def generate(self, prompt_ids, max_tokens=64, adapters=(), temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 stop_ids=()):
-        """Yield token ids one at a time (batch 1)."""
-        rng = np.random.default_rng(seed)
-        cache = self.new_cache(1, len(prompt_ids) + max_tokens)
-        logits = self.step_logits(np.asarray([prompt_ids]), cache, adapters)[0]
-        for _ in range(max_tokens):
-            t = R.sample(logits, rng, temperature, top_k, top_p)
+    def decode(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
+               adapters: AdapterScales = ()) -> Generator[int, None, None]:
+        """Token ids after the prompt (batch 1); sampling is reference.sample_token, the GPU sampler's oracle,
+        so a seed gives the same tokens on both engines (up to float rounding of the logits)."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty; give at least one token")
+        max_tokens = int(min(max_tokens, self.args.max_position_embeddings - len(prompt)))
+        adapters = [(a, float(s)) for a, s in adapters if float(s) != 0.0]
+        return self._decode(prompt, max_tokens, sampling, adapters)
+
+    def _decode(self, prompt, max_tokens, sp: Sampling, adapters) -> Generator[int, None, None]:
+        cache = self.new_cache(1, len(prompt) + max_tokens)
+        logits = self.step_logits(np.asarray([prompt]), cache, adapters)[0]
+        for n in range(max_tokens):
+            t = R.sample_token(logits, sp.temperature, sp.top_k, sp.top_p, sp.seed, n)
             yield t
-            if t in stop_ids:
-                return
-            logits = self.step_logits(np.asarray([[t]]), cache, adapters)[0]
+            if n + 1 < max_tokens:
+                logits = self.step_logits(np.asarray([[t]]), cache, adapters)[0]
+
+    def memory_in_use(self) -> int:
+        """The process's peak resident set (the CPU engine's memory is the process's)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def close(self) -> None:
+        self._dense.clear()
+        self._out_cache = None

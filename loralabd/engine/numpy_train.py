@@ -1,15 +1,18 @@
 """The numpy train session: gradient accumulation, global-norm clipping, AdamW or 8-bit Adam.
 
-Implements the train-session interface shared with the WebGPU engine (see the trainer):
-accumulate() adds un-normalized gradients, step() normalizes by the tokens seen since the last
-step, clips, updates and zeroes; state_dict() holds everything a checkpoint needs, as numpy arrays.
+Implements engine.interface.TrainSession: step() accumulates the un-normalised gradients of its
+micro-batches, normalises by their labelled tokens, clips, updates; state_dict() holds everything a
+checkpoint needs, as numpy arrays.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from . import reference as R
+from .interface import MicroBatch, OptimSettings, StepMetrics
 from .lora import LoraAdapter
 
 # -- 8-bit block-wise optimizer state (bitsandbytes' Adam8bit: dynamic-tree code, blocks of 256) ---
@@ -80,21 +83,20 @@ def check_state(state: dict, kind: str, keys) -> None:
 class NumpyTrainSession:
     """One training run's adapter, gradient accumulator and optimizer state on the CPU."""
 
-    def __init__(self, engine, adapter: LoraAdapter, optim: dict | None = None):
-        optim = dict(optim or {})
+    def __init__(self, engine, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()):
         self.engine = engine
         self.adapter = adapter.copy()
-        self.kind = optim.get("kind", "adamw")
+        self.kind = optim.kind
         if self.kind not in ("adamw", "adam8bit"):
             raise ValueError(f"optimizer kind must be 'adamw' or 'adam8bit', not {self.kind!r}")
-        self.betas = tuple(float(b) for b in optim.get("betas", (0.9, 0.999)))
-        self.eps = float(optim.get("eps", 1e-8))
-        self.weight_decay = float(optim.get("weight_decay", 0.0))
-        self.seed = int(optim.get("seed", 0))  # dropout masks: counter-based, so resume needs no RNG blob
+        self.betas = (float(optim.betas[0]), float(optim.betas[1]))
+        self.eps = float(optim.eps)
+        self.weight_decay = float(optim.weight_decay)
+        self.seed = int(optim.seed)  # dropout masks: counter-based, so resume needs no RNG blob
         self.t = 0  # optimizer steps taken
         self.params = self.adapter.params()  # name -> array, aliases the adapter's A/B
-        self.m: dict[str, np.ndarray] = {}
-        self.v: dict[str, np.ndarray] = {}
+        self.m: dict = {}
+        self.v: dict = {}
         for k, p in self.params.items():
             if self.kind == "adamw":
                 self.m[k] = np.zeros_like(p)
@@ -102,32 +104,33 @@ class NumpyTrainSession:
             else:  # (codes uint8, absmax f32) per moment
                 self.m[k] = quantize_blockwise(np.zeros(p.size, np.float32), CODE_SIGNED)
                 self.v[k] = quantize_blockwise(np.zeros(p.size, np.float32), CODE_UNSIGNED)
+        self._metrics: list[StepMetrics] = []
         self._zero_acc()
 
     def _zero_acc(self):
         self.acc = {k: np.zeros_like(p) for k, p in self.params.items()}
         self.acc_tokens = 0
-        self.n_micro = 0
+
+    def _loss_and_grads(self, b: MicroBatch, micro: int):
+        drop = None
+        if self.adapter.config.dropout > 0.0:
+            drop = np.random.default_rng([self.seed, self.t, micro])
+        return self.engine.loss_and_grads(b.tokens, b.labels, self.adapter, segments=b.segments,
+                                          positions=b.positions, drop_rng=drop)
 
     # -- the interface ---------------------------------------------------------------------------
 
-    def accumulate(self, tokens, labels, segments=None, positions=None):
-        """Adds d(sum of losses)/d(params) of one micro-batch. Returns (loss_sum, n_tokens)."""
-        drop = None
-        if self.adapter.config.dropout > 0.0:
-            drop = np.random.default_rng([self.seed, self.t, self.n_micro])
-        loss, grads, n = self.engine.loss_and_grads(tokens, labels, self.adapter, segments=segments,
-                                                    positions=positions, drop_rng=drop)
-        self.n_micro += 1
-        if n == 0:
-            return 0.0, 0
-        for k, g in grads.items():
-            self.acc[k] += np.float32(n) * g
-        self.acc_tokens += n
-        return float(loss) * n, n
-
-    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
-        """Normalize, clip (torch.nn.utils.clip_grad_norm_), update, zero. Returns the pre-clip norm."""
+    def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
+        """Accumulate, normalise, clip (torch.nn.utils.clip_grad_norm_), update, zero."""
+        loss_sum = 0.0
+        for j, b in enumerate(batches):
+            loss, grads, n = self._loss_and_grads(b, j)
+            if n == 0:
+                continue
+            for k, g in grads.items():
+                self.acc[k] += np.float32(n) * g
+            self.acc_tokens += n
+            loss_sum += float(loss) * n
         n = max(self.acc_tokens, 1)
         grads = {k: g / np.float32(n) for k, g in self.acc.items()}
         # torch: norm of the per-tensor norms, in f32
@@ -149,19 +152,30 @@ class NumpyTrainSession:
                 R.adamw(p, grads[k], m, v, self.t, lr, b1, b2, self.eps, self.weight_decay)
                 self.m[k] = quantize_blockwise(m, CODE_SIGNED)
                 self.v[k] = quantize_blockwise(v, CODE_UNSIGNED)
+        self._metrics.append(StepMetrics(loss_sum, self.acc_tokens, total))
         self._zero_acc()
-        return total
+
+    def metrics(self) -> list[StepMetrics]:
+        out, self._metrics = self._metrics, []
+        return out
+
+    def gradients(self, batch: MicroBatch) -> tuple[float, int, dict]:
+        loss, grads, n = self._loss_and_grads(batch, 0)
+        return float(loss) * n, n, {k: np.float32(n) * g for k, g in grads.items()}
 
     def snapshot(self) -> LoraAdapter:
-        return self.adapter.copy()
+        ad = self.adapter.copy()
+        ad.uid, ad.version = self.adapter.uid, self.t
+        return ad
 
-    def evaluate(self, tokens, labels, segments=None, positions=None):
+    def evaluate(self, batch: MicroBatch) -> tuple[float, int]:
         """(loss_sum, n_tokens) of the current adapter, no gradients (validation)."""
-        lab = np.asarray(labels)
+        lab = np.asarray(batch.labels)
         n = int((lab != R.IGNORE).sum())
         if n == 0:
             return 0.0, 0
-        loss = self.engine.loss(tokens, lab, adapters=[(self.adapter, 1.0)], segments=segments, positions=positions)
+        loss = self.engine.loss(batch.tokens, lab, adapters=[(self.adapter, 1.0)], segments=batch.segments,
+                                positions=batch.positions)
         return float(loss) * n, n
 
     def memory_bytes(self) -> int:
@@ -197,4 +211,8 @@ class NumpyTrainSession:
                 self.m[k] = (np.array(state[f"m.{k}.q"], np.uint8), np.array(state[f"m.{k}.absmax"], np.float32))
                 self.v[k] = (np.array(state[f"v.{k}.q"], np.uint8), np.array(state[f"v.{k}.absmax"], np.float32))
         self.t = int(np.asarray(state["step"]).reshape(-1)[0])
+        self._metrics = []
         self._zero_acc()
+
+    def close(self) -> None:
+        self.acc, self.m, self.v = {}, {}, {}

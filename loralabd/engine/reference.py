@@ -228,3 +228,73 @@ def sample(logits, rng, temperature=0.0, top_k=0, top_p=1.0):
         keep = np.searchsorted(np.cumsum(p), top_p) + 1
         order, p = order[:keep], p[:keep] / p[:keep].sum()
     return int(order[rng.choice(len(order), p=p)])
+
+
+# --- GPU sampling (shaders/sample.wgsl), bit for bit in its integer parts ---------------------------
+
+def _pcg(v):
+    """PCG hash (RXS-M-XS) in uint32 arithmetic, elementwise."""
+    with np.errstate(over="ignore"):
+        v = np.asarray(v, np.uint32)
+        s = v * np.uint32(747796405) + np.uint32(2891336453)
+        w = ((s >> ((s >> np.uint32(28)) + np.uint32(4))) ^ s) * np.uint32(277803737)
+        return (w >> np.uint32(22)) ^ w
+
+
+def pcg_uniform(seed, counter, row, idx):
+    """u in (0, 1) of sample.wgsl for (seed, counter, row b, token ids idx): (f32(h >> 8) + 0.5) / 2^24."""
+    key = _pcg(_pcg(_pcg(np.uint32(int(seed) & 0xFFFFFFFF)) ^ np.uint32(int(counter) & 0xFFFFFFFF))
+               ^ np.uint32(int(row) & 0xFFFFFFFF))
+    h = _pcg(key ^ _pcg(np.asarray(idx, np.uint32)))
+    return ((h >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(1.0 / 16777216.0)
+
+
+def order_key(x):
+    """Order-preserving uint32 encoding of f32 (-0 read as +0), as sample.wgsl's okey."""
+    u = np.asarray(x, np.float32).view(np.uint32).copy()
+    u[u == 0x80000000] = 0
+    return np.where(u >> 31 == 1, ~u, u | np.uint32(0x80000000)).astype(np.uint32)
+
+
+def sample_keep(logits, temperature, top_k=0, top_p=1.0):
+    """Boolean (V,) mask of the tokens sample.wgsl may choose at temperature > 0: top-k by logit (ties at
+    the k-th value all kept), then top-p over the top-k set's renormalised softmax (the smallest set of
+    highest-probability tokens with mass >= top_p, ties at the last value all kept; top_p <= 0: the
+    maximum and its ties; top_p >= 1: no cut)."""
+    l = np.asarray(logits, np.float32).reshape(-1)
+    V = l.size
+    T = np.float32(temperature)
+    keep = np.ones(V, bool)
+    k = int(top_k or 0)
+    if 0 < k < V:
+        kth = np.partition(l, V - k)[V - k]  # the k-th largest value
+        keep = l >= kth
+    tp = np.float32(min(float(top_p), 1.0))
+    if not tp >= np.float32(1.0):
+        lmax = l.max()
+        e = np.exp((l - lmax) / T).astype(np.float64)  # f32 exponent as on the GPU, summed in f64
+        e[~keep] = 0.0
+        target = float(tp) * e.sum()
+        order = np.argsort(-l[keep], kind="stable")  # kept logits, descending
+        lk, cum = l[keep][order], np.cumsum(e[keep][order])
+        last = np.r_[np.nonzero(lk[1:] != lk[:-1])[0], lk.size - 1]  # last position of each distinct value
+        sums, vals = cum[last], lk[last]  # mass of {l >= v} for each distinct kept value v, descending
+        j = int(np.argmax(sums >= target)) if (sums >= target).any() else len(vals) - 1
+        keep &= l >= vals[j]
+    return keep
+
+
+def sample_token(logits, temperature, top_k=0, top_p=1.0, seed=0, counter=0, row=0) -> int:
+    """The token sample.wgsl picks for one (V,) row: temperature <= 0 → argmax (lowest id on ties); else
+    argmax over sample_keep of logits/T + Gumbel(-log(-log(u))), u = pcg_uniform(seed, counter, row, i):
+    an exact draw from the kept set's renormalised softmax(logits / T)."""
+    l = np.asarray(logits, np.float32).reshape(-1)
+    T = np.float32(temperature)
+    if not T > 0:
+        return int(np.argmax(l))
+    keep = sample_keep(l, T, top_k, top_p)
+    u = pcg_uniform(seed, counter, row, np.arange(l.size))
+    with np.errstate(divide="ignore"):
+        s = l / T - np.log(-np.log(u))
+    s = np.where(keep, s, -np.inf).astype(np.float32)
+    return int(np.argmax(s))

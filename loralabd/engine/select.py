@@ -6,6 +6,11 @@ from __future__ import annotations
 BACKENDS = ("auto", "webgpu", "numpy")
 
 
+def is_hardware(adapter_type: str) -> bool:
+    """Whether a WebGPU adapter type is a real GPU (lavapipe and other software adapters report cpu)."""
+    return str(adapter_type).lower() not in ("cpu", "unknown", "")
+
+
 def webgpu_adapter_info() -> dict | None:
     """The adapter WebGPU would use ({name, backend, type, ...}), or None when there is none."""
     try:
@@ -22,7 +27,7 @@ def choose_backend(backend: str = "auto") -> str:
     if backend != "auto":
         return backend
     info = webgpu_adapter_info()
-    return "webgpu" if info is not None and str(info.get("type", "")).lower() not in ("cpu", "unknown", "") else "numpy"
+    return "webgpu" if info is not None and is_hardware(info.get("type", "")) else "numpy"
 
 
 def make_engine(model, backend: str = "auto"):

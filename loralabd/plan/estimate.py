@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..engine.lora import LoraConfig
+from ..protocol import DEFAULTS, read_settings
 from .calibrate import Calibration, cached, cached_calibration
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
 from ..engine.webgpu.sizing import default_tiled
@@ -138,16 +139,11 @@ def protocol_calibration(cal: Calibration) -> dict:
 # -- inputs ---------------------------------------------------------------------------------------------
 
 def _lora(cfg) -> LoraConfig:
-    if cfg is None:
-        return LoraConfig()
-    if isinstance(cfg, LoraConfig):
-        return cfg
-    d = dict(cfg)
-    r = int(d.get("r", 8))
-    return LoraConfig(r=r, alpha=float(d.get("alpha", 2 * r)), dropout=float(d.get("dropout", 0.0)),
-                      use_rslora=bool(d.get("useRslora", d.get("use_rslora", False))),
-                      targets=tuple(d.get("targets") or ("all",)),
-                      layers=None if d.get("layers") is None else tuple(d["layers"]))
+    """A LoraConfig as it is, else the protocol's LoraSettings (a dict; None: every default)."""
+    return cfg if isinstance(cfg, LoraConfig) else LoraConfig.from_protocol(cfg)
+
+
+_PLAN = DEFAULTS["PlanParams"]  # estimate()'s defaults are the protocol's (protocol/protocol.json)
 
 
 def count_dataset_tokens(dataset, seq: int) -> int:
@@ -205,8 +201,9 @@ def largest(pred, lo: int, hi: int, step: int = 1) -> int | None:
 # -- the estimate ------------------------------------------------------------------------------------------
 
 def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, dataset=None, lora=None,
-             batch: int = 4, seq: int = 256, steps: int | None = None, tokens: int | None = None,
-             epochs: float | None = None, grad_accum: int = 1, optim: str = "adamw",
+             batch: int = _PLAN["batchSize"], seq: int = _PLAN["seqLen"], steps: int | None = None,
+             tokens: int | None = None, epochs: float | None = None, grad_accum: int = _PLAN["gradAccum"],
+             optim: str = _PLAN["optimizer"],
              time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
              calibration="auto", device: Device | None = None, clock: str = "wall"):
     """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
@@ -409,12 +406,13 @@ def plan_from_params(model, p: Mapping, engine=None) -> dict:
     eng, backend = _engine_and_backend(engine if engine is not None else "numpy")
     device = describe(eng if eng is not None else backend)
     cal = cached(device, m, "wall") or cached(device, m, "cpu") or "cached"
-    ds = p.get("datasetTokens")
-    if p.get("epochs") is not None and ds is None and p.get("steps") is None:
+    q = read_settings("PlanParams", p)  # every default from protocol/protocol.json; a wrong field is named
+    ds = q.get("datasetTokens")
+    if p.get("epochs") is not None and ds is None and q.get("steps") is None:
         raise ValueError("epochs needs datasetTokens (dataset/inspect's `tokens`); or give steps")
-    plan = estimate(m, eng if eng is not None else backend, lora=p.get("lora"), batch=int(p.get("batchSize", 4)),
-                    seq=int(p.get("seqLen", 256)), steps=p.get("steps"), dataset_tokens=ds, epochs=p.get("epochs"),
-                    grad_accum=int(p.get("gradAccum", 1)), optim=p.get("optimizer", "adamw"),
-                    time_budget_s=p.get("timeBudgetSeconds"), memory_cap_bytes=p.get("memoryCapBytes"),
-                    calibration=cal, device=device)
+    plan = estimate(m, eng if eng is not None else backend, lora=LoraConfig.from_protocol(q["lora"]),
+                    batch=int(q["batchSize"]), seq=int(q["seqLen"]), steps=q.get("steps"), dataset_tokens=ds,
+                    epochs=float(q["epochs"]) if ds is not None else None, grad_accum=int(q["gradAccum"]),
+                    optim=q["optimizer"], time_budget_s=q.get("timeBudgetSeconds"),
+                    memory_cap_bytes=q.get("memoryCapBytes"), calibration=cal, device=device)
     return plan.to_protocol()

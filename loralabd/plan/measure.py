@@ -55,10 +55,6 @@ def load(spec: str | None):
 
 
 def make(model, backend: str):
-    if backend == "numpy":
-        from ..engine.numpy_engine import NumpyEngine
-
-        return NumpyEngine(model)
     from ..engine.select import make_engine
 
     return make_engine(model, backend)
@@ -68,7 +64,9 @@ def run_config(cfg: dict) -> dict:
     """In this process (which should be fresh): load, train `steps` + 1 steps, report."""
     import numpy as np
 
+    from ..engine.interface import OptimSettings
     from ..engine.lora import LoraAdapter, LoraConfig
+    from ..training.packing import Batch
 
     import gguf  # noqa: F401  (imported before the baseline: library code is not the run's memory)
     import tokenizers  # noqa: F401
@@ -81,16 +79,16 @@ def run_config(cfg: dict) -> dict:
     lcfg = LoraConfig(r=int(cfg.get("r", 8)), alpha=float(cfg.get("alpha", 16)), targets=tuple(cfg.get("targets", ("all",))),
                       dropout=float(cfg.get("dropout", 0.0)))
     ad = LoraAdapter.init(model.args, lcfg, seed=0)
-    sess = engine.train_session(ad, {"kind": cfg.get("optim", "adamw")})
+    sess = engine.train_session(ad, OptimSettings(kind=cfg.get("optim", "adamw")))
     del ad  # the caller's adapter: the daemon keeps none while training (the session holds its copy)
     B, T = int(cfg["batch"]), int(cfg["seq"])
     rng = np.random.default_rng(0)
     walls, cpus = [], []
     for i in range(int(cfg.get("steps", 1)) + 1):
-        tok = rng.integers(0, model.args.vocab_size, (B, T))
+        b = Batch.of(rng.integers(0, model.args.vocab_size, (B, T)))
         w0, c0 = time.perf_counter(), time.process_time()
-        sess.accumulate(tok, tok)
-        sess.step(1e-4, 1.0)
+        sess.step([b], 1e-4, 1.0)
+        sess.metrics()  # waits for the device
         w1, c1 = time.perf_counter(), time.process_time()
         if i:  # the first step warms up (dequantization, pipelines)
             walls.append(w1 - w0)

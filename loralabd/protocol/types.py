@@ -5,6 +5,7 @@ LoRA Lab daemon protocol: JSON-RPC 2.0 over stdio (LSP framing) or a websocket (
 
 from __future__ import annotations
 
+import copy
 from enum import IntEnum
 from typing import Any, Literal, NotRequired, TypedDict, Union
 
@@ -129,11 +130,12 @@ class TrainProgress(TypedDict):
     totalSteps: int  # Steps planned.
     loss: Union[float, None]  # Training loss of the last step.
     lr: float  # Learning rate of the last step.
-    tokensPerSecond: float  # Trained tokens per second (recent).
-    tokensSeen: int  # Labelled tokens trained on so far.
+    tokensPerSecond: float  # Tokens (as tokensSeen counts them) per second over the last read window.
+    tokensSeen: int  # Tokens in the trained rows so far (padding excluded; prompt tokens included).
     etaSeconds: Union[float, None]  # Estimated seconds left.
     gradNorm: NotRequired[Union[float, None]]  # Gradient norm before clipping.
     valLoss: NotRequired[Union[float, None]]  # Latest validation loss, when there is a validation set.
+    targetsSeen: NotRequired[int]  # Labelled tokens trained on so far (the tokens the loss is computed on).
 
 
 class DeviceInfo(TypedDict):
@@ -150,9 +152,9 @@ class DeviceInfo(TypedDict):
 class ModelLoadParams(TypedDict):
     """Load a model."""
 
-    source: NotRequired[str]  # GGUF file or Hugging Face directory; omitted or `default`: SmolLM2-135M-Instruct Q4_1.
-    name: NotRequired[str]  # Id to refer to the model by (default: derived from the source).
-    backend: NotRequired["Backend"]  # Engine backend (default `auto`).
+    source: NotRequired[str]  # GGUF file or Hugging Face directory, or `default`: SmolLM2-135M-Instruct Q4_1.
+    name: NotRequired[str]  # Id to refer to the model by; when omitted, derived from the source.
+    backend: NotRequired["Backend"]  # Engine backend.
     weights: NotRequired["WeightFormat"]  # How safetensors weights are kept (GGUF blocks stay as they are).
 
 
@@ -189,11 +191,11 @@ class LoraSettings(TypedDict):
     """LoRA hyper-parameters (PEFT conventions)."""
 
     r: NotRequired[int]  # Rank.
-    alpha: NotRequired[float]  # Scale numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA).
+    alpha: NotRequired[float]  # Scale numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA); when omitted, 2 × r.
     dropout: NotRequired[float]  # Dropout on the LoRA input.
     useRslora: NotRequired[bool]  # alpha/sqrt(r) scaling.
     targets: NotRequired[list[str]]  # Modules: q_proj ... down_proj or q, k, v, o, gate, up, down, attn, mlp, all.
-    layers: NotRequired[Union[list[int], None]]  # Layers to adapt (default all).
+    layers: NotRequired[Union[list[int], None]]  # Layers to adapt; null: every layer.
 
 
 class PlanParams(TypedDict):
@@ -203,10 +205,10 @@ class PlanParams(TypedDict):
     lora: NotRequired["LoraSettings"]  # LoRA settings.
     batchSize: NotRequired[int]  # Sequences per step.
     seqLen: NotRequired[int]  # Tokens per sequence.
-    steps: NotRequired[int]  # Optimizer steps.
+    steps: NotRequired[int]  # Optimizer steps; when omitted: `epochs` over `datasetTokens`, else 100 steps.
     optimizer: NotRequired["OptimizerKind"]  # Optimizer (sets the optimizer-state size).
     datasetTokens: NotRequired[int]  # Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); with `epochs` it sets the run's length.
-    epochs: NotRequired[float]  # Passes over `datasetTokens` when `steps` is not given (default 1).
+    epochs: NotRequired[float]  # Passes over `datasetTokens` when `steps` is not given (ignored without `datasetTokens`).
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
     timeBudgetSeconds: NotRequired[float]  # A time budget: the plan advises the largest rank whose run meets it.
     memoryCapBytes: NotRequired[int]  # Memory the run may use, instead of what the device reports.
@@ -324,7 +326,7 @@ class CalibrateParams(TypedDict):
 
     model: str  # Model id.
     refresh: NotRequired[bool]  # Measure again even when a calibration is cached.
-    clock: NotRequired["Clock"]  # `wall` (default: what a user waits) or `cpu` (process CPU time, for shared machines).
+    clock: NotRequired["Clock"]  # `wall` (what a user waits) or `cpu` (process CPU time, for shared machines).
     workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress` (one report per timed shape).
 
 
@@ -396,19 +398,19 @@ class TrainParams(TypedDict):
     adapter: str  # Name to save the adapter under (letters, digits, . _ -).
     lora: NotRequired["LoraSettings"]  # LoRA settings.
     optimizer: NotRequired["OptimizerSettings"]  # Optimizer.
-    steps: NotRequired[int]  # Optimizer steps (give steps or epochs; neither: 1 epoch).
-    epochs: NotRequired[float]  # Passes over the data when steps is not given.
+    steps: NotRequired[int]  # Optimizer steps; when given, `epochs` is ignored.
+    epochs: NotRequired[float]  # Passes over the data when `steps` is not given.
     evalEvery: NotRequired[int]  # Steps between validation losses (0: only at the end; needs a validation set, e.g. valid.jsonl beside train.jsonl).
     batchSize: NotRequired[int]  # Sequences per step.
     seqLen: NotRequired[int]  # Tokens per sequence.
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
     warmupSteps: NotRequired[int]  # Linear warmup steps.
     schedule: NotRequired["Schedule"]  # LR decay after warmup.
-    maxGradNorm: NotRequired[Union[float, None]]  # Global-norm clipping.
+    maxGradNorm: NotRequired[Union[float, None]]  # Global-norm clipping threshold; null: no clipping.
     seed: NotRequired[int]  # Seed (data order, init, dropout).
     checkpointEvery: NotRequired[int]  # Steps between checkpoints.
     overwrite: NotRequired[bool]  # Replace an adapter of that name.
-    wait: NotRequired[bool]  # true (default): answer when the job ends; false: answer at once with the job (progress still flows).
+    wait: NotRequired[bool]  # true: answer when the job ends; false: answer at once with the job (progress still flows).
     workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress`.
 
 
@@ -416,6 +418,14 @@ class JobRef(TypedDict):
     """Names a job."""
 
     jobId: str  # Job id.
+
+
+class TrainFollowParams(TypedDict):
+    """A running job to follow."""
+
+    jobId: str  # The job (train/list shows the running ones).
+    workDoneToken: "ProgressToken"  # Progress token for this client's `$/progress` notifications.
+    wait: NotRequired[bool]  # true: answer when the job ends; false: answer at once (progress still flows).
 
 
 class ResumeParams(TypedDict):
@@ -468,7 +478,7 @@ class GenerateParams(TypedDict):
     maxTokens: NotRequired[int]  # Tokens to generate.
     temperature: NotRequired[float]  # 0: greedy.
     topK: NotRequired[int]  # 0: off.
-    topP: NotRequired[float]  # Nucleus.
+    topP: NotRequired[float]  # Nucleus sampling mass; 1 (or 0): off.
     seed: NotRequired[int]  # Sampling seed.
     stop: NotRequired[list[str]]  # Stop strings.
     partialResultToken: NotRequired["ProgressToken"]  # Token for `generate/delta` notifications (streaming).
@@ -492,6 +502,7 @@ class GenerateResult(TypedDict):
     adapter: Union[str, None]  # Adapter used.
     adapterStep: Union[int, None]  # Training step of the adapter snapshot used (a running job's adapter).
     promptTokens: int  # Prompt length.
+    timeToFirstTokenSeconds: float  # Seconds from the request's turn on the model to its first token (prompt processing included).
 
 
 class AdapterRef(TypedDict):
@@ -524,7 +535,7 @@ class ExportParams(TypedDict):
 
     adapter: str  # Adapter name.
     format: "ExportFormat"  # peft, gguf or mlx.
-    path: NotRequired[str]  # Output directory or file (default: under the data dir).
+    path: NotRequired[str]  # Output directory or file; when omitted, under the data directory's exports.
 
 
 class ExportResult(TypedDict):
@@ -616,6 +627,9 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
                   'result': {'kind': 'reference', 'name': 'JobInfo'},
                   'progress': None},
  'train/status': {'params': {'kind': 'reference', 'name': 'JobRef'},
+                  'result': {'kind': 'reference', 'name': 'JobInfo'},
+                  'progress': None},
+ 'train/follow': {'params': {'kind': 'reference', 'name': 'TrainFollowParams'},
                   'result': {'kind': 'reference', 'name': 'JobInfo'},
                   'progress': None},
  'train/list': {'params': None, 'result': {'kind': 'reference', 'name': 'JobList'}, 'progress': None},
@@ -794,10 +808,12 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                    'documentation': 'Learning rate of the last step.'},
                                   {'name': 'tokensPerSecond',
                                    'type': {'kind': 'base', 'name': 'number'},
-                                   'documentation': 'Trained tokens per second (recent).'},
+                                   'documentation': 'Tokens (as tokensSeen counts them) per second over the '
+                                                    'last read window.'},
                                   {'name': 'tokensSeen',
                                    'type': {'kind': 'base', 'name': 'integer'},
-                                   'documentation': 'Labelled tokens trained on so far.'},
+                                   'documentation': 'Tokens in the trained rows so far (padding excluded; '
+                                                    'prompt tokens included).'},
                                   {'name': 'etaSeconds',
                                    'type': {'kind': 'or',
                                             'items': [{'kind': 'base', 'name': 'number'},
@@ -814,6 +830,11 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                             'items': [{'kind': 'base', 'name': 'number'},
                                                       {'kind': 'base', 'name': 'null'}]},
                                    'documentation': 'Latest validation loss, when there is a validation set.',
+                                   'optional': True},
+                                  {'name': 'targetsSeen',
+                                   'type': {'kind': 'base', 'name': 'integer'},
+                                   'documentation': 'Labelled tokens trained on so far (the tokens the loss '
+                                                    'is computed on).',
                                    'optional': True}],
                    'additionalProperties': False},
  'DeviceInfo': {'properties': [{'name': 'backend',
@@ -839,25 +860,28 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                 'additionalProperties': False},
  'ModelLoadParams': {'properties': [{'name': 'source',
                                      'type': {'kind': 'base', 'name': 'string'},
-                                     'documentation': 'GGUF file or Hugging Face directory; omitted or '
-                                                      '`default`: SmolLM2-135M-Instruct Q4_1.',
+                                     'documentation': 'GGUF file or Hugging Face directory, or `default`: '
+                                                      'SmolLM2-135M-Instruct Q4_1.',
                                      'optional': True,
-                                     'maxLength': 4096},
+                                     'maxLength': 4096,
+                                     'default': 'default'},
                                     {'name': 'name',
                                      'type': {'kind': 'base', 'name': 'string'},
-                                     'documentation': 'Id to refer to the model by (default: derived from '
-                                                      'the source).',
+                                     'documentation': 'Id to refer to the model by; when omitted, derived '
+                                                      'from the source.',
                                      'optional': True,
                                      'maxLength': 128},
                                     {'name': 'backend',
                                      'type': {'kind': 'reference', 'name': 'Backend'},
-                                     'documentation': 'Engine backend (default `auto`).',
-                                     'optional': True},
+                                     'documentation': 'Engine backend.',
+                                     'optional': True,
+                                     'default': 'auto'},
                                     {'name': 'weights',
                                      'type': {'kind': 'reference', 'name': 'WeightFormat'},
                                      'documentation': 'How safetensors weights are kept (GGUF blocks stay as '
                                                       'they are).',
-                                     'optional': True}],
+                                     'optional': True,
+                                     'default': 'q4_1'}],
                      'additionalProperties': False},
  'ModelRef': {'properties': [{'name': 'model',
                               'type': {'kind': 'base', 'name': 'string'},
@@ -911,11 +935,12 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Rank.',
                                   'optional': True,
                                   'minimum': 1,
-                                  'maximum': 1024},
+                                  'maximum': 1024,
+                                  'default': 8},
                                  {'name': 'alpha',
                                   'type': {'kind': 'base', 'name': 'number'},
                                   'documentation': 'Scale numerator (scale = alpha/r, or alpha/sqrt(r) with '
-                                                   'rsLoRA).',
+                                                   'rsLoRA); when omitted, 2 × r.',
                                   'optional': True,
                                   'minimum': 0},
                                  {'name': 'dropout',
@@ -923,23 +948,27 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Dropout on the LoRA input.',
                                   'optional': True,
                                   'minimum': 0,
-                                  'maximum': 0.99},
+                                  'maximum': 0.99,
+                                  'default': 0.0},
                                  {'name': 'useRslora',
                                   'type': {'kind': 'base', 'name': 'boolean'},
                                   'documentation': 'alpha/sqrt(r) scaling.',
-                                  'optional': True},
+                                  'optional': True,
+                                  'default': False},
                                  {'name': 'targets',
                                   'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
                                   'documentation': 'Modules: q_proj ... down_proj or q, k, v, o, gate, up, '
                                                    'down, attn, mlp, all.',
-                                  'optional': True},
+                                  'optional': True,
+                                  'default': ['all']},
                                  {'name': 'layers',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'array',
                                                       'element': {'kind': 'base', 'name': 'integer'}},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Layers to adapt (default all).',
-                                  'optional': True}],
+                                  'documentation': 'Layers to adapt; null: every layer.',
+                                  'optional': True,
+                                  'default': None}],
                   'additionalProperties': False},
  'PlanParams': {'properties': [{'name': 'model',
                                 'type': {'kind': 'base', 'name': 'string'},
@@ -947,28 +976,33 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                {'name': 'lora',
                                 'type': {'kind': 'reference', 'name': 'LoraSettings'},
                                 'documentation': 'LoRA settings.',
-                                'optional': True},
+                                'optional': True,
+                                'default': {}},
                                {'name': 'batchSize',
                                 'type': {'kind': 'base', 'name': 'integer'},
                                 'documentation': 'Sequences per step.',
                                 'optional': True,
                                 'minimum': 1,
-                                'maximum': 4096},
+                                'maximum': 4096,
+                                'default': 4},
                                {'name': 'seqLen',
                                 'type': {'kind': 'base', 'name': 'integer'},
                                 'documentation': 'Tokens per sequence.',
                                 'optional': True,
                                 'minimum': 8,
-                                'maximum': 131072},
+                                'maximum': 131072,
+                                'default': 512},
                                {'name': 'steps',
                                 'type': {'kind': 'base', 'name': 'integer'},
-                                'documentation': 'Optimizer steps.',
+                                'documentation': 'Optimizer steps; when omitted: `epochs` over '
+                                                 '`datasetTokens`, else 100 steps.',
                                 'optional': True,
                                 'minimum': 1},
                                {'name': 'optimizer',
                                 'type': {'kind': 'reference', 'name': 'OptimizerKind'},
                                 'documentation': 'Optimizer (sets the optimizer-state size).',
-                                'optional': True},
+                                'optional': True,
+                                'default': 'adamw'},
                                {'name': 'datasetTokens',
                                 'type': {'kind': 'base', 'name': 'integer'},
                                 'documentation': "Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); "
@@ -978,16 +1012,18 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                {'name': 'epochs',
                                 'type': {'kind': 'base', 'name': 'number'},
                                 'documentation': 'Passes over `datasetTokens` when `steps` is not given '
-                                                 '(default 1).',
+                                                 '(ignored without `datasetTokens`).',
                                 'optional': True,
                                 'minimum': 0.01,
-                                'maximum': 10000},
+                                'maximum': 10000,
+                                'default': 1.0},
                                {'name': 'gradAccum',
                                 'type': {'kind': 'base', 'name': 'integer'},
                                 'documentation': 'Micro-batches per optimizer step.',
                                 'optional': True,
                                 'minimum': 1,
-                                'maximum': 4096},
+                                'maximum': 4096,
+                                'default': 1},
                                {'name': 'timeBudgetSeconds',
                                 'type': {'kind': 'base', 'name': 'number'},
                                 'documentation': 'A time budget: the plan advises the largest rank whose run '
@@ -1302,12 +1338,14 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                     {'name': 'refresh',
                                      'type': {'kind': 'base', 'name': 'boolean'},
                                      'documentation': 'Measure again even when a calibration is cached.',
-                                     'optional': True},
+                                     'optional': True,
+                                     'default': False},
                                     {'name': 'clock',
                                      'type': {'kind': 'reference', 'name': 'Clock'},
-                                     'documentation': '`wall` (default: what a user waits) or `cpu` (process '
-                                                      'CPU time, for shared machines).',
-                                     'optional': True},
+                                     'documentation': '`wall` (what a user waits) or `cpu` (process CPU '
+                                                      'time, for shared machines).',
+                                     'optional': True,
+                                     'default': 'wall'},
                                     {'name': 'workDoneToken',
                                      'type': {'kind': 'reference', 'name': 'ProgressToken'},
                                      'documentation': 'Token for `$/progress` (one report per timed shape).',
@@ -1367,7 +1405,8 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                    'documentation': 'Sequence length for packing.',
                                    'optional': True,
                                    'minimum': 8,
-                                   'maximum': 131072}],
+                                   'maximum': 131072,
+                                   'default': 512}],
                    'additionalProperties': False},
  'DatasetProblem': {'properties': [{'name': 'line',
                                     'type': {'kind': 'or',
@@ -1407,28 +1446,33 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
  'OptimizerSettings': {'properties': [{'name': 'kind',
                                        'type': {'kind': 'reference', 'name': 'OptimizerKind'},
                                        'documentation': 'adamw or adam8bit.',
-                                       'optional': True},
+                                       'optional': True,
+                                       'default': 'adamw'},
                                       {'name': 'lr',
                                        'type': {'kind': 'base', 'name': 'number'},
                                        'documentation': 'Peak learning rate.',
                                        'optional': True,
                                        'minimum': 0,
-                                       'maximum': 1},
+                                       'maximum': 1,
+                                       'default': 0.0002},
                                       {'name': 'betas',
                                        'type': {'kind': 'array',
                                                 'element': {'kind': 'base', 'name': 'number'}},
                                        'documentation': '(beta1, beta2).',
-                                       'optional': True},
+                                       'optional': True,
+                                       'default': [0.9, 0.999]},
                                       {'name': 'eps',
                                        'type': {'kind': 'base', 'name': 'number'},
                                        'documentation': 'Epsilon.',
                                        'optional': True,
-                                       'minimum': 0},
+                                       'minimum': 0,
+                                       'default': 1e-08},
                                       {'name': 'weightDecay',
                                        'type': {'kind': 'base', 'name': 'number'},
                                        'documentation': 'Decoupled weight decay.',
                                        'optional': True,
-                                       'minimum': 0}],
+                                       'minimum': 0,
+                                       'default': 0.0}],
                        'additionalProperties': False},
  'TrainParams': {'properties': [{'name': 'model',
                                  'type': {'kind': 'base', 'name': 'string'},
@@ -1445,83 +1489,97 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                 {'name': 'lora',
                                  'type': {'kind': 'reference', 'name': 'LoraSettings'},
                                  'documentation': 'LoRA settings.',
-                                 'optional': True},
+                                 'optional': True,
+                                 'default': {}},
                                 {'name': 'optimizer',
                                  'type': {'kind': 'reference', 'name': 'OptimizerSettings'},
                                  'documentation': 'Optimizer.',
-                                 'optional': True},
+                                 'optional': True,
+                                 'default': {}},
                                 {'name': 'steps',
                                  'type': {'kind': 'base', 'name': 'integer'},
-                                 'documentation': 'Optimizer steps (give steps or epochs; neither: 1 epoch).',
+                                 'documentation': 'Optimizer steps; when given, `epochs` is ignored.',
                                  'minimum': 1,
                                  'maximum': 10000000,
                                  'optional': True},
                                 {'name': 'epochs',
                                  'type': {'kind': 'base', 'name': 'number'},
-                                 'documentation': 'Passes over the data when steps is not given.',
+                                 'documentation': 'Passes over the data when `steps` is not given.',
                                  'optional': True,
                                  'minimum': 0.01,
-                                 'maximum': 10000},
+                                 'maximum': 10000,
+                                 'default': 1.0},
                                 {'name': 'evalEvery',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Steps between validation losses (0: only at the end; '
                                                   'needs a validation set, e.g. valid.jsonl beside '
                                                   'train.jsonl).',
                                  'optional': True,
-                                 'minimum': 0},
+                                 'minimum': 0,
+                                 'default': 0},
                                 {'name': 'batchSize',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Sequences per step.',
                                  'optional': True,
                                  'minimum': 1,
-                                 'maximum': 4096},
+                                 'maximum': 4096,
+                                 'default': 4},
                                 {'name': 'seqLen',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Tokens per sequence.',
                                  'optional': True,
                                  'minimum': 8,
-                                 'maximum': 131072},
+                                 'maximum': 131072,
+                                 'default': 512},
                                 {'name': 'gradAccum',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Micro-batches per optimizer step.',
                                  'optional': True,
                                  'minimum': 1,
-                                 'maximum': 4096},
+                                 'maximum': 4096,
+                                 'default': 1},
                                 {'name': 'warmupSteps',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Linear warmup steps.',
                                  'optional': True,
-                                 'minimum': 0},
+                                 'minimum': 0,
+                                 'default': 0},
                                 {'name': 'schedule',
                                  'type': {'kind': 'reference', 'name': 'Schedule'},
                                  'documentation': 'LR decay after warmup.',
-                                 'optional': True},
+                                 'optional': True,
+                                 'default': 'cosine'},
                                 {'name': 'maxGradNorm',
                                  'type': {'kind': 'or',
                                           'items': [{'kind': 'base', 'name': 'number'},
                                                     {'kind': 'base', 'name': 'null'}]},
-                                 'documentation': 'Global-norm clipping.',
+                                 'documentation': 'Global-norm clipping threshold; null: no clipping.',
                                  'optional': True,
-                                 'minimum': 0},
+                                 'minimum': 0,
+                                 'default': 1.0},
                                 {'name': 'seed',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Seed (data order, init, dropout).',
                                  'optional': True,
-                                 'minimum': 0},
+                                 'minimum': 0,
+                                 'default': 0},
                                 {'name': 'checkpointEvery',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Steps between checkpoints.',
                                  'optional': True,
-                                 'minimum': 1},
+                                 'minimum': 1,
+                                 'default': 50},
                                 {'name': 'overwrite',
                                  'type': {'kind': 'base', 'name': 'boolean'},
                                  'documentation': 'Replace an adapter of that name.',
-                                 'optional': True},
+                                 'optional': True,
+                                 'default': False},
                                 {'name': 'wait',
                                  'type': {'kind': 'base', 'name': 'boolean'},
-                                 'documentation': 'true (default): answer when the job ends; false: answer '
-                                                  'at once with the job (progress still flows).',
-                                 'optional': True},
+                                 'documentation': 'true: answer when the job ends; false: answer at once '
+                                                  'with the job (progress still flows).',
+                                 'optional': True,
+                                 'default': True},
                                 {'name': 'workDoneToken',
                                  'type': {'kind': 'reference', 'name': 'ProgressToken'},
                                  'documentation': 'Token for `$/progress`.',
@@ -1532,6 +1590,21 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                             'documentation': 'Job id.',
                             'maxLength': 64}],
             'additionalProperties': False},
+ 'TrainFollowParams': {'properties': [{'name': 'jobId',
+                                       'type': {'kind': 'base', 'name': 'string'},
+                                       'documentation': 'The job (train/list shows the running ones).',
+                                       'maxLength': 64},
+                                      {'name': 'workDoneToken',
+                                       'type': {'kind': 'reference', 'name': 'ProgressToken'},
+                                       'documentation': "Progress token for this client's `$/progress` "
+                                                        'notifications.'},
+                                      {'name': 'wait',
+                                       'type': {'kind': 'base', 'name': 'boolean'},
+                                       'documentation': 'true: answer when the job ends; false: answer at '
+                                                        'once (progress still flows).',
+                                       'optional': True,
+                                       'default': True}],
+                       'additionalProperties': False},
  'ResumeParams': {'properties': [{'name': 'jobId',
                                   'type': {'kind': 'base', 'name': 'string'},
                                   'documentation': 'Job id.',
@@ -1539,7 +1612,8 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  {'name': 'wait',
                                   'type': {'kind': 'base', 'name': 'boolean'},
                                   'documentation': 'As in train/start.',
-                                  'optional': True},
+                                  'optional': True,
+                                  'default': True},
                                  {'name': 'workDoneToken',
                                   'type': {'kind': 'reference', 'name': 'ProgressToken'},
                                   'documentation': 'Token for `$/progress`.',
@@ -1623,45 +1697,53 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                     'documentation': "Adapter name or running job's adapter; null: the base "
                                                      'model.',
                                     'optional': True,
-                                    'maxLength': 64},
+                                    'maxLength': 64,
+                                    'default': None},
                                    {'name': 'adapterScale',
                                     'type': {'kind': 'base', 'name': 'number'},
                                     'documentation': "Multiplier on the adapter's alpha/r.",
                                     'optional': True,
                                     'minimum': -100,
-                                    'maximum': 100},
+                                    'maximum': 100,
+                                    'default': 1.0},
                                    {'name': 'maxTokens',
                                     'type': {'kind': 'base', 'name': 'integer'},
                                     'documentation': 'Tokens to generate.',
                                     'optional': True,
                                     'minimum': 1,
-                                    'maximum': 32768},
+                                    'maximum': 32768,
+                                    'default': 256},
                                    {'name': 'temperature',
                                     'type': {'kind': 'base', 'name': 'number'},
                                     'documentation': '0: greedy.',
                                     'optional': True,
                                     'minimum': 0,
-                                    'maximum': 100},
+                                    'maximum': 100,
+                                    'default': 0.0},
                                    {'name': 'topK',
                                     'type': {'kind': 'base', 'name': 'integer'},
                                     'documentation': '0: off.',
                                     'optional': True,
-                                    'minimum': 0},
+                                    'minimum': 0,
+                                    'default': 0},
                                    {'name': 'topP',
                                     'type': {'kind': 'base', 'name': 'number'},
-                                    'documentation': 'Nucleus.',
+                                    'documentation': 'Nucleus sampling mass; 1 (or 0): off.',
                                     'optional': True,
                                     'minimum': 0,
-                                    'maximum': 1},
+                                    'maximum': 1,
+                                    'default': 1.0},
                                    {'name': 'seed',
                                     'type': {'kind': 'base', 'name': 'integer'},
                                     'documentation': 'Sampling seed.',
                                     'optional': True,
-                                    'minimum': 0},
+                                    'minimum': 0,
+                                    'default': 0},
                                    {'name': 'stop',
                                     'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
                                     'documentation': 'Stop strings.',
-                                    'optional': True},
+                                    'optional': True,
+                                    'default': []},
                                    {'name': 'partialResultToken',
                                     'type': {'kind': 'reference', 'name': 'ProgressToken'},
                                     'documentation': 'Token for `generate/delta` notifications (streaming).',
@@ -1702,7 +1784,11 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                                      "job's adapter)."},
                                    {'name': 'promptTokens',
                                     'type': {'kind': 'base', 'name': 'integer'},
-                                    'documentation': 'Prompt length.'}],
+                                    'documentation': 'Prompt length.'},
+                                   {'name': 'timeToFirstTokenSeconds',
+                                    'type': {'kind': 'base', 'name': 'number'},
+                                    'documentation': "Seconds from the request's turn on the model to its "
+                                                     'first token (prompt processing included).'}],
                     'additionalProperties': False},
  'AdapterRef': {'properties': [{'name': 'adapter',
                                 'type': {'kind': 'base', 'name': 'string'},
@@ -1750,7 +1836,8 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'peft, gguf or mlx.'},
                                  {'name': 'path',
                                   'type': {'kind': 'base', 'name': 'string'},
-                                  'documentation': 'Output directory or file (default: under the data dir).',
+                                  'documentation': 'Output directory or file; when omitted, under the data '
+                                                   "directory's exports.",
                                   'optional': True,
                                   'maxLength': 4096}],
                   'additionalProperties': False},
@@ -1777,3 +1864,69 @@ ENUMERATIONS: dict[str, list] = {'Backend': ['auto', 'numpy', 'webgpu'],
 
 ALIASES: dict[str, dict] = {'ProgressToken': {'kind': 'or',
                    'items': [{'kind': 'base', 'name': 'integer'}, {'kind': 'base', 'name': 'string'}]}}
+
+# Every protocol default: structure -> property -> the value the daemon uses when the property is absent
+# (protocol.json `default`; nothing else states one). A structure-typed default holds its own defaults.
+DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 'backend': 'auto', 'weights': 'q4_1'},
+ 'LoraSettings': {'r': 8, 'dropout': 0.0, 'useRslora': False, 'targets': ['all'], 'layers': None},
+ 'PlanParams': {'lora': {'r': 8, 'dropout': 0.0, 'useRslora': False, 'targets': ['all'], 'layers': None},
+                'batchSize': 4,
+                'seqLen': 512,
+                'optimizer': 'adamw',
+                'epochs': 1.0,
+                'gradAccum': 1},
+ 'CalibrateParams': {'refresh': False, 'clock': 'wall'},
+ 'DatasetParams': {'seqLen': 512},
+ 'OptimizerSettings': {'kind': 'adamw',
+                       'lr': 0.0002,
+                       'betas': [0.9, 0.999],
+                       'eps': 1e-08,
+                       'weightDecay': 0.0},
+ 'TrainParams': {'lora': {'r': 8, 'dropout': 0.0, 'useRslora': False, 'targets': ['all'], 'layers': None},
+                 'optimizer': {'kind': 'adamw',
+                               'lr': 0.0002,
+                               'betas': [0.9, 0.999],
+                               'eps': 1e-08,
+                               'weightDecay': 0.0},
+                 'epochs': 1.0,
+                 'evalEvery': 0,
+                 'batchSize': 4,
+                 'seqLen': 512,
+                 'gradAccum': 1,
+                 'warmupSteps': 0,
+                 'schedule': 'cosine',
+                 'maxGradNorm': 1.0,
+                 'seed': 0,
+                 'checkpointEvery': 50,
+                 'overwrite': False,
+                 'wait': True},
+ 'TrainFollowParams': {'wait': True},
+ 'ResumeParams': {'wait': True},
+ 'GenerateParams': {'adapter': None,
+                    'adapterScale': 1.0,
+                    'maxTokens': 256,
+                    'temperature': 0.0,
+                    'topK': 0,
+                    'topP': 1.0,
+                    'seed': 0,
+                    'stop': []}}
+
+
+def with_defaults(structure: str, params: dict | None) -> dict:
+    """A copy of `params` (a `structure` value, e.g. TrainParams) with every missing optional property that has
+    a default filled in from DEFAULTS, into nested structures too: a missing TrainParams.lora becomes every
+    LoraSettings default, a given one gets the LoraSettings defaults it lacks. Values are not checked here
+    (loralabd.protocol.validate does that); the caller's dict is not changed."""
+    out = dict(params or {})
+    mine = DEFAULTS.get(structure, {})
+    for p in STRUCTURES[structure]["properties"]:
+        n, t = p["name"], p["type"]
+        if n not in out:
+            if n in mine:
+                out[n] = copy.deepcopy(mine[n])
+        elif t["kind"] == "reference" and t["name"] in STRUCTURES and isinstance(out[n], dict):
+            out[n] = with_defaults(t["name"], out[n])
+        elif (t["kind"] == "array" and t["element"]["kind"] == "reference" and t["element"]["name"] in STRUCTURES
+              and isinstance(out[n], list)):
+            out[n] = [with_defaults(t["element"]["name"], x) if isinstance(x, dict) else x for x in out[n]]
+    return out

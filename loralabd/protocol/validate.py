@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from .types import ALIASES, ENUMERATIONS, REQUESTS, STRUCTURES
+from .types import ALIASES, ENUMERATIONS, REQUESTS, STRUCTURES, with_defaults
 
 
 class ValidationError(ValueError):
@@ -92,20 +92,22 @@ def check(value, t: dict, path: str, depth: int = 0) -> None:
         raise ValidationError(f"{path}: unknown type kind {k!r} in the protocol")
 
 
-def check_structure(value, name: str, path: str, depth: int = 0) -> None:
+def check_structure(value, name: str, path: str, depth: int = 0, required: bool = True) -> None:
+    """Raise ValidationError unless value is a `name` structure; required=False lets its required fields be
+    missing (nested structures are checked in full). An empty path names fields bare (`seqLen`)."""
     s = STRUCTURES[name]
     if not isinstance(value, dict):
-        raise ValidationError(f"{path}: expected an object ({name}), got {_show(value)}")
+        raise ValidationError(f"{path or name}: expected an object ({name}), got {_show(value)}")
     props = {p["name"]: p for p in s["properties"]}
     for key in value:
         if key not in props and not s["additionalProperties"]:
             known = ", ".join(props) or "none"
-            raise ValidationError(f"{path}: unknown field {key!r} (known fields: {known})")
+            raise ValidationError(f"{path or name}: unknown field {key!r} (known fields: {known})")
     for p in s["properties"]:
         n = p["name"]
-        where = f"{path}.{n}"
+        where = f"{path}.{n}" if path else n
         if n not in value:
-            if not p.get("optional"):
+            if required and not p.get("optional"):
                 raise ValidationError(f"{where}: required field is missing ({_kind_name(p['type'])}: {p['documentation']})")
             continue
         v = value[n]
@@ -120,6 +122,17 @@ def check_structure(value, name: str, path: str, depth: int = 0) -> None:
                 raise ValidationError(f"{where}: at most {p['maxLength']} characters, got {len(v)}")
             if "pattern" in p and not re.fullmatch(p["pattern"], v):
                 raise ValidationError(f"{where}: {v[:40]!r} does not match {p['pattern']}")
+
+
+def read_settings(structure: str, value, path: str = "") -> dict:
+    """The protocol's `structure` value as a domain settings object reads it (LoraConfig.from_protocol,
+    TrainConfig.from_protocol, Sampling.from_protocol): the fields given are checked — types, ranges, unknown
+    names — and every default from protocol/protocol.json is filled in (types.with_defaults). Required fields
+    may be missing (check_params holds requests to them). value None: every default. Raises ValidationError,
+    a ValueError, naming the wire field (`seqLen`, `lora.targets[1]`, with `path` as prefix)."""
+    value = {} if value is None else value
+    check_structure(value, structure, path, required=False)
+    return with_defaults(structure, value)
 
 
 def check_params(method: str, params) -> dict:

@@ -7,7 +7,9 @@ from pathlib import Path
 from .. import paths
 from ..errors import LoraLabError
 from ..models.args import ModelArgs
-from .work import DomainError, adapter_meta, load_adapter
+from ..protocol import ErrorCode
+from .adapters import adapter_meta, load_adapter
+from .errors import DomainError
 
 
 def export_adapter(p: dict) -> dict:
@@ -34,7 +36,7 @@ def export_adapter(p: dict) -> dict:
             d = save_mlx(adapter, out, args, base)
             files = sorted(str(f) for f in Path(d).iterdir())
     except ImportError as e:
-        raise DomainError("FeatureUnavailable", f"{fmt} export is not in this build ({e}); update LoRA Lab") from None
+        raise DomainError(ErrorCode.FeatureUnavailable, f"{fmt} export is not in this build ({e}); update LoRA Lab") from None
     except (OSError, LoraLabError, ValueError) as e:
-        raise DomainError("ExportFailed", f"cannot export {name!r} as {fmt} to {out}: {e}") from None
+        raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} as {fmt} to {out}: {e}") from None
     return {"format": fmt, "path": str(out), "files": files}

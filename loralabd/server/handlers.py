@@ -8,19 +8,24 @@ protocol/, running the handler as a cancellable task, mapping exceptions to erro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import threading
 import time
 import traceback
 
 from .. import __version__, paths
 from ..errors import LoraLabError, ModelLoadError
 from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
-    check_params
+    check_params, with_defaults
 from .jobs import job_info
 from .manager import ModelManager
-from .work import DomainError, adapter_info, available_backends, calibration_finish, calibration_result, \
-    calibration_start, device_probe, generation, list_adapters, load_adapter, plan_estimate, time_shape
+from .adapters import adapter_info, list_adapters
+from .engines import available_backends, device_probe
+from .errors import DomainError
+from .generating import generation
+from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, time_shape
 
 log = logging.getLogger("loralabd.rpc")
 # Tests (and developers) set LORALAB_CHECK_RESULTS=1: every result and notification is checked against
@@ -144,7 +149,7 @@ class Dispatcher:
             "model/load": self.model_load, "model/unload": self.model_unload, "model/list": self.model_list,
             "plan/estimate": self.plan_estimate, "plan/calibrate": self.plan_calibrate, "dataset/inspect": self.dataset_inspect,
             "train/start": self.train_start, "train/resume": self.train_resume, "train/cancel": self.train_cancel,
-            "train/status": self.train_status, "train/list": self.train_list, "generate": self.generate,
+            "train/status": self.train_status, "train/follow": self.train_follow, "train/list": self.train_list, "generate": self.generate,
             "adapter/list": self.adapter_list, "adapter/export": self.adapter_export,
         }
         missing = set(REQUESTS) ^ set(self.table)
@@ -213,7 +218,7 @@ class Dispatcher:
         except RpcError as e:
             reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(e.code, e.message, e.data)}
         except DomainError as e:
-            code = ErrorCode[e.name]
+            code = e.code
             reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, str(e), {"hint": ERROR_HINTS[code]})}
         except ModelLoadError as e:
             code = ErrorCode.ModelLoadFailed
@@ -294,7 +299,8 @@ class Dispatcher:
     # -- models ----------------------------------------------------------------------------------
 
     async def model_load(self, conn, p, rid):
-        e = await self.manager.load(p.get("source"), p.get("name"), p.get("backend", "auto"), p.get("weights", "q4_1"))
+        q = with_defaults("ModelLoadParams", p)
+        e = await self.manager.load(q["source"], q.get("name"), q["backend"], q["weights"])
         return e.info()
 
     async def model_unload(self, conn, p, rid):
@@ -313,7 +319,7 @@ class Dispatcher:
         """Time the model's engine on a few shapes, one device call per shape: progress after each,
         `$/cancelRequest` between them. Holds the model's turn so nothing else runs on it meanwhile."""
         e = self.manager.get(p["model"])
-        clock = p.get("clock", "wall")
+        clock = with_defaults("CalibrateParams", p)["clock"]
         prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
         t0 = time.perf_counter()
         async with e.turn():
@@ -343,16 +349,17 @@ class Dispatcher:
         return calibration_result(e.id, e.engine, device, cal, cached, time.perf_counter() - t0)
 
     async def dataset_inspect(self, conn, p, rid):
+        from ..protocol import with_defaults
         from ..training.data import DatasetError, read_source
 
         e = self.manager.get(p["model"])
-        seq = int(p.get("seqLen", 512))
+        seq = int(with_defaults("DatasetParams", p)["seqLen"])
 
         def inspect():
             try:
                 r = read_source(p["path"], e.model.tokenizer, max_seq_len=seq)
             except DatasetError as err:
-                raise DomainError("DatasetError", str(err)) from None
+                raise DomainError(ErrorCode.DatasetError, str(err)) from None
             sample = e.model.tokenizer.decode(r.examples[0].ids) if r.examples else ""
             return {"path": p["path"], "format": r.format, "examples": len(r.examples),
                     "tokens": int(sum(len(x) for x in r.examples)),
@@ -364,11 +371,11 @@ class Dispatcher:
 
     async def train_start(self, conn, p, rid):
         e = self.manager.get(p["model"])
-        if adapter_info(p["adapter"]) is not None and not p.get("overwrite"):
-            raise DomainError("AdapterExists", f"an adapter named {p['adapter']!r} exists; choose another name "
+        if await self.manager.on_io(adapter_info, p["adapter"]) is not None and not p.get("overwrite"):
+            raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['adapter']!r} exists; choose another name "
                                                "or pass overwrite: true")
         if self.manager.running_job_for_adapter(p["adapter"]):
-            raise DomainError("AdapterExists", f"a running job already trains {p['adapter']!r}; choose another name")
+            raise DomainError(ErrorCode.AdapterExists, f"a running job already trains {p['adapter']!r}; choose another name")
         params = {k: v for k, v in p.items() if k not in ("workDoneToken", "wait")}
         job = await self.manager.start_job(e, params)
         return await self._follow(conn, job, p)
@@ -376,7 +383,7 @@ class Dispatcher:
     async def train_resume(self, conn, p, rid):
         row = self.manager.job_row(p["jobId"])
         if not self.manager.resumable(row):
-            raise DomainError("JobNotResumable", f"job {row['id']} is {row['state']} at step {row['step']}/"
+            raise DomainError(ErrorCode.JobNotResumable, f"job {row['id']} is {row['state']} at step {row['step']}/"
                                                  f"{row['total_steps']}; only interrupted or cancelled jobs resume — "
                                                  "start a new job instead")
         import json
@@ -389,74 +396,88 @@ class Dispatcher:
 
     async def _follow(self, conn, job, p):
         if "workDoneToken" in p:
-            prog = Progress(conn, p["workDoneToken"])
-            job.sinks.append(prog)
-            prog.begin(f"Training {job.params['adapter']}", self.manager.metrics(job))
-        if not p.get("wait", True):
+            self.manager.follow(job.id, Progress(conn, p["workDoneToken"]))
+        if not with_defaults("TrainParams", p)["wait"]:
             return job_info(self.manager.job_row(job.id))
         try:
-            return await self.manager.wait_job(job)
+            return await self.manager.wait_job(job.id)
         except asyncio.CancelledError:
             if conn.closed:  # the client went away: the job is the daemon's and keeps running
                 raise
             # $/cancelRequest: stop between steps, checkpointed and resumable; answer once it has stopped
             self.manager.cancel(job.id)
-            await asyncio.shield(job.task)
+            await self.manager.wait_job(job.id)
             raise
 
     async def train_cancel(self, conn, p, rid):
         self.manager.cancel(p["jobId"])
-        job = self.manager.jobs.get(p["jobId"])
-        if job is not None and job.task is not None:
-            return await asyncio.shield(job.task)
-        return job_info(self.manager.job_row(p["jobId"]))
+        return await self.manager.wait_job(p["jobId"])
+
+    async def train_follow(self, conn, p, rid):
+        self.manager.follow(p["jobId"], Progress(conn, p["workDoneToken"]))
+        if not with_defaults("TrainFollowParams", p)["wait"]:
+            return job_info(self.manager.job_row(p["jobId"]))
+        return await self.manager.wait_job(p["jobId"])
 
     async def train_status(self, conn, p, rid):
         return self.manager.info(self.manager.job_row(p["jobId"]))
 
     async def train_list(self, conn, p, rid):
-        return {"jobs": [self.manager.info(r) for r in self.manager.journal.list()]}
+        return {"jobs": await self.manager.list_jobs()}
 
     # -- generation ------------------------------------------------------------------------------
 
     async def generate(self, conn, p, rid):
+        """The whole generation runs on the device thread (one hop); its text deltas come back to the event
+        loop through call_soon_threadsafe, coalesced to at most one notification per DELTA_INTERVAL."""
+        from ..protocol import with_defaults
+
         e = self.manager.get(p["model"])
         name = p.get("adapter")
-        scale = float(p.get("adapterScale", 1.0))
+        scale = float(with_defaults("GenerateParams", p)["adapterScale"])
         token = p.get("partialResultToken")
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+
+        def send(text: str, index: int):
+            conn.notify("generate/delta", {"token": token, "index": index, "text": text})
+
         async with e.turn():  # the model's queue: whole generations, in arrival order, between training steps
             adapters, step = [], None
             if name:
-                job = self.manager.running_job_for_adapter(name)
-                if job is not None and job.entry is e:  # the adapter being trained: a snapshot between steps
-                    ad = await self.manager.device.run(job.run.snapshot)
-                    step = job.run.step_count
-                else:
-                    ad, meta = await self.manager.device.run(load_adapter, name, e.model.args)
-                    step = int(meta.get("steps", 0))
+                ad, step = await self.manager.adapter(e, name)
                 adapters = [(ad, scale)]
-            g = await self.manager.device.run(generation, e.engine, e.model, p, adapters)
-            it = iter(g)
-            buf, last_flush, t0 = "", time.monotonic(), time.monotonic()
-            while True:  # one delta per device call: cancellation lands between tokens
-                d = await self.manager.device.run(next, it, None)
-                if d is None:
-                    break
-                buf += d.text
-                if token is not None and buf and time.monotonic() - last_flush >= DELTA_INTERVAL:
-                    conn.notify("generate/delta", {"token": token, "index": len(g.token_ids), "text": buf})
-                    buf, last_flush = "", time.monotonic()
-            if token is not None and buf:
-                conn.notify("generate/delta", {"token": token, "index": len(g.token_ids), "text": buf})
+
+            def run():
+                g = generation(e.engine, e.model, p, adapters, stop.is_set)
+                buf, last = "", time.monotonic()
+                for d in g:
+                    buf += d.text
+                    if token is not None and buf and time.monotonic() - last >= DELTA_INTERVAL:
+                        loop.call_soon_threadsafe(send, buf, len(g.token_ids))
+                        buf, last = "", time.monotonic()
+                if token is not None and buf:
+                    loop.call_soon_threadsafe(send, buf, len(g.token_ids))
+                return g
+
+            t0 = time.monotonic()
+            inner = asyncio.ensure_future(self.manager.device.run(run))
+            try:
+                g = await asyncio.shield(inner)
+            except asyncio.CancelledError:
+                stop.set()  # the device thread stops before its next token
+                with contextlib.suppress(BaseException):
+                    await inner
+                raise
         dt = max(time.monotonic() - t0, 1e-9)
         return {"text": g.text, "tokens": len(g.token_ids), "finishReason": g.stats.finish_reason or "length",
                 "tokensPerSecond": len(g.token_ids) / dt, "adapter": name, "adapterStep": step,
-                "promptTokens": len(g.prompt_ids)}
+                "promptTokens": len(g.prompt_ids), "timeToFirstTokenSeconds": float(g.stats.time_to_first_token_s)}
 
     # -- adapters --------------------------------------------------------------------------------
 
     async def adapter_list(self, conn, p, rid):
-        return {"adapters": await self.manager.device.run(list_adapters)}
+        return {"adapters": await self.manager.on_io(list_adapters)}
 
     async def adapter_export(self, conn, p, rid):
         from .export_bridge import export_adapter

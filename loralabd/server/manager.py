@@ -19,7 +19,11 @@ from pathlib import Path
 
 from .. import paths
 from .jobs import RESUMABLE, JobJournal, job_info
-from .work import DomainError, TrainRun, make_engine
+from ..protocol import ErrorCode
+from .adapters import adapter_stamp, load_adapter
+from .engines import make_engine
+from .errors import DomainError
+from .training import TrainRun
 
 log = logging.getLogger("loralabd.manager")
 
@@ -53,6 +57,9 @@ class ModelEntry:
     engine: object
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     jobs: set = field(default_factory=set)
+    # saved adapters read for this model: name -> (stamp, LoraAdapter, meta). The same object (and so the same
+    # GPU slot, uploaded once) serves every request until the adapter is saved again
+    adapters: dict = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
     async def turn(self):
@@ -80,12 +87,13 @@ class Job:
         self.task: asyncio.Task | None = None
         self.sinks: list = []  # Progress objects (handlers.py)
         self.started = time.monotonic()
-        self.rate_tokens: list[tuple[float, int]] = []  # (time, tokens) of recent steps
 
 
 class ModelManager:
     def __init__(self):
         self.device = DeviceThread()
+        # disk work (the journal's fsync'd writes, the adapter store) runs here, in order, off the event loop
+        self.io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="io")
         self.models: dict[str, ModelEntry] = {}
         self.jobs: dict[str, Job] = {}
         self._loading: dict[str, asyncio.Future] = {}
@@ -101,7 +109,7 @@ class ModelManager:
         e = self.models.get(model_id)
         if e is None:
             loaded = ", ".join(self.models) or "none"
-            raise DomainError("ModelNotLoaded", f"model {model_id!r} is not loaded (loaded: {loaded}); "
+            raise DomainError(ErrorCode.ModelNotLoaded, f"model {model_id!r} is not loaded (loaded: {loaded}); "
                                                 "load it with model/load (loralab models --load PATH)")
         return e
 
@@ -113,7 +121,7 @@ class ModelManager:
         if mid in self.models:
             e = self.models[mid]
             if e.source != src:
-                raise DomainError("ModelLoadFailed", f"a different model is loaded as {mid!r} ({e.source}); "
+                raise DomainError(ErrorCode.ModelLoadFailed, f"a different model is loaded as {mid!r} ({e.source}); "
                                                      "pass another name, or unload it first")
             return e
         if mid in self._loading:  # two clients loading the same model share one load
@@ -130,13 +138,13 @@ class ModelManager:
             except DomainError:
                 raise
             except Exception as e:
-                raise DomainError("ModelLoadFailed", f"{e}") from e
+                raise DomainError(ErrorCode.ModelLoadFailed, f"{e}") from e
             entry = ModelEntry(mid, src, backend, model, engine)
             self.models[mid] = entry
             fut.set_result(entry)
             return entry
         except BaseException as e:
-            fut.set_exception(e if isinstance(e, Exception) else DomainError("ModelLoadFailed", "load cancelled"))
+            fut.set_exception(e if isinstance(e, Exception) else DomainError(ErrorCode.ModelLoadFailed, "load cancelled"))
             fut.exception()  # mark retrieved
             raise
         finally:
@@ -145,7 +153,7 @@ class ModelManager:
     async def unload(self, model_id: str) -> None:
         e = self.get(model_id)
         if e.jobs:
-            raise DomainError("ModelBusy", f"job(s) {', '.join(sorted(e.jobs))} train on {model_id!r}; "
+            raise DomainError(ErrorCode.ModelBusy, f"job(s) {', '.join(sorted(e.jobs))} train on {model_id!r}; "
                                            "cancel them with train/cancel first")
         async with e.turn():  # wait for its queue to drain
             self.models.pop(model_id, None)
@@ -162,10 +170,17 @@ class ModelManager:
 
     # -- jobs ------------------------------------------------------------------------------------
 
+    async def journal_update(self, jid: str, **fields) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.io, lambda: self.journal.update(jid, **fields))
+
+    async def on_io(self, fn, *args):
+        """Run fn on the I/O thread (disk work that must not stall the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
+
     def job_row(self, jid: str) -> dict:
         row = self.journal.get(jid)
         if row is None:
-            raise DomainError("JobNotFound", f"no job {jid!r}; see train/list (loralab train --list)")
+            raise DomainError(ErrorCode.JobNotFound, f"no job {jid!r}; see train/list (loralab train --list)")
         return row
 
     def running_job_for_adapter(self, adapter: str) -> Job | None:
@@ -176,12 +191,12 @@ class ModelManager:
 
     async def start_job(self, entry: ModelEntry, params: dict, jid: str | None = None) -> Job:
         if self.shutting_down:
-            raise DomainError("ShuttingDown", "the daemon is stopping; start it again with `loralab serve`")
+            raise DomainError(ErrorCode.ShuttingDown, "the daemon is stopping; start it again with `loralab serve`")
         resume = jid is not None
         if jid is None:
             jid = self.journal.create("train", entry.source, params["adapter"], params, params.get("steps", 0))
         elif jid in self.jobs:
-            raise DomainError("JobNotResumable", f"job {jid} is running now; follow it with train/status")
+            raise DomainError(ErrorCode.JobNotResumable, f"job {jid} is running now; follow it with train/status")
         job = Job(jid, entry, params)
         self.jobs[jid] = job
         entry.jobs.add(jid)
@@ -194,7 +209,7 @@ class ModelManager:
             if not resume:
                 self.journal.update(jid, state="failed", error=str(e))
             raise
-        self.journal.update(jid, state="running", step=job.run.step_count, total_steps=job.run.total)
+        await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total)
         job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")
         return job
 
@@ -206,27 +221,23 @@ class ModelManager:
                 async with entry.turn():
                     if job.stop_as is not None:
                         break
-                    ck0 = run.last_checkpoint
-                    m = await self.device.run(run.step)  # checkpoints itself every checkpointEvery steps
-                    if run.last_checkpoint != ck0 and not run.done:
-                        j.update(job.id, step=run.step_count, loss=m["loss"], tokens_seen=run.tokens_seen,
-                                 checkpoint=str(run.last_checkpoint))
-                now = time.monotonic()
-                job.rate_tokens.append((now, m["tokens"]))
-                job.rate_tokens = job.rate_tokens[-20:]
-                job.last = m
-                if "valLoss" in m:
-                    job.val_loss = m["valLoss"]
-                for s in list(job.sinks):
-                    s.report(self.metrics(job))
+                    rep = await self.device.run(run.step)  # checkpoints itself every checkpointEvery steps
+                if rep is None:
+                    break
+                if rep.checkpoint is not None and not run.done:
+                    await self.journal_update(job.id, step=rep.step, loss=run.last_loss, tokens_seen=rep.tokens_seen,
+                                              checkpoint=str(rep.checkpoint))
+                if rep.loss is not None or run.done:  # a report per read of the metrics (<= 4 a second)
+                    for s in list(job.sinks):
+                        s.report(self.metrics(job))
             if job.stop_as is not None and not run.done:
                 state = job.stop_as
             async with entry.turn():  # final checkpoint (and adapter) between steps, never mid-step
                 ck = await self.device.run(run.save_checkpoint)
                 if run.done:
                     await self.device.run(run.save_adapter, entry.source)
-            j.update(job.id, state=state, step=run.step_count, loss=run.last_loss, tokens_seen=run.tokens_seen,
-                     checkpoint=str(ck))
+            await self.journal_update(job.id, state=state, step=run.step_count, loss=run.last_loss,
+                                      tokens_seen=run.tokens_seen, checkpoint=str(ck))
         except asyncio.CancelledError:
             j.update(job.id, state="interrupted", error="daemon stopped")
             raise
@@ -242,21 +253,7 @@ class ModelManager:
         return job_info(j.get(job.id))
 
     def metrics(self, job: Job) -> dict:
-        run = job.run
-        rt = job.rate_tokens
-        tps = 0.0
-        if len(rt) >= 2 and rt[-1][0] > rt[0][0]:
-            tps = sum(n for _, n in rt[1:]) / (rt[-1][0] - rt[0][0])
-        elif rt:
-            tps = rt[-1][1] / max(rt[-1][0] - job.started, 1e-9)
-        steps_left = run.total - run.step_count
-        tok_per_step = (sum(n for _, n in rt) / len(rt)) if rt else 0
-        eta = steps_left * tok_per_step / tps if tps > 0 else None
-        last = getattr(job, "last", {})
-        return {"jobId": job.id, "step": run.step_count, "totalSteps": run.total, "loss": run.last_loss,
-                "lr": float(last.get("lr", run.schedule(run.step_count))), "tokensPerSecond": float(tps),
-                "tokensSeen": int(run.tokens_seen), "etaSeconds": eta, "gradNorm": last.get("gradNorm"),
-                "valLoss": getattr(job, "val_loss", None)}
+        return job.run.progress()
 
     def info(self, row: dict) -> dict:
         """JobInfo of a journal row, with live step/loss/tokens while the job runs in this daemon."""
@@ -267,6 +264,39 @@ class ModelManager:
                        totalSteps=job.run.total)
         return out
 
+    def follow(self, jid: str, sink) -> None:
+        """Send a running job's progress to sink (begin now, reports at report cadence, end)."""
+        job = self.jobs.get(jid)
+        if job is None or job.run is None:
+            raise DomainError(ErrorCode.JobNotFound, f"job {jid!r} is not running; see train/list")
+        job.sinks.append(sink)
+        sink.begin(f"Training {job.params['adapter']}", job.run.progress())
+
+    async def adapter(self, entry: ModelEntry, name: str):
+        """(adapter, its training step) for a request on entry's model: a running job's adapter is a snapshot
+        taken now, between two steps; a saved one comes from the store (read on the device thread)."""
+        job = self.running_job_for_adapter(name)
+        if job is not None and job.entry is entry:
+            run = job.run
+            return await self.device.run(run.snapshot), run.step_count
+        def stored():
+            stamp = adapter_stamp(name)
+            hit = entry.adapters.get(name)
+            if hit is not None and stamp is not None and hit[0] == stamp:
+                return hit[1], hit[2]
+            ad, meta = load_adapter(name, entry.model.args)
+            entry.adapters.pop(name, None)
+            while len(entry.adapters) >= 8:
+                entry.adapters.pop(next(iter(entry.adapters)))
+            entry.adapters[name] = (stamp, ad, meta)
+            return ad, meta
+
+        ad, meta = await self.device.run(stored)
+        return ad, int(meta.get("steps", 0))
+
+    async def list_jobs(self) -> list[dict]:
+        return [self.info(r) for r in await self.on_io(self.journal.list)]
+
     def cancel(self, jid: str, how: str = "cancelled") -> dict:
         row = self.job_row(jid)
         job = self.jobs.get(jid)
@@ -274,8 +304,12 @@ class ModelManager:
             job.stop_as = how
         return job_info(row)
 
-    async def wait_job(self, job: Job) -> dict:
-        return await asyncio.shield(job.task)
+    async def wait_job(self, jid: str) -> dict:
+        """The job's JobInfo once it has ended (at once when it is not running here)."""
+        job = self.jobs.get(jid)
+        if job is not None and job.task is not None:
+            return await asyncio.shield(job.task)
+        return job_info(self.job_row(jid))
 
     async def shutdown(self) -> None:
         """Stop every job after its current step with a checkpoint (state `interrupted`), then close."""

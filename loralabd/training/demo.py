@@ -28,11 +28,11 @@ def test_prompts() -> list[str]:
 
 def answer(engine, prompt: str, adapter=None, max_tokens: int = 48) -> str:
     """Greedy reply to one user message with the model's chat template."""
-    tok = engine.model.tokenizer
-    ids = tok.encode_chat([{"role": "user", "content": prompt}])
-    stop = (tok.eos_id,) if tok.eos_id is not None else ()
-    out = list(engine.generate(ids, max_tokens, adapters=[(adapter, 1.0)] if adapter else [], stop_ids=stop))
-    return tok.decode([t for t in out if t not in stop]).strip()
+    from ..generation import GenerationService
+
+    g = GenerationService(engine).generate(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                           temperature=0.0, seed=0, adapters=[(adapter, 1.0)] if adapter else [])
+    return g.text.strip()
 
 
 def run_demo(model=None, engine=None, on_step=None, run_dir=None, max_tokens: int = 48, **overrides) -> dict:

@@ -28,6 +28,17 @@ class Batch:
     n_tokens: int  # real (non-padding) tokens
     n_targets: int  # labelled positions
 
+    @classmethod
+    def of(cls, tokens, labels=None, segments=None, positions=None) -> "Batch":
+        """A batch of whole rows (one segment each, positions from 0); labels default to the tokens."""
+        tokens = np.asarray(tokens, np.int32)
+        B, T = tokens.shape
+        labels = tokens if labels is None else np.asarray(labels, np.int32)
+        seg = np.zeros((B, T), np.int32) if segments is None else np.asarray(segments, np.int32)
+        pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy() if positions is None else \
+            np.asarray(positions, np.int32)
+        return cls(tokens, labels, seg, pos, int((seg >= 0).sum()), int((labels != IGNORE).sum()))
+
 
 def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, pack: bool) -> list[list[int]]:
     """Greedy packing in the given order: a row takes examples until the next does not fit."""

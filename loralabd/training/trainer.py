@@ -1,26 +1,24 @@
-"""The trainer: LoRA on either engine through the train-session interface, one optimizer step at a time.
+"""The trainer: LoRA on either engine through the train-session interface (engine/interface.py).
 
-    sess = engine.train_session(adapter, optim)       # numpy_train.NumpyTrainSession or the WebGPU one
-    sess.accumulate(tokens, labels, segments, positions) -> (loss_sum, n_tokens)
-    sess.step(lr, max_grad_norm) -> grad_norm;  sess.snapshot();  sess.state_dict() / load_state_dict()
-
-Trainer.step() runs one optimizer step (gradient accumulation inside) and returns its metrics, so the
-daemon can yield its model's queue between steps; run() loops with a callback. Everything random is
-counter-based — the data order of epoch e is a function of (seed, e), dropout masks of (seed, step,
-micro-batch) — so a checkpoint's (step, epoch, row) restores the run exactly.
+Trainer.step() runs one optimizer step (its micro-batches, clipping and the update: one submit on a
+GPU) and returns a StepReport, so the daemon can yield its model's queue between steps; run() loops
+with a callback. Losses and gradient norms stay on the device and are read at report cadence (at most
+every `report_interval` seconds), at evaluations, checkpoints and the end — a report between reads has
+loss None. Everything random is counter-based — the data order of epoch e is a function of (seed, e),
+dropout masks of (seed, step, micro-batch) — so a checkpoint's (step, epoch, row) restores the run exactly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import resource
 import time
 from dataclasses import dataclass, asdict, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from ..engine.interface import Engine, OptimSettings
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..errors import LoraLabError
 from ..models.args import LINEAR_NAMES
@@ -93,9 +91,9 @@ class TrainConfig:
         return LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, use_rslora=self.use_rslora,
                           targets=self.targets, layers=self.layers)
 
-    def optim(self) -> dict:
-        return {"kind": self.optimizer, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                "seed": self.seed}
+    def optim(self) -> OptimSettings:
+        return OptimSettings(kind=self.optimizer, betas=(self.betas[0], self.betas[1]), eps=self.eps,
+                             weight_decay=self.weight_decay, seed=self.seed)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -111,6 +109,35 @@ class TrainConfig:
             raise TrainError(f"unknown training settings {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    @classmethod
+    def from_protocol(cls, params: dict | None) -> "TrainConfig":
+        """The protocol's TrainParams (camelCase, as on the wire; model, dataset and adapter are the caller's)
+        -> TrainConfig: the one place they are read. Every default comes from protocol/protocol.json; settings
+        the wire does not carry (warmup_ratio, pack, keep_last, ...) keep TrainConfig's own. A wrong value
+        raises ValueError or TrainError naming the wire field (`optimizer.lr`, `seqLen`)."""
+        from ..protocol.validate import read_settings
+
+        given = params or {}
+        q = read_settings("TrainParams", given)
+        lora = LoraConfig.from_protocol(q["lora"], "lora")
+        opt = q["optimizer"]
+        if not opt["lr"] > 0:
+            raise TrainError(f"optimizer.lr must be > 0, got {opt['lr']}")
+        betas = opt["betas"]
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise TrainError(f"optimizer.betas must be two numbers in [0, 1) (beta1, beta2), got {betas}")
+        steps = q.get("steps")
+        return cls(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.use_rslora, targets=lora.targets,
+                   layers=lora.layers, optimizer=opt["kind"], lr=float(opt["lr"]), betas=tuple(float(b) for b in betas),
+                   eps=float(opt["eps"]), weight_decay=float(opt["weightDecay"]),
+                   max_grad_norm=None if q["maxGradNorm"] is None else float(q["maxGradNorm"]),
+                   lr_schedule=q["schedule"], warmup_steps=int(q["warmupSteps"]), seq_len=int(q["seqLen"]),
+                   batch_size=int(q["batchSize"]), grad_accum=int(q["gradAccum"]),
+                   max_steps=None if steps is None else int(steps),
+                   # epochs counts only without steps (a given one is kept as given: a resume compares settings)
+                   epochs=float(q["epochs"]) if steps is None else given.get("epochs"),
+                   eval_every=int(q["evalEvery"]), save_every=int(q["checkpointEvery"]), seed=int(q["seed"]))
+
 
 def _fingerprint(examples) -> str:
     h = hashlib.sha256()
@@ -121,6 +148,30 @@ def _fingerprint(examples) -> str:
 
 
 @dataclass
+class StepReport:
+    """One optimizer step, as the trainer saw it. loss and grad_norm are None when they were not read
+    back at this step (reads happen at report cadence); the step's history entry gets them later."""
+
+    step: int
+    total_steps: int
+    lr: float
+    tokens: int  # non-padding tokens in the step's rows
+    target_tokens: int  # labelled positions (the tokens the loss trains on)
+    tokens_seen: int  # non-padding tokens so far in the run
+    targets_seen: int  # labelled positions so far in the run
+    epoch: float
+    step_time_s: float  # host time of this step (the device may still be running it)
+    tokens_per_s: float  # non-padding tokens a second over the steps of the last read window
+    eta_s: float | None
+    loss: float | None = None
+    grad_norm: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
+    checkpoint: Path | None = None  # written at this step
+    memory_bytes: int = 0
+
+
+@dataclass
 class _Clock:
     started: float = field(default_factory=time.perf_counter)
     steps: int = 0  # steps timed in this process (a resumed run starts a new clock)
@@ -128,8 +179,8 @@ class _Clock:
 
 
 class Trainer:
-    def __init__(self, engine, dataset: Dataset, config: TrainConfig, run_dir=None, resume=False,
-                 adapter: LoraAdapter | None = None):
+    def __init__(self, engine: Engine, dataset: Dataset, config: TrainConfig, run_dir=None, resume=False,
+                 adapter: LoraAdapter | None = None, report_interval: float = 0.25):
         self.engine, self.data, self.cfg = engine, dataset, config
         self.run_dir = Path(run_dir) if run_dir else None
         tok = dataset.tokenizer
@@ -145,6 +196,11 @@ class Trainer:
         self.sess = engine.train_session(adapter, c.optim())
         self.step_num = 0
         self.tokens_seen = 0
+        self.targets_seen = 0
+        self.report_interval = report_interval
+        self._last_read = time.perf_counter()
+        self._window: tuple[float, int] = (time.perf_counter(), 0)  # (start, tokens) of the throughput window
+        self._rate = 0.0
         self.history: list[dict] = []  # per-step metrics (and eval results) of the whole run
         self.data_hash = _fingerprint(dataset.train)
         self.exhausted = False
@@ -187,7 +243,7 @@ class Trainer:
 
     # -- one optimizer step ----------------------------------------------------------------------------
 
-    def step(self) -> dict | None:
+    def step(self) -> StepReport | None:
         """One optimizer step: grad_accum micro-batches, clip, update; eval and checkpoint when due."""
         if self.done:
             return None
@@ -195,43 +251,77 @@ class Trainer:
         t0 = time.perf_counter()
         # stop by epochs only when neither steps nor tokens are given (then the stream just cycles)
         max_epochs = None if (c.max_steps is not None or c.max_tokens is not None) else (c.epochs or 1.0)
-        loss_sum, n_targets, n_tokens, micro = 0.0, 0, 0, 0
+        batches = []
         for _ in range(c.grad_accum):
             b = self.stream.next_batch(max_epochs)
             if b is None:
                 break
-            ls, nt = self.sess.accumulate(b.tokens, b.labels, b.segments, b.positions)
-            loss_sum += ls
-            n_targets += nt
-            n_tokens += b.n_tokens
-            micro += 1
-        if micro == 0:
+            batches.append(b)
+        if not batches:
             self.exhausted = True
+            self.read_metrics()
             return None
         lr = self.schedule(self.step_num)
-        gnorm = self.sess.step(lr, c.max_grad_norm)
+        self.sess.step(batches, lr, c.max_grad_norm)
         self.step_num += 1
+        n_tokens = sum(b.n_tokens for b in batches)
+        n_targets = sum(b.n_targets for b in batches)
         self.tokens_seen += n_tokens
+        self.targets_seen += n_targets
+        self.history.append({"step": self.step_num, "lr": lr, "tokens": n_tokens, "target_tokens": n_targets,
+                             "tokens_seen": self.tokens_seen, "epoch": self.stream.epoch_float()})
+        due_eval = self.done or bool(c.eval_every and self.step_num % c.eval_every == 0)
+        due_save = self.run_dir is not None and (self.done or bool(c.save_every and self.step_num % c.save_every == 0))
+        now = time.perf_counter()
+        read = due_eval or due_save or now - self._last_read >= self.report_interval
+        if read:
+            self.read_metrics()
         dt = time.perf_counter() - t0
         self._clock.steps += 1
         self._clock.seconds += dt
-        per_step = self._clock.seconds / self._clock.steps
-        m = {"step": self.step_num, "total_steps": self.total_steps,
-             "loss": loss_sum / max(n_targets, 1), "lr": lr, "grad_norm": gnorm,
-             "tokens": n_tokens, "target_tokens": n_targets, "tokens_seen": self.tokens_seen,
-             "tokens_per_s": n_tokens / dt if dt > 0 else 0.0, "step_time_s": dt,
-             "eta_s": per_step * max(0, self.total_steps - self.step_num), "epoch": self.stream.epoch_float(),
-             "memory_bytes": self.memory_bytes()}
-        if self.done or (c.eval_every and self.step_num % c.eval_every == 0):
-            m.update(self.evaluate())
-        self.history.append(m)
-        if self.run_dir is not None and (self.done or (c.save_every and self.step_num % c.save_every == 0)):
-            self.save()
-        return m
+        h = self.history[-1]
+        rep = StepReport(step=self.step_num, total_steps=self.total_steps, lr=lr, tokens=n_tokens,
+                         target_tokens=n_targets, tokens_seen=self.tokens_seen, targets_seen=self.targets_seen,
+                         epoch=h["epoch"], step_time_s=dt, tokens_per_s=self._rate, eta_s=self._eta(),
+                         loss=h.get("loss"), grad_norm=h.get("grad_norm"), memory_bytes=self.engine.memory_in_use())
+        if due_eval:
+            ev = self.evaluate()
+            if ev:
+                h.update(ev)
+                rep.val_loss, rep.val_ppl = ev["val_loss"], ev["val_ppl"]
+        if due_save:
+            rep.checkpoint = self.save()
+        return rep
+
+    def read_metrics(self) -> None:
+        """Read the device's losses and gradient norms into the history (a sync on GPU engines)."""
+        got = self.sess.metrics()
+        now = time.perf_counter()
+        self._last_read = now
+        # got covers the last len(got) steps, oldest first
+        for h, m in zip(self.history[len(self.history) - len(got):], got):
+            h["loss"], h["grad_norm"] = m.loss, m.grad_norm
+        start, tokens0 = self._window
+        if now > start and self.tokens_seen > tokens0:
+            self._rate = (self.tokens_seen - tokens0) / (now - start)
+        self._window = (now, self.tokens_seen)
+
+    def _eta(self) -> float | None:
+        if self._rate <= 0 or not self.step_num:
+            return None
+        per_step = self.tokens_seen / self.step_num / self._rate if self.tokens_seen else 0.0
+        return per_step * max(0, self.total_steps - self.step_num)
+
+    @property
+    def last_loss(self) -> float | None:
+        for h in reversed(self.history):
+            if h.get("loss") is not None:
+                return float(h["loss"])
+        return None
 
     def run(self, callback=None) -> list[dict]:
-        """Step until done or until callback(metrics) returns False / request_stop() is called; a stopped run
-        saves a checkpoint (when it has a run_dir) so that it can resume."""
+        """Step until done or until callback(report) returns False / request_stop() is called; a stopped run
+        saves a checkpoint (when it has a run_dir) so that it can resume. Returns the history."""
         while not self.done and not self.stop_requested:
             m = self.step()
             if m is None:
@@ -242,6 +332,7 @@ class Trainer:
         ran_dry = self.exhausted and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step_num:08d}")
         if self.run_dir is not None and self.step_num > 0 and (stopped_early or ran_dry):
             self.save()
+        self.read_metrics()
         return self.history
 
     def request_stop(self):
@@ -255,22 +346,11 @@ class Trainer:
             return {}
         total, n = 0.0, 0
         for b in self.valid:
-            if hasattr(self.sess, "evaluate"):
-                ls, nt = self.sess.evaluate(b.tokens, b.labels, b.segments, b.positions)
-            else:
-                nt = int((b.labels != -100).sum())
-                ls = self.engine.loss(b.tokens, b.labels, adapters=[(self.sess.snapshot(), 1.0)],
-                                      segments=b.segments, positions=b.positions) * nt
+            ls, nt = self.sess.evaluate(b)
             total += ls
             n += nt
         loss = total / max(n, 1)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": n}
-
-    def memory_bytes(self) -> int:
-        """Device memory the session holds (GPU engines) or, on the numpy engine, this process's peak RSS."""
-        if getattr(self.engine, "backend", "numpy") != "numpy" and hasattr(self.sess, "memory_bytes"):
-            return int(self.sess.memory_bytes())
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def adapter(self) -> LoraAdapter:
         return self.sess.snapshot()
@@ -280,7 +360,8 @@ class Trainer:
     def save(self) -> Path:
         if self.run_dir is None:
             raise TrainError("this trainer has no run_dir to save checkpoints in; pass run_dir=...")
-        meta = {"step": self.step_num, "tokens_seen": self.tokens_seen, "data": self.stream.state(),
+        self.read_metrics()
+        meta = {"step": self.step_num, "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen, "data": self.stream.state(),
                 "data_hash": self.data_hash, "schedule": self.schedule.state_dict(),
                 "rng": {"seed": self.cfg.seed, "scheme": "counter: order(seed, epoch), dropout(seed, step, micro)"},
                 "config": self.cfg.to_dict(), "lora": self.cfg.lora.to_dict(), "exhausted": self.exhausted,
@@ -307,6 +388,8 @@ class Trainer:
         self.stream.load_state(meta["data"])
         self.step_num = int(meta["step"])
         self.tokens_seen = int(meta["tokens_seen"])
+        self.targets_seen = int(meta.get("targets_seen", 0))
+        self._window = (time.perf_counter(), self.tokens_seen)
         self.exhausted = bool(meta.get("exhausted", False))
         self.history = list(meta.get("history", []))
         self.last_checkpoint = Path(path)

@@ -167,9 +167,9 @@ export interface TrainProgress {
   loss: number | null;
   /** Learning rate of the last step. */
   lr: number;
-  /** Trained tokens per second (recent). */
+  /** Tokens (as tokensSeen counts them) per second over the last read window. */
   tokensPerSecond: number;
-  /** Labelled tokens trained on so far. */
+  /** Tokens in the trained rows so far (padding excluded; prompt tokens included). */
   tokensSeen: number;
   /** Estimated seconds left. */
   etaSeconds: number | null;
@@ -177,6 +177,8 @@ export interface TrainProgress {
   gradNorm?: number | null;
   /** Latest validation loss, when there is a validation set. */
   valLoss?: number | null;
+  /** Labelled tokens trained on so far (the tokens the loss is computed on). */
+  targetsSeen?: number;
 }
 
 /** The compute device. */
@@ -197,13 +199,22 @@ export interface DeviceInfo {
 
 /** Load a model. */
 export interface ModelLoadParams {
-  /** GGUF file or Hugging Face directory; omitted or `default`: SmolLM2-135M-Instruct Q4_1. */
+  /**
+   * GGUF file or Hugging Face directory, or `default`: SmolLM2-135M-Instruct Q4_1.
+   * @default "default"
+   */
   source?: string;
-  /** Id to refer to the model by (default: derived from the source). */
+  /** Id to refer to the model by; when omitted, derived from the source. */
   name?: string;
-  /** Engine backend (default `auto`). */
+  /**
+   * Engine backend.
+   * @default "auto"
+   */
   backend?: Backend;
-  /** How safetensors weights are kept (GGUF blocks stay as they are). */
+  /**
+   * How safetensors weights are kept (GGUF blocks stay as they are).
+   * @default "q4_1"
+   */
   weights?: WeightFormat;
 }
 
@@ -249,17 +260,32 @@ export interface ModelList {
 
 /** LoRA hyper-parameters (PEFT conventions). */
 export interface LoraSettings {
-  /** Rank. */
+  /**
+   * Rank.
+   * @default 8
+   */
   r?: number;
-  /** Scale numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA). */
+  /** Scale numerator (scale = alpha/r, or alpha/sqrt(r) with rsLoRA); when omitted, 2 × r. */
   alpha?: number;
-  /** Dropout on the LoRA input. */
+  /**
+   * Dropout on the LoRA input.
+   * @default 0.0
+   */
   dropout?: number;
-  /** alpha/sqrt(r) scaling. */
+  /**
+   * alpha/sqrt(r) scaling.
+   * @default false
+   */
   useRslora?: boolean;
-  /** Modules: q_proj ... down_proj or q, k, v, o, gate, up, down, attn, mlp, all. */
+  /**
+   * Modules: q_proj ... down_proj or q, k, v, o, gate, up, down, attn, mlp, all.
+   * @default ["all"]
+   */
   targets?: string[];
-  /** Layers to adapt (default all). */
+  /**
+   * Layers to adapt; null: every layer.
+   * @default null
+   */
   layers?: number[] | null;
 }
 
@@ -267,21 +293,39 @@ export interface LoraSettings {
 export interface PlanParams {
   /** Model id. */
   model: string;
-  /** LoRA settings. */
+  /**
+   * LoRA settings.
+   * @default {}
+   */
   lora?: LoraSettings;
-  /** Sequences per step. */
+  /**
+   * Sequences per step.
+   * @default 4
+   */
   batchSize?: number;
-  /** Tokens per sequence. */
+  /**
+   * Tokens per sequence.
+   * @default 512
+   */
   seqLen?: number;
-  /** Optimizer steps. */
+  /** Optimizer steps; when omitted: `epochs` over `datasetTokens`, else 100 steps. */
   steps?: number;
-  /** Optimizer (sets the optimizer-state size). */
+  /**
+   * Optimizer (sets the optimizer-state size).
+   * @default "adamw"
+   */
   optimizer?: OptimizerKind;
   /** Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); with `epochs` it sets the run's length. */
   datasetTokens?: number;
-  /** Passes over `datasetTokens` when `steps` is not given (default 1). */
+  /**
+   * Passes over `datasetTokens` when `steps` is not given (ignored without `datasetTokens`).
+   * @default 1.0
+   */
   epochs?: number;
-  /** Micro-batches per optimizer step. */
+  /**
+   * Micro-batches per optimizer step.
+   * @default 1
+   */
   gradAccum?: number;
   /** A time budget: the plan advises the largest rank whose run meets it. */
   timeBudgetSeconds?: number;
@@ -465,9 +509,15 @@ export interface PlanEstimate {
 export interface CalibrateParams {
   /** Model id. */
   model: string;
-  /** Measure again even when a calibration is cached. */
+  /**
+   * Measure again even when a calibration is cached.
+   * @default false
+   */
   refresh?: boolean;
-  /** `wall` (default: what a user waits) or `cpu` (process CPU time, for shared machines). */
+  /**
+   * `wall` (what a user waits) or `cpu` (process CPU time, for shared machines).
+   * @default "wall"
+   */
   clock?: Clock;
   /** Token for `$/progress` (one report per timed shape). */
   workDoneToken?: ProgressToken;
@@ -511,7 +561,10 @@ export interface DatasetParams {
   path: string;
   /** Model id whose tokenizer counts tokens. */
   model: string;
-  /** Sequence length for packing. */
+  /**
+   * Sequence length for packing.
+   * @default 512
+   */
   seqLen?: number;
 }
 
@@ -545,15 +598,30 @@ export interface DatasetInfo {
 
 /** AdamW settings. */
 export interface OptimizerSettings {
-  /** adamw or adam8bit. */
+  /**
+   * adamw or adam8bit.
+   * @default "adamw"
+   */
   kind?: OptimizerKind;
-  /** Peak learning rate. */
+  /**
+   * Peak learning rate.
+   * @default 0.0002
+   */
   lr?: number;
-  /** (beta1, beta2). */
+  /**
+   * (beta1, beta2).
+   * @default [0.9, 0.999]
+   */
   betas?: number[];
-  /** Epsilon. */
+  /**
+   * Epsilon.
+   * @default 1e-08
+   */
   eps?: number;
-  /** Decoupled weight decay. */
+  /**
+   * Decoupled weight decay.
+   * @default 0.0
+   */
   weightDecay?: number;
 }
 
@@ -565,35 +633,77 @@ export interface TrainParams {
   dataset: string;
   /** Name to save the adapter under (letters, digits, . _ -). */
   adapter: string;
-  /** LoRA settings. */
+  /**
+   * LoRA settings.
+   * @default {}
+   */
   lora?: LoraSettings;
-  /** Optimizer. */
+  /**
+   * Optimizer.
+   * @default {}
+   */
   optimizer?: OptimizerSettings;
-  /** Optimizer steps (give steps or epochs; neither: 1 epoch). */
+  /** Optimizer steps; when given, `epochs` is ignored. */
   steps?: number;
-  /** Passes over the data when steps is not given. */
+  /**
+   * Passes over the data when `steps` is not given.
+   * @default 1.0
+   */
   epochs?: number;
-  /** Steps between validation losses (0: only at the end; needs a validation set, e.g. valid.jsonl beside train.jsonl). */
+  /**
+   * Steps between validation losses (0: only at the end; needs a validation set, e.g. valid.jsonl beside train.jsonl).
+   * @default 0
+   */
   evalEvery?: number;
-  /** Sequences per step. */
+  /**
+   * Sequences per step.
+   * @default 4
+   */
   batchSize?: number;
-  /** Tokens per sequence. */
+  /**
+   * Tokens per sequence.
+   * @default 512
+   */
   seqLen?: number;
-  /** Micro-batches per optimizer step. */
+  /**
+   * Micro-batches per optimizer step.
+   * @default 1
+   */
   gradAccum?: number;
-  /** Linear warmup steps. */
+  /**
+   * Linear warmup steps.
+   * @default 0
+   */
   warmupSteps?: number;
-  /** LR decay after warmup. */
+  /**
+   * LR decay after warmup.
+   * @default "cosine"
+   */
   schedule?: Schedule;
-  /** Global-norm clipping. */
+  /**
+   * Global-norm clipping threshold; null: no clipping.
+   * @default 1.0
+   */
   maxGradNorm?: number | null;
-  /** Seed (data order, init, dropout). */
+  /**
+   * Seed (data order, init, dropout).
+   * @default 0
+   */
   seed?: number;
-  /** Steps between checkpoints. */
+  /**
+   * Steps between checkpoints.
+   * @default 50
+   */
   checkpointEvery?: number;
-  /** Replace an adapter of that name. */
+  /**
+   * Replace an adapter of that name.
+   * @default false
+   */
   overwrite?: boolean;
-  /** true (default): answer when the job ends; false: answer at once with the job (progress still flows). */
+  /**
+   * true: answer when the job ends; false: answer at once with the job (progress still flows).
+   * @default true
+   */
   wait?: boolean;
   /** Token for `$/progress`. */
   workDoneToken?: ProgressToken;
@@ -605,11 +715,27 @@ export interface JobRef {
   jobId: string;
 }
 
+/** A running job to follow. */
+export interface TrainFollowParams {
+  /** The job (train/list shows the running ones). */
+  jobId: string;
+  /** Progress token for this client's `$/progress` notifications. */
+  workDoneToken: ProgressToken;
+  /**
+   * true: answer when the job ends; false: answer at once (progress still flows).
+   * @default true
+   */
+  wait?: boolean;
+}
+
 /** Resume an interrupted job from its last checkpoint. */
 export interface ResumeParams {
   /** Job id. */
   jobId: string;
-  /** As in train/start. */
+  /**
+   * As in train/start.
+   * @default true
+   */
   wait?: boolean;
   /** Token for `$/progress`. */
   workDoneToken?: ProgressToken;
@@ -667,21 +793,45 @@ export interface GenerateParams {
   messages?: ChatMessage[];
   /** Raw prompt text. */
   prompt?: string;
-  /** Adapter name or running job's adapter; null: the base model. */
+  /**
+   * Adapter name or running job's adapter; null: the base model.
+   * @default null
+   */
   adapter?: string | null;
-  /** Multiplier on the adapter's alpha/r. */
+  /**
+   * Multiplier on the adapter's alpha/r.
+   * @default 1.0
+   */
   adapterScale?: number;
-  /** Tokens to generate. */
+  /**
+   * Tokens to generate.
+   * @default 256
+   */
   maxTokens?: number;
-  /** 0: greedy. */
+  /**
+   * 0: greedy.
+   * @default 0.0
+   */
   temperature?: number;
-  /** 0: off. */
+  /**
+   * 0: off.
+   * @default 0
+   */
   topK?: number;
-  /** Nucleus. */
+  /**
+   * Nucleus sampling mass; 1 (or 0): off.
+   * @default 1.0
+   */
   topP?: number;
-  /** Sampling seed. */
+  /**
+   * Sampling seed.
+   * @default 0
+   */
   seed?: number;
-  /** Stop strings. */
+  /**
+   * Stop strings.
+   * @default []
+   */
   stop?: string[];
   /** Token for `generate/delta` notifications (streaming). */
   partialResultToken?: ProgressToken;
@@ -713,6 +863,8 @@ export interface GenerateResult {
   adapterStep: number | null;
   /** Prompt length. */
   promptTokens: number;
+  /** Seconds from the request's turn on the model to its first token (prompt processing included). */
+  timeToFirstTokenSeconds: number;
 }
 
 /** Names an adapter. */
@@ -753,7 +905,7 @@ export interface ExportParams {
   adapter: string;
   /** peft, gguf or mlx. */
   format: ExportFormat;
-  /** Output directory or file (default: under the data dir). */
+  /** Output directory or file; when omitted, under the data directory's exports. */
   path?: string;
 }
 
@@ -766,6 +918,35 @@ export interface ExportResult {
   /** Files written. */
   files: string[];
 }
+
+/** The type of DEFAULTS: per structure, its properties that have a default (each present). */
+export interface ProtocolDefaults {
+  ModelLoadParams: Readonly<Required<Pick<ModelLoadParams, "source" | "backend" | "weights">>>;
+  LoraSettings: Readonly<Required<Pick<LoraSettings, "r" | "dropout" | "useRslora" | "targets" | "layers">>>;
+  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum">>>;
+  CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
+  DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
+  OptimizerSettings: Readonly<Required<Pick<OptimizerSettings, "kind" | "lr" | "betas" | "eps" | "weightDecay">>>;
+  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
+  TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
+  ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
+  GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
+}
+
+/** Every protocol default: structure -> property -> the value the daemon uses when the property is absent
+ * (protocol.json `default`). A structure-typed default holds its own defaults. */
+export const DEFAULTS: ProtocolDefaults = {
+  ModelLoadParams: { source: "default", backend: "auto", weights: "q4_1" },
+  LoraSettings: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null },
+  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1 },
+  CalibrateParams: { refresh: false, clock: "wall" },
+  DatasetParams: { seqLen: 512 },
+  OptimizerSettings: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 },
+  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
+  TrainFollowParams: { wait: true },
+  ResumeParams: { wait: true },
+  GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
+};
 
 /** Request method -> params and result types. */
 export interface Requests {
@@ -782,6 +963,7 @@ export interface Requests {
   "train/resume": { params: ResumeParams; result: JobInfo };
   "train/cancel": { params: JobRef; result: JobInfo };
   "train/status": { params: JobRef; result: JobInfo };
+  "train/follow": { params: TrainFollowParams; result: JobInfo };
   "train/list": { params: undefined; result: JobList };
   "generate": { params: GenerateParams; result: GenerateResult };
   "adapter/list": { params: undefined; result: AdapterList };

@@ -1,117 +1,33 @@
-"""WebGPUEngine: NumpyEngine's interface (logits, loss, new_cache/step_logits, generate, train_session) in WGSL.
+"""WebGPUEngine: the engine interface (engine/interface.py) in WGSL.
 
-Base weights are uploaded once in their stored format (4-bit blocks stay 4-bit). Work is recorded as
-programs (lists of dispatches) per input shape and replayed: a forward, a decoded token or a training
-step is one command encoder, one submit, one small read back.
+Decoding runs from a per-model arena: one KV cache, the prompt and id buffers, and recorded programs,
+all reused across requests. A prompt goes in as fixed-size chunks (one program for any prompt length);
+each decoded token is one recorded program whose last kernels sample on the GPU and advance the
+position, so the next token's program needs nothing from the host. Tokens go out in small batches per
+submit, and the ids of batch n are read while batch n+1 runs. Adapter weights are uploaded once per
+(adapter, version).
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
-from ...models.args import LINEAR_NAMES
 from ...models.load import LoadedModel
 from .. import reference as R
+from ..interface import AdapterScales, OptimSettings, Sampling
 from ..lora import LoraAdapter
 from . import kernels as K
-from .runtime import Buf, WebGPUError, get_runtime
+from .graph import GROUPS, Acts, ModelGraph, Program
+from .runtime import Copy, WebGPUError, get_runtime
+from .sizing import plan_buffers
+from .train import WebGPUTrainSession
 
-def drop_salt(layer: int, name: str) -> int:
-    """Distinguishes the dropout masks of the 7 projections of each layer."""
-    return layer * 8 + LINEAR_NAMES.index(name)
-
-
-@dataclass
-class LayerGpu:
-    ln1: Buf
-    ln2: Buf
-    W: dict  # name -> (GpuWeight, first row, rows): q/k/v and gate/up are row ranges of one fused weight
-    bias: dict  # name -> Buf
-    fused: dict = field(default_factory=dict)  # "qkv" | "gu" -> (GpuWeight, bias Buf | None, row bounds)
-
-
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "gu": ("gate_proj", "up_proj")}
-
-
-def _concat_rows(parts):
-    """One QuantTensor of the rows of several with the same format and width (blocks run along rows)."""
-    from ...models.quant import QuantTensor
-
-    q0 = parts[0]
-    sc = None if q0.scales is None else np.concatenate([p.scales for p in parts], axis=0)
-    return QuantTensor(q0.kind, (sum(p.shape[0] for p in parts), q0.shape[1]),
-                       np.concatenate([p.qs for p in parts], axis=0), sc)
-
-
-class Acts:
-    """Activation buffers of one (batch, seq) shape, allocated once (the arena)."""
-
-    def __init__(self, rt, args, B, T, tag=""):
-        self.rt, self.B, self.T, self.N = rt, B, T, B * T
-        a = args
-        N, D, F = self.N, a.hidden_size, a.intermediate_size
-        Hq, Hk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
-        self.bufs: list[Buf] = []
-        f = self.alloc
-        self.tok, self.pos, self.seg, self.lab = f(N, "tok"), f(N, "pos"), f(N, "seg"), f(N, "labels")
-        self.h, self.r1, self.q, self.k, self.v = f(N * D, "h"), f(N, "r1"), f(N * Hq, "q"), f(N * Hk, "k"), f(N * Hk, "v")
-        self.att, self.lse = f(N * Hq, "att"), f(B * a.num_attention_heads * T, "lse")
-        self.x1, self.h2, self.r2 = f(N * D, "x1"), f(N * D, "h2"), f(N, "r2")
-        self.g, self.u, self.act = f(N * F, "g"), f(N * F, "u"), f(N * F, "act")
-        self.hf, self.rf = f(N * D, "hf"), f(N, "rf")
-        self._xa: dict = {}
-
-    def alloc(self, n, name) -> Buf:
-        b = self.rt.buffer(4 * n, name)
-        self.bufs.append(b)
-        return b
-
-    def lazy(self, name, n) -> Buf:
-        """A buffer only some programs need (fused q/k/v and gate/up outputs), allocated on first use."""
-        if name not in self._xa:
-            self._xa[name] = self.alloc(n, name)
-        return self._xa[name]
-
-    def xa(self, j, name, r) -> Buf:
-        key = (j, name, r)
-        if key not in self._xa:
-            self._xa[key] = self.alloc(self.N * r, f"xa{j}.{name}")
-        return self._xa[key]
-
-    def free(self):
-        for b in self.bufs:
-            self.rt.free(b)
-        self.bufs = []
-
-
-class WebGPUKVCache:
-    """Per layer k/v (B, max_len, KV*hd) on the GPU; dyn = [position of the next token, seed]."""
-
-    def __init__(self, rt, args, B, max_len):
-        w = args.num_key_value_heads * args.head_dim
-        self.rt, self.B, self.max_len, self.length = rt, B, max_len, 0
-        self.k = [rt.buffer(4 * B * max_len * w, f"kcache{i}") for i in range(args.num_hidden_layers)]
-        self.v = [rt.buffer(4 * B * max_len * w, f"vcache{i}") for i in range(args.num_hidden_layers)]
-        self.dyn = rt.buffer(16, "dyn", np.zeros(4, np.uint32))
-        self.programs: OrderedDict = OrderedDict()
-
-    def free(self):
-        for b in self.k + self.v + [self.dyn]:
-            self.rt.free(b)
-        for prog in self.programs.values():
-            prog.acts.free()
-        self.programs.clear()
-
-
-@dataclass
-class Program:
-    ops: list
-    acts: Acts
-    out: Buf | None = None  # logits or sampled ids
-    extra: dict = field(default_factory=dict)
+RING = 256  # sampled ids kept on the GPU (two batches in flight must fit)
+MAX_BATCH = 16  # decoded tokens per submit, reached by doubling from 1 (the first tokens stream at once)
 
 
 class AdapterSlot:
@@ -122,6 +38,7 @@ class AdapterSlot:
         self.rt, self.args = rt, args
         self.keys = list(adapter.A.keys())
         self.r, self.scale = adapter.config.r, adapter.config.scale
+        self.version: int | None = None
         self.layout, off = {}, 0
         for k in self.keys:
             for part, arr in (("A", adapter.A[k]), ("B", adapter.B[k])):
@@ -141,6 +58,9 @@ class AdapterSlot:
         self.buf = rt.buffer(4 * max(off, 64), "adapter")
 
     def write(self, adapter: LoraAdapter):
+        """Upload the adapter's weights when its version differs from the one on the GPU."""
+        if self.version == adapter.version:
+            return
         flat = np.zeros(self.buf.n, np.float32)
         for (k, part), (off, n) in self.layout.items():
             i, name = k.split(".", 1)
@@ -155,13 +75,14 @@ class AdapterSlot:
             else:
                 flat[off:off + n] = (adapter.A if part == "A" else adapter.B)[k].reshape(-1)
         self.rt.write(self.buf, flat)
-
-    def provider(self, scale: float):
-        return _SlotProvider(self, self.scale * scale)
+        self.version = adapter.version
 
 
-class _SlotProvider:
-    """provider(i, name) -> (A view, B view, r, scale) | None; .fused(i, group) the same for a fused group."""
+class SlotLora:
+    """An adapter slot as the graph reads LoRA: (i, name) -> (A view, B view, r, scale) | None, and the
+    same per fused group."""
+
+    has_fused = True
 
     def __init__(self, slot: AdapterSlot, s: float):
         rt = slot.rt
@@ -178,196 +99,84 @@ class _SlotProvider:
         return self(i, group)
 
 
+class DecodeArena:
+    """Batch-1 decoding state of one model, reused by every request: KV cache (cap tokens), the prompt,
+    the sampler's words, the ring of sampled ids and, per adapter set, a prefill-chunk and a token program."""
+
+    def __init__(self, g: ModelGraph, cap: int, chunk: int):
+        rt, a = g.rt, g.args
+        self.rt, self.cap, self.chunk = rt, cap, chunk
+        w = a.num_key_value_heads * a.head_dim
+        self.B, self.max_len, self.length = 1, cap, 0
+        self.k = [rt.buffer(4 * cap * w, f"kcache{i}") for i in range(a.num_hidden_layers)]
+        self.v = [rt.buffer(4 * cap * w, f"vcache{i}") for i in range(a.num_hidden_layers)]
+        self.dyn = rt.buffer(16, "dyn", np.zeros(4, np.uint32))  # [position of the next token fed, ...]
+        self.dyn_last = rt.buffer(16, "dyn.last", np.zeros(4, np.uint32))  # [prompt length - 1]: before the head
+        n_chunks = cap // chunk
+        self.chunk_dyn = rt.buffer(16 * n_chunks, "dyn.chunks",
+                                   np.stack([np.arange(n_chunks, dtype=np.uint32) * chunk] + [np.zeros(n_chunks, np.uint32)] * 3, 1))
+        self.positions = rt.buffer(4 * cap, "positions", np.arange(cap, dtype=np.int32))
+        self.prompt = rt.buffer(4 * cap, "prompt")
+        self.samp = rt.buffer(32, "sampler")
+        self.ids = rt.buffer(4 * RING, "ids")
+        self.programs: OrderedDict = OrderedDict()  # adapter key -> (prefill chunk Program, token Program)
+
+    def free(self):
+        for prog in self.programs.values():
+            for p in prog:
+                p.acts.free()
+        self.programs.clear()
+        for b in self.k + self.v + [self.dyn, self.dyn_last, self.chunk_dyn, self.positions, self.prompt, self.samp,
+                                    self.ids]:
+            self.rt.free(b)
+
+
 class WebGPUEngine:
-    """Forward, backward and decoding of a llama-family model with LoRA, in WGSL."""
+    """The engine interface on WebGPU: decode, logits, loss, train sessions."""
 
     backend = "webgpu"
 
     def __init__(self, model: LoadedModel, vocab_chunk: int | None = None, max_programs: int = 8,
                  ce_row_chunk: int | None = None, runtime=None):
-        rt = self.rt = runtime if runtime is not None else get_runtime()  # sizing.SizingRuntime: plan only
+        self.rt = runtime if runtime is not None else get_runtime()
         self.model, self.args = model, model.args
-        a = self.args
-        if a.head_dim % 2:
-            raise WebGPUError(f"head_dim {a.head_dim} must be even for RoPE")
-        self.layers = []
-        for i, L in enumerate(model.layers):
-            W, fused = {}, {}
-            for g, names in GROUPS.items():  # fused when the parts share a format: one dispatch for decode
-                parts = [L.linear[n] for n in names]
-                if len({(q.kind, q.shape[1]) for q in parts}) != 1:
-                    continue
-                w = K.upload_weight(rt, _concat_rows(parts), f"{i}.{g}")
-                bounds, r0 = [], 0
-                for n, q in zip(names, parts):
-                    W[n] = (w, r0, q.shape[0])
-                    r0 += q.shape[0]
-                    bounds.append(r0)
-                fb = None
-                if any(n in L.bias for n in names):
-                    cat = np.concatenate([L.bias.get(n, np.zeros(q.shape[0], np.float32)) for n, q in zip(names, parts)])
-                    fb = rt.buffer(cat.nbytes, f"{i}.{g}.bias", cat.astype(np.float32))
-                fused[g] = (w, fb, bounds[:-1])
-            for n in LINEAR_NAMES:
-                if n not in W:
-                    W[n] = (K.upload_weight(rt, L.linear[n], f"{i}.{n}"), 0, L.linear[n].shape[0])
-            bias = {n: rt.buffer(b.nbytes, f"{i}.{n}.bias", b.astype(np.float32)) for n, b in L.bias.items()}
-            self.layers.append(LayerGpu(rt.buffer(4 * a.hidden_size, f"{i}.ln1", L.input_layernorm.astype(np.float32)),
-                                        rt.buffer(4 * a.hidden_size, f"{i}.ln2",
-                                                  L.post_attention_layernorm.astype(np.float32)), W, bias, fused))
-        self.norm = rt.buffer(4 * a.hidden_size, "norm", model.norm.astype(np.float32))
-        self.emb = K.upload_weight(rt, model.embed_tokens, "embed")
-        self.out = self.emb if model.lm_head is None else K.upload_weight(rt, model.lm_head, "lm_head")
-        self.max_pos = int(a.max_position_embeddings)
-        cos, sin = R.rope_tables(np.arange(self.max_pos), a.head_dim, a.rope_theta)  # (P, hd)
-        h2 = a.head_dim // 2
-        tab = np.stack([cos[:, :h2], sin[:, :h2]], axis=-1).astype(np.float32)  # (P, hd/2, 2)
-        self.rope_tab = rt.buffer(tab.nbytes, "rope", tab)
-        self.dyn0 = rt.buffer(16, "dyn0", np.zeros(4, np.uint32))
-        self.vocab_chunk = vocab_chunk
-        self.ce_row_chunk = ce_row_chunk
-        self._programs: OrderedDict = OrderedDict()
+        self.graph = ModelGraph(self.rt, model, vocab_chunk, ce_row_chunk)
+        self._programs: OrderedDict = OrderedDict()  # logits / loss programs per (shape, adapters)
         self._max_programs = max_programs
-        self._slots: dict = {}
-        self._gen_cache: WebGPUKVCache | None = None
-
-    # -- building blocks shared with the train session ---------------------------------------------------
-
-    def chunk_size(self, N: int) -> int:
-        """Vocabulary chunk for the fused cross-entropy: (N, C) logits at most ~16M floats at a time."""
-        V = self.args.vocab_size
-        if self.vocab_chunk:
-            return min(V, self.vocab_chunk)
-        lim = min(1 << 24, self.rt.limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
-        return int(min(V, max(256, lim // max(N, 1))))
-
-    def ce_rows(self, N: int) -> int:
-        """Rows per chunk of the training cross-entropy: (rows, V) logits of at most 16M floats at a time —
-        48M on hardware GPUs, where dh = grad·W (K = vocab) needs enough rows to fill the device."""
-        if self.ce_row_chunk:
-            return min(N, self.ce_row_chunk)
-        budget = 3 << 24 if self.rt.tiled else 1 << 24
-        lim = min(budget, self.rt.limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
-        return int(max(1, min(N, lim // self.args.vocab_size, 65535)))
-
-    def linear(self, ops, i, name, x, y, M, loras, S, *, res=None, gemv=False, skip_base=False, drop=None):
-        """y (M, out) = x (M, in)·Wᵀ + b + Σ_j s_j·(x·A_jᵀ)·B_jᵀ (+ res); xa_j kept in S for backward.
-        drop = (dyn buffer, p): LoRA dropout on the first adapter's input (training)."""
-        rt = self.rt
-        W, row0, out_f = self.layers[i].W[name]
-        in_f = W.cols
-        mode = "gemv" if gemv else "forward"
-        fused, extra = None, []
-        for j, prov in enumerate(loras):
-            e = prov(i, name)
-            if e is None or e[3] == 0.0:
-                continue
-            A, Bv, r, s = e
-            xa = S.xa(j, name, r)
-            dr = None if drop is None or j else (1, drop[0], drop[1], drop_salt(i, name), in_f)
-            ops.append(K.matmul(rt, x, K.dense_weight(A, r, in_f), xa, M, r, in_f, mode=mode, drop=dr))
-            if fused is None:
-                fused = (xa, Bv, r, r, 1, s)
-            else:
-                extra.append((xa, Bv, r, s))
-        if skip_base:
-            return
-        ops.append(K.matmul(rt, x, W, y, M, out_f, in_f, mode=mode, bias=self.layers[i].bias.get(name),
-                            lora=fused, res=res, w_row0=row0))
-        for xa, Bv, r, s in extra:
-            ops.append(K.matmul(rt, xa, K.dense_weight(Bv, out_f, r), y, M, out_f, r, mode=mode, beta=1.0, alpha=s))
-
-    def layer_forward(self, ops, i, S: Acts, loras, x_in, x_out, *, cache=None, segments=False, full=True, drop=None):
-        """One block: x_out = x_in + attn(norm(x_in)); x_out += mlp(norm(.)). full=False stops before the
-        down projection's base matmul (the backward recompute needs only its LoRA input)."""
-        rt, a, L = self.rt, self.args, self.layers[i]
-        B, T, N = S.B, S.T, S.N
-        D, F, H, KV, hd = a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        gemv = cache is not None and N <= 4
-        lin = lambda name, x, y, **kw: self.linear(ops, i, name, x, y, N, loras, S, gemv=gemv, drop=drop, **kw)  # noqa
-        ops.append(K.rmsnorm(rt, x_in, L.ln1, S.h, S.r1, N, D, a.rms_norm_eps))
-        if (cache is not None and drop is None and len(loras) <= 1 and set(L.fused) == set(GROUPS)
-                and all(hasattr(p, "fused") for p in loras)):
-            return self._layer_decode_fused(ops, i, S, loras, x_in, x_out, cache, gemv)
-        lin("q_proj", S.h, S.q)
-        lin("k_proj", S.h, S.k)
-        lin("v_proj", S.h, S.v)
-        if cache is not None:  # (q/k/v of different formats, or several adapters: the unfused decode path)
-            ops.append(K.rope(rt, S.q, S.pos, self.rope_tab, N, H, hd, self.max_pos))
-            ops.append(K.rope(rt, S.k, S.pos, self.rope_tab, N, KV, hd, self.max_pos))
-            ops.append(K.kv_store(rt, S.k, S.v, cache.k[i], cache.v[i], cache.dyn, B, T, cache.max_len, KV, hd))
-            ops.append(K.attention(rt, S.q, cache.k[i], cache.v[i], S.att, S.lse, cache.dyn, B, T, cache.max_len,
-                                   H, KV, hd))
-        else:
-            ops.append(K.rope(rt, S.q, S.pos, self.rope_tab, N, H, hd, self.max_pos))
-            ops.append(K.rope(rt, S.k, S.pos, self.rope_tab, N, KV, hd, self.max_pos))
-            ops.append(K.attention(rt, S.q, S.k, S.v, S.att, S.lse, self.dyn0, B, T, T, H, KV, hd,
-                                   S.seg if segments else None))
-        lin("o_proj", S.att, S.x1, res=x_in)
-        ops.append(K.rmsnorm(rt, S.x1, L.ln2, S.h2, S.r2, N, D, a.rms_norm_eps))
-        lin("gate_proj", S.h2, S.g)
-        lin("up_proj", S.h2, S.u)
-        ops.append(K.swiglu(rt, S.g, S.u, S.act, N * F))
-        lin("down_proj", S.act, x_out, res=S.x1, skip_base=not full)
-
-    def _fused_linear(self, ops, i, group, x, y, M, loras, S, gemv):
-        """y (M, rows of the group) = x·W_groupᵀ + bias + s·(x·A_groupᵀ)·B_groupᵀ in one matmul (+1 for x·Aᵀ)."""
-        rt, L = self.rt, self.layers[i]
-        w, fb, bounds = L.fused[group]
-        mode = "gemv" if gemv else "forward"
-        lora = None
-        e = loras[0].fused(i, group) if loras else None
-        if e is not None and e[3] != 0.0:
-            A, Bv, r, s = e
-            parts = len(GROUPS[group])
-            xa = S.xa(0, group, parts * r)
-            ops.append(K.matmul(rt, x, K.dense_weight(A, parts * r, w.cols), xa, M, parts * r, w.cols, mode=mode))
-            seg = list(bounds) + [0xFFFFFFFF] * (2 - len(bounds))
-            lora = (xa, Bv, r, r, 1, s, parts * r, seg[0], seg[1])
-        ops.append(K.matmul(rt, x, w, y, M, w.rows, w.cols, mode=mode, bias=fb, lora=lora))
-
-    def _layer_decode_fused(self, ops, i, S, loras, x_in, x_out, cache, gemv):
-        """The decode/prefill block with q/k/v and gate/up fused: 9 dispatches a layer without an adapter."""
-        rt, a, L = self.rt, self.args, self.layers[i]
-        B, T, N = S.B, S.T, S.N
-        D, F, H, KV, hd = a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
-        qkv = S.lazy("qkv", N * (H + 2 * KV) * hd)
-        self._fused_linear(ops, i, "qkv", S.h, qkv, N, loras, S, gemv)
-        ops.append(K.rope_decode_qkv(rt, qkv, S.q, cache.k[i], cache.v[i], S.pos, self.rope_tab, cache.dyn, B, T,
-                                     cache.max_len, H, KV, hd, self.max_pos))
-        ops.append(K.attention(rt, S.q, cache.k[i], cache.v[i], S.att, S.lse, cache.dyn, B, T, cache.max_len,
-                               H, KV, hd))
-        self.linear(ops, i, "o_proj", S.att, S.x1, N, loras, S, res=x_in, gemv=gemv)
-        ops.append(K.rmsnorm(rt, S.x1, L.ln2, S.h2, S.r2, N, D, a.rms_norm_eps))
-        gu = S.lazy("gu", N * 2 * F)
-        self._fused_linear(ops, i, "gu", S.h2, gu, N, loras, S, gemv)
-        ops.append(K.swiglu_fused(rt, gu, S.act, N, F))
-        self.linear(ops, i, "down_proj", S.act, x_out, N, loras, S, res=S.x1, gemv=gemv)
-
-    def cross_entropy_forward(self, ops, S: Acts, h, st, loss):
-        """loss[0] = Σ over labelled rows of (lse - target logit), in vocabulary chunks (no gradient)."""
-        rt, N, V, D = self.rt, S.N, self.args.vocab_size, self.args.hidden_size
-        C = self.chunk_size(N)
-        z = S.alloc(N * C, "logits_chunk")
-        for c0 in range(0, V, C):
-            cn = min(C, V - c0)
-            ops.append(K.matmul(rt, h, self.out, z, N, cn, D, w_row0=c0))
-            ops.append(K.ce_chunk_forward(rt, z, S.lab, st, N, cn, c0, c0 == 0))
-        ops.extend(K.ce_finish(rt, S.lab, st, loss, N))
+        self._slots: OrderedDict = OrderedDict()  # adapter uid -> AdapterSlot
+        self._max_slots = 4
+        self._arena: DecodeArena | None = None
+        self.prefill_chunk = int(os.environ.get("LORALAB_PREFILL_CHUNK", 128 if self.rt.tiled else 32))
 
     # -- adapters for inference -------------------------------------------------------------------------
 
-    def _providers(self, adapters) -> tuple[list, tuple]:
+    def _loras(self, adapters: AdapterScales) -> tuple[list, tuple]:
+        """The graph's LoRA sources for these adapters (uploaded when new or changed) and a program key."""
         provs, key = [], []
-        for j, (ad, s) in enumerate(adapters):
-            skey = (j, ad.config.r, tuple(sorted(ad.A.keys())))
-            slot = self._slots.get(skey)
+        for ad, s in adapters:
+            if float(s) == 0.0:
+                continue
+            slot = self._slots.get(ad.uid)
             if slot is None:
-                slot = self._slots[skey] = AdapterSlot(self.rt, self.args, ad)
+                while len(self._slots) >= self._max_slots:
+                    self._evict(next(iter(self._slots)))
+                slot = self._slots[ad.uid] = AdapterSlot(self.rt, self.args, ad)
+            self._slots.move_to_end(ad.uid)
             slot.write(ad)
-            provs.append(slot.provider(float(s)))
-            key.append(skey + (float(s) * ad.config.scale,))
+            provs.append(SlotLora(slot, float(s) * ad.config.scale))
+            key.append((ad.uid, float(s) * ad.config.scale))
         return provs, tuple(key)
+
+    def _evict(self, uid):
+        """Drop an adapter slot and every program that reads it."""
+        slot = self._slots.pop(uid)
+        for key in [k for k in self._programs if any(u == uid for u, _ in k[-1])]:
+            self._programs.pop(key).acts.free()
+        if self._arena is not None:
+            for key in [k for k in self._arena.programs if any(u == uid for u, _ in k)]:
+                for p in self._arena.programs.pop(key):
+                    p.acts.free()
+        self.rt.free(slot.buf)
 
     def _program(self, key, build) -> Program:
         prog = self._programs.get(key)
@@ -379,215 +188,174 @@ class WebGPUEngine:
         self._programs.move_to_end(key)
         return prog
 
-    def _write_inputs(self, S: Acts, tokens, positions=None, labels=None, segments=None, start=0):
-        B, T = tokens.shape
-        if positions is None:
-            positions = np.broadcast_to(np.arange(start, start + T), (B, T))
-        positions = np.asarray(positions)
-        if positions.max() >= self.max_pos or positions.min() < 0:
-            raise WebGPUError(f"position {int(positions.max())} is outside the model's context of {self.max_pos} "
-                              "tokens; shorten the input")
-        V = self.args.vocab_size
-        if tokens.min() < 0 or tokens.max() >= V:
-            raise WebGPUError(f"token ids must be in [0, {V}); got {int(tokens.min())}..{int(tokens.max())}")
-        self.rt.write(S.tok, tokens.astype(np.int32))
-        self.rt.write(S.pos, positions.astype(np.int32))
-        if labels is not None:
-            self.rt.write(S.lab, np.asarray(labels).astype(np.int32))
-        if segments is not None:
-            self.rt.write(S.seg, np.asarray(segments).astype(np.int32))
+    # -- logits and loss (tests, evaluation) -----------------------------------------------------------
 
-    def _forward_ops(self, S, loras, cache=None, segments=False):
-        """embed -> layers (ping-pong, nothing kept) -> final norm into S.hf."""
-        rt, a = self.rt, self.args
-        if not hasattr(S, "xbuf"):
-            S.xbuf = (S.alloc(S.N * a.hidden_size, "xa_stream"), S.alloc(S.N * a.hidden_size, "xb_stream"))
-        ops = [K.embed(rt, S.tok, self.emb, S.xbuf[0], S.N)]
-        for i in range(a.num_hidden_layers):
-            self.layer_forward(ops, i, S, loras, S.xbuf[i % 2], S.xbuf[(i + 1) % 2], cache=cache, segments=segments)
-        ops.append(K.rmsnorm(rt, S.xbuf[a.num_hidden_layers % 2], self.norm, S.hf, S.rf, S.N, a.hidden_size,
-                             a.rms_norm_eps))
-        return ops
-
-    # -- the NumpyEngine interface ----------------------------------------------------------------------
-
-    def logits(self, tokens, adapters=()) -> np.ndarray:
+    def logits(self, tokens, adapters: AdapterScales = ()) -> np.ndarray:
         """(B, T, V) logits — for tests and small inputs only."""
-        tokens = np.asarray(tokens)
+        g, tokens = self.graph, np.asarray(tokens)
         B, T = tokens.shape
         N, V, D = B * T, self.args.vocab_size, self.args.hidden_size
-        provs, akey = self._providers(list(adapters))
+        provs, akey = self._loras(adapters)
 
         def build():
             S = Acts(self.rt, self.args, B, T)
-            ops = self._forward_ops(S, provs)
+            ops = g.forward_ops(S, provs)
             out = S.alloc(N * V, "logits")
-            ops.append(K.matmul(self.rt, S.hf, self.out, out, N, V, D))
+            ops.append(K.matmul(self.rt, S.hf, g.out, out, N, V, D))
             return Program(ops, S, out)
 
         prog = self._program(("logits", B, T, akey), build)
-        self._write_inputs(prog.acts, tokens)
+        g.write_inputs(prog.acts, tokens)
         raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4 * N * V, label="logits")
         return raw.view(np.float32).reshape(B, T, V).copy()
 
-    def loss(self, tokens, labels, adapters=(), segments=None, positions=None) -> float:
+    def loss(self, tokens, labels, adapters: AdapterScales = (), segments=None, positions=None) -> float:
+        g = self.graph
         tokens, labels = np.asarray(tokens), np.asarray(labels)
         B, T = tokens.shape
-        provs, akey = self._providers(list(adapters))
+        provs, akey = self._loras(adapters)
 
         def build():
             S = Acts(self.rt, self.args, B, T)
-            ops = self._forward_ops(S, provs, segments=True)
+            ops = g.forward_ops(S, provs, segments=True)
             st, loss = S.alloc(S.N * 4, "ce_state"), S.alloc(4, "loss")
-            self.cross_entropy_forward(ops, S, S.hf, st, loss)
+            g.cross_entropy_forward(ops, S, S.hf, st, loss)
             return Program(ops, S, loss)
 
         prog = self._program(("loss", B, T, akey), build)
         seg = np.zeros((B, T), np.int32) if segments is None else segments
-        self._write_inputs(prog.acts, tokens, positions, labels, seg)
+        g.write_inputs(prog.acts, tokens, positions, labels, seg)
         total = float(self.rt.run(prog.ops, read=prog.out, read_bytes=4, label="loss").view(np.float32)[0])
         n = int((labels != R.IGNORE).sum())
         return total / max(n, 1)
 
-    def new_cache(self, batch: int, max_len: int) -> WebGPUKVCache:
-        if max_len > self.max_pos:
-            raise WebGPUError(f"a cache of {max_len} tokens exceeds the model's context of {self.max_pos}")
-        return WebGPUKVCache(self.rt, self.args, batch, max_len)
+    # -- decoding ---------------------------------------------------------------------------------------
 
-    def _step_program(self, cache, T, provs, akey, sample_temp=None):
-        """Feed T tokens per row after what the cache holds; logits (B, V) of the last position, and when
-        sample_temp is not None the sampled ids (B,) written to S.tok for the next step too."""
-        key = (T, akey, sample_temp)
-        prog = cache.programs.get(key)
-        if prog is not None:
-            cache.programs.move_to_end(key)
-            return prog
-        while len(cache.programs) >= self._max_programs:  # prompts of many lengths: keep the recent ones
-            _, old = cache.programs.popitem(last=False)
-            old.acts.free()
-        rt, a, B = self.rt, self.args, cache.B
-        S = Acts(rt, a, B, T)
-        ops = self._forward_ops(S, provs, cache=cache)
+    def _arena_for(self, need: int) -> DecodeArena:
+        a = self._arena
+        if a is None or a.cap < need:
+            if a is not None:
+                a.free()
+            cap = max(512, 1 << (need - 1).bit_length())  # grows by doubling: few rebuilds
+            cap = -(-cap // self.prefill_chunk) * self.prefill_chunk
+            a = self._arena = DecodeArena(self.graph, cap, self.prefill_chunk)
+        return a
+
+    def _decode_programs(self, arena: DecodeArena, provs, akey) -> tuple[Program, Program]:
+        hit = arena.programs.get(akey)
+        if hit is not None:
+            arena.programs.move_to_end(akey)
+            return hit
+        while len(arena.programs) >= self._max_programs:
+            _, old = arena.programs.popitem(last=False)
+            for p in old:
+                p.acts.free()
+        g, rt, a = self.graph, self.rt, self.args
         V, D = a.vocab_size, a.hidden_size
-        logits = S.alloc(B * V, "logits")
-        ops.append(K.matmul(rt, S.hf, self.out, logits, B, V, D, mode="gemv" if B <= 4 else "forward",
-                            a_off=(T - 1) * D, lda=T * D))
-        prog = Program(ops, S, logits)
-        if sample_temp is not None:
-            ids = S.alloc(B, "ids")
-            ops.append(K.sample(rt, logits, cache.dyn, ids, S.tok, B, V, V, sample_temp))
-            prog.extra["ids"] = ids
-        cache.programs[key] = prog
-        return prog
+        # the token program: embed S1.tok at position dyn[0] ... logits, sample, advance
+        S1 = Acts(rt, a, 1, 1)
+        logits = S1.alloc(V, "logits")
+        head = [K.matmul(rt, S1.hf, g.out, logits, 1, V, D, mode="gemv"),
+                *K.sample(rt, logits, arena.samp, arena.ids, S1.tok, arena.dyn, S1.pos, 1, V, V, RING)]
+        token = Program(g.forward_ops(S1, provs, cache=arena) + head, S1, logits, {"head": head})
+        # the prefill program of one chunk: tokens and positions come in by copies (see _prefill_ops)
+        C = arena.chunk
+        Sc = Acts(rt, a, 1, C)
+        chunk = Program(g.forward_ops(Sc, provs, cache=arena), Sc)
+        arena.programs[akey] = (chunk, token)
+        return chunk, token
 
-    def step_logits(self, tokens, cache: WebGPUKVCache, adapters=()) -> np.ndarray:
-        tokens = np.asarray(tokens)
-        B, T = tokens.shape
-        if cache.length + T > cache.max_len:
-            raise WebGPUError(f"the cache holds {cache.max_len} tokens; {cache.length} + {T} do not fit — "
-                              "make a larger cache with new_cache")
-        provs, akey = self._providers(list(adapters))
-        prog = self._step_program(cache, T, provs, akey)
-        self._write_inputs(prog.acts, tokens, start=cache.length)
-        self.rt.write(cache.dyn, np.array([cache.length, 0, 0, 0], np.uint32))
-        raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4 * B * self.args.vocab_size, label="decode")
-        cache.length += T
-        return raw.view(np.float32).reshape(B, -1).copy()
+    def _prefill_ops(self, arena: DecodeArena, chunk: Program, token: Program, n_prompt: int) -> list:
+        C, D = arena.chunk, self.args.hidden_size
+        ops: list = []
+        n_chunks = -(-n_prompt // C)
+        for j in range(n_chunks):
+            ops += [Copy(arena.prompt, 4 * j * C, chunk.acts.tok, 0, 4 * C),
+                    Copy(arena.positions, 4 * j * C, chunk.acts.pos, 0, 4 * C),
+                    Copy(arena.chunk_dyn, 16 * j, arena.dyn, 0, 16)]
+            ops += chunk.ops
+        last = n_prompt - 1 - (n_chunks - 1) * C  # the prompt's last row in the last chunk
+        ops += [Copy(chunk.acts.hf, 4 * last * D, token.acts.hf, 0, 4 * D), Copy(arena.dyn_last, 0, arena.dyn, 0, 16)]
+        return ops + token.extra["head"]
 
-    def generate(self, prompt_ids, max_tokens=64, adapters=(), temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 stop_ids=()):
-        """Yield token ids one at a time (batch 1). Greedy and temperature sampling run on the GPU (one id
-        read back per token); top-k / top-p fall back to sampling the read-back logits on the CPU."""
-        prompt = [int(t) for t in prompt_ids]
-        need = len(prompt) + max_tokens
-        c = self._gen_cache
-        if c is None or c.max_len < need:
-            if c is not None:
-                c.free()
-            c = self._gen_cache = self.new_cache(1, max(256, -(-need // 256) * 256))
-        c.length = 0
-        adapters = list(adapters)
-        if (top_k and top_k > 0) or top_p < 1.0:
-            rng = np.random.default_rng(seed)
-            logits = self.step_logits(np.asarray([prompt]), c, adapters)[0]
-            for _ in range(max_tokens):
-                t = R.sample(logits, rng, temperature, top_k, top_p)
-                yield t
-                if t in stop_ids:
-                    return
-                logits = self.step_logits(np.asarray([[t]]), c, adapters)[0]
-            return
-        temp = float(max(temperature, 0.0))
-        provs, akey = self._providers(adapters)
-        pre = self._step_program(c, len(prompt), provs, akey, temp)
-        dec = self._step_program(c, 1, provs, akey, temp)
-        self._write_inputs(pre.acts, np.asarray([prompt]))
-        seed32 = int(seed) & 0xFFFFFFFF
-        for n in range(max_tokens):
-            prog = pre if n == 0 else dec
-            if n > 0:
-                self.rt.write(dec.acts.pos, np.array([c.length], np.int32))
-            self.rt.write(c.dyn, np.array([c.length, seed32, 0, 0], np.uint32))
-            raw = self.rt.run(prog.ops, read=prog.extra["ids"], read_bytes=4, label="decode")
-            t = int(raw.view(np.int32)[0])
-            c.length += len(prompt) if n == 0 else 1
-            yield t
-            if t in stop_ids:
-                return
-            if n == 0:  # the prefill wrote its id into its own token buffer; the decode program reads dec's
-                self.rt.write(dec.acts.tok, np.array([t], np.int32))
+    def decode(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
+               adapters: AdapterScales = ()) -> Generator[int, None, None]:
+        """Token ids after the prompt (batch 1), sampled on the GPU; see the module docstring."""
+        prompt = np.asarray([int(t) for t in prompt_ids], np.int32)
+        P, V = len(prompt), self.args.vocab_size
+        if P == 0:
+            raise WebGPUError("the prompt is empty; give at least one token")
+        if prompt.min() < 0 or prompt.max() >= V:
+            raise WebGPUError(f"token ids must be in [0, {V}); got {int(prompt.min())}..{int(prompt.max())}")
+        max_pos = self.graph.max_pos
+        max_tokens = int(min(max_tokens, max_pos - P))
+        if max_tokens < 1:
+            raise WebGPUError(f"the prompt has {P} tokens but the model's context holds {max_pos}; shorten it")
+        return self._decode(prompt, max_tokens, sampling, list(adapters))
+
+    def _decode(self, prompt, max_tokens, sampling: Sampling, adapters) -> Generator[int, None, None]:
+        rt, P = self.rt, len(prompt)
+        arena = self._arena_for(max(P + max_tokens, -(-P // self.prefill_chunk) * self.prefill_chunk))
+        provs, akey = self._loras(adapters)
+        chunk, token = self._decode_programs(arena, provs, akey)
+        padded = np.zeros(-(-P // arena.chunk) * arena.chunk, np.int32)
+        padded[:P] = prompt
+        rt.write(arena.prompt, padded)
+        rt.write(arena.dyn_last, np.array([P - 1, 0, 0, 0], np.uint32))
+        rt.write(arena.samp, K.sampling_words(sampling.seed, sampling.temperature, sampling.top_k, sampling.top_p))
+        # batch 0: the prompt and the first token; then 1, 2, 4 ... tokens a submit, one batch in flight ahead
+        batches, n = [(self._prefill_ops(arena, chunk, token, P), 0, 1)], 1
+        size = 1
+        while n < max_tokens:
+            k = min(size, max_tokens - n)
+            batches.append((None, n, k))
+            n += k
+            size = min(2 * size, MAX_BATCH)
+        inflight = None  # (PendingRead, first counter, count) submitted and not read yet
+        try:
+            for i, (ops, c0, k) in enumerate(batches):
+                sub = (rt.submit(ops if ops is not None else token.ops * k, read=arena.ids, read_bytes=4 * RING,
+                                 label="decode", slot=i % 2), c0, k)
+                done, inflight = inflight, sub
+                if done is not None:
+                    yield from self._ids(done)
+            done, inflight = inflight, None
+            yield from self._ids(done)
+        finally:
+            if inflight is not None:  # the consumer stopped early: the batch in flight must land before reuse
+                inflight[0].result()
+
+    @staticmethod
+    def _ids(done) -> Iterator[int]:
+        pending, c0, k = done
+        ring = pending.result().view(np.int32)
+        for c in range(c0, c0 + k):
+            yield int(ring[c % RING])
 
     # -- training --------------------------------------------------------------------------------------
 
-    def train_session(self, adapter: LoraAdapter, optim: dict | None = None):
-        from .train import WebGPUTrainSession
-
-        return WebGPUTrainSession(self, adapter, optim or {})
-
-    def loss_and_grads(self, tokens, labels, adapter: LoraAdapter, segments=None, positions=None, drop_rng=None):
-        """NumpyEngine's signature: mean loss and d(mean loss)/d(A, B), through one train session."""
-        sess = self.train_session(adapter, {"kind": "adamw"})
-        loss_sum, n = sess.accumulate(tokens, labels, segments, positions)
-        grads = sess.read_grads(scale=1.0 / max(n, 1))
-        sess.free()
-        return loss_sum / max(n, 1), grads, n
+    def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> WebGPUTrainSession:
+        return WebGPUTrainSession(self.graph, adapter, optim)
 
     def plan_buffers(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> list:
         """[(name, part, nbytes)] this engine and a train session allocate for (batch, seq), without allocating:
         the same code run on a sizing runtime with this device's limits and kernel variants (sizing.py)."""
-        from .sizing import plan_buffers
-
         return plan_buffers(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
-                            self.vocab_chunk, self.ce_row_chunk)
+                            self.graph.vocab_chunk, self.graph.ce_row_chunk)
 
-    def peak_bytes(self) -> int:
-        return self.rt.peak_bytes
+    def memory_in_use(self) -> int:
+        return int(self.rt.live_bytes)
 
     def close(self):
-        """Free every GPU buffer of this engine (weights, programs, caches, adapter slots): call it when the
-        model is unloaded so the device memory comes back at once, not whenever Python collects it."""
-        rt = self.rt
+        """Free every GPU buffer of this engine (weights, programs, the decode arena, adapter slots): call it
+        when the model is unloaded so the device memory comes back at once, not whenever Python collects it."""
         for prog in self._programs.values():
             prog.acts.free()
         self._programs.clear()
-        if self._gen_cache is not None:
-            self._gen_cache.free()
-            self._gen_cache = None
+        if self._arena is not None:
+            self._arena.free()
+            self._arena = None
         for slot in self._slots.values():
-            rt.free(slot.buf)
+            self.rt.free(slot.buf)
         self._slots.clear()
-        seen = set()
-        for L in self.layers:
-            bufs = [L.ln1, L.ln2, *L.bias.values()]
-            for w, _, _ in L.W.values():
-                bufs += [w.wq, w.ws]
-            bufs += [fb for _, fb, _ in L.fused.values()]
-            for b in bufs:
-                if b is not None and id(b) not in seen:
-                    seen.add(id(b))
-                    rt.free(b)
-        for b in (self.norm, self.emb.wq, self.emb.ws, self.out.wq, self.out.ws, self.rope_tab, self.dyn0):
-            if b is not None and id(b) not in seen:
-                seen.add(id(b))
-                rt.free(b)
-        self.layers = []
+        self.graph.close()

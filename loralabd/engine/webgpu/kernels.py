@@ -115,9 +115,11 @@ def matmul(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *,
                          defines)
         mode += "_tiled"
     if rt.tiled and mode == "gemv":
-        mode = "gemv_wg"
+        mode = "gemv_lanes" if N <= 64 and os.environ.get("LORALAB_WGPU_GEMV_LANES", "1") == "1" else "gemv_wg"
     if mode == "gemv":
         grid = grid1d(-(-N // 4), 64)
+    elif mode == "gemv_lanes":
+        grid = grid1d(N, 1)
     elif mode == "gemv_wg":
         grid = grid1d(-(-N // 8), 1)
     elif mode.endswith("_tiled"):
@@ -227,9 +229,22 @@ def _attn_params(B, T, TK, H, KV, hd, has_seg):
     return dict(B=B, T=T, TK=TK, H=H, KV=KV, has_seg=int(has_seg), scale=float(1.0 / np.sqrt(hd)), pad=0)
 
 
-def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None) -> Op:
+DECODE_SPLITS = 32  # key splits of decode attention (decode_part): rows x 32 workgroups fill a GPU
+
+
+def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None, split=None):
     """out (B,T,H,hd), lse (B,H,T) from q (B,T,H,hd) and k/v (B,TK,KV,hd); queries start at position dyn[0].
-    Decoding on hardware GPUs (few queries per row) splits the keys over a workgroup (forward_split)."""
+    Decoding on hardware GPUs (few queries per row) with split = (pml, pacc, S) scratch: the keys split over S
+    workgroups per query, then merged (decode_part + decode_merge: a list of two ops); without it, or with
+    LORALAB_DECODE_ATTENTION=lanes, forward_split (the keys over the lanes of one workgroup)."""
+    if rt.tiled and T <= 4 and split is not None and os.environ.get("LORALAB_DECODE_ATTENTION") != "lanes" and \
+            hd <= rt.limits.get("max-compute-invocations-per-workgroup", 256):
+        pml, pacc, S = split
+        rows = B * H * T
+        bufs = dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse, pml=pml, pacc=pacc)
+        prm = _attn_params(B, T, TK, H, KV, hd, seg is not None)
+        return [rt.op("attention.wgsl", "decode_part", (S,) + grid1d(rows, 1), bufs, prm, {"HD": hd}),
+                rt.op("attention.wgsl", "decode_merge", grid1d(rows, 1), bufs, dict(prm, pad=S), {"HD": hd})]
     if rt.tiled and T <= 4:
         wg_bytes = rt.limits.get("max-compute-workgroup-storage-size", 16384)
         lanes = 32
@@ -327,11 +342,10 @@ def ce_rows_fused(rt, z, labels, st, rows, V, row0, gscale) -> Op:
                  dict(N=rows, C=V, c0=0, first=0, gscale=float(gscale), row0=row0))
 
 
-def adam_params(n, lr, betas, eps, weight_decay, step, inv_n=0.0, max_norm=0.0, nparts=0, nblk=0) -> dict:
+def adam_params(n, betas, eps, max_norm=0.0, nparts=0, nblk=0) -> dict:
+    """The optimizer's fixed parameters (uniform); what changes per step goes in hyp (adam_hyp)."""
     b1, b2 = float(betas[0]), float(betas[1])
-    p = dict(n=n, inv_n=float(inv_n), max_norm=float(max_norm or 0.0), decay=1.0 - lr * weight_decay, b1=b1,
-             c1=1.0 - b1, b2=b2, c2=1.0 - b2, eps=float(eps), step_size=lr / (1.0 - b1 ** step),
-             sqrt_bc2=float(np.sqrt(1.0 - b2 ** step)))
+    p = dict(n=n, max_norm=float(max_norm or 0.0), b1=b1, c1=1.0 - b1, b2=b2, c2=1.0 - b2, eps=float(eps))
     if nblk:
         p["nblk"] = nblk
     else:
@@ -339,28 +353,69 @@ def adam_params(n, lr, betas, eps, weight_decay, step, inv_n=0.0, max_norm=0.0, 
     return p
 
 
-def grad_norm(rt, grad, parts, gstat, n, nparts, inv_n, max_norm) -> list:
+def adam_hyp(lr, weight_decay, betas, step, inv_n) -> np.ndarray:
+    """hyp of step `step` (1-based): [inv_n, 1 - lr·wd, lr / (1 - b1^t), sqrt(1 - b2^t)] (torch's AdamW)."""
+    b1, b2 = float(betas[0]), float(betas[1])
+    return np.array([inv_n, 1.0 - lr * weight_decay, lr / (1.0 - b1 ** step), np.sqrt(1.0 - b2 ** step)], np.float32)
+
+
+def grad_norm(rt, grad, parts, gstat, hyp, n, nparts, max_norm) -> list:
     """gstat = [||grad * inv_n||, inv_n * clip coefficient] (torch clip_grad_norm_ semantics)."""
-    p = adam_params(n, 0.0, (0.9, 0.999), 1e-8, 0.0, 1, inv_n, max_norm, nparts)
+    p = adam_params(n, (0.9, 0.999), 1e-8, max_norm, nparts)
     return [rt.op("adamw.wgsl", "sumsq", (nparts,), dict(grad=grad, parts=parts), p),
-            rt.op("adamw.wgsl", "clip", (1,), dict(parts=parts, gstat=gstat), p)]
+            rt.op("adamw.wgsl", "clip", (1,), dict(parts=parts, gstat=gstat, hyp=hyp), p)]
 
 
-def adamw(rt, prm, grad, m, v, gstat, n, lr, betas, eps, weight_decay, step) -> Op:
-    return rt.op("adamw.wgsl", "adamw", grid1d(n, 64), dict(prm=prm, grad=grad, m=m, v=v, gstat=gstat),
-                 adam_params(n, lr, betas, eps, weight_decay, step, nparts=0))
+def adamw(rt, prm, grad, m, v, gstat, hyp, n, betas, eps) -> Op:
+    return rt.op("adamw.wgsl", "adamw", grid1d(n, 64), dict(prm=prm, grad=grad, m=m, v=v, gstat=gstat, hyp=hyp),
+                 adam_params(n, betas, eps, nparts=0))
 
 
-def adam8bit(rt, prm, grad, mq, vq, absmax, gstat, codes, n, lr, betas, eps, weight_decay, step) -> Op:
+def adam8bit(rt, prm, grad, mq, vq, absmax, gstat, codes, hyp, n, betas, eps) -> Op:
     """Adam on 8-bit block-wise state (numpy_train's bitsandbytes scheme, blocks of 256)."""
     if n % 256:
         raise WebGPUError(f"adam8bit: parameter count {n} must be a multiple of 256 (pad the flat buffer)")
     nblk = n // 256
     return rt.op("adam8bit.wgsl", "step", grid1d(nblk, 64),
-                 dict(prm=prm, grad=grad, mq=mq, vq=vq, absmax=absmax, gstat=gstat, codes=codes),
-                 adam_params(n, lr, betas, eps, weight_decay, step, nblk=nblk))
+                 dict(prm=prm, grad=grad, mq=mq, vq=vq, absmax=absmax, gstat=gstat, codes=codes, hyp=hyp),
+                 adam_params(n, betas, eps, nblk=nblk))
 
 
-def sample(rt, logits, dyn, out, tok, B, V, ld, temperature) -> Op:
-    return rt.op("sample.wgsl", "argmax", (B,), dict(logits=logits, dyn=dyn, out=out, tok=tok),
-                 dict(V=V, ld=ld, temp=float(temperature), pad=0))
+# --- sample.wgsl -------------------------------------------------------------------------------------
+
+SAMPLING_WORDS = 8  # u32 words of a `samp` buffer
+
+
+def sampling_words(seed: int, temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+    """The 8 u32 words of a `samp` buffer, counter 0: [seed, counter, temperature (f32 bits), top_k,
+    top_p (f32 bits), 0, 0, 0]. Written by the host once per request; `advance` bumps the counter on the GPU.
+    temperature 0: greedy; top_k 0: no top-k; top_p >= 1: no top-p (0: the maximum and its ties only)."""
+    t, pp = float(temperature), float(1.0 if top_p is None else top_p)
+    k = int(top_k or 0)
+    if not (t >= 0.0 and np.isfinite(t)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if not 0 <= k <= 0xFFFFFFFF:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if not pp >= 0.0:
+        raise ValueError(f"top_p must be >= 0, got {top_p}")
+    w = np.zeros(SAMPLING_WORDS, np.uint32)
+    w[0] = int(seed) & 0xFFFFFFFF
+    w[2] = np.float32(t).view(np.uint32)
+    w[3] = k
+    w[4] = np.float32(min(pp, 1.0)).view(np.uint32)
+    return w
+
+
+def sample(rt, logits, samp, ids, tok, dyn, pos, B, V, ld, ring, advance=1) -> list[Op]:
+    """Token choice on the GPU, two dispatches to record after the logits:
+    [sample: row b of logits (B, ld) (first V entries) -> ids[(counter % ring) * B + b] and tok[b],
+     advance: samp[1] (counter) += 1, dyn[0] += advance, pos[b] = dyn[0] for b < B].
+    samp: 8 u32 (sampling_words; the host rewrites it per request, the recorded ops stay valid); ids: i32
+    (ring, B); tok, pos: i32 (B,); dyn: u32 [kv position, ...]. pos None: no positions written; dyn None: the
+    increment lands in the runtime's dummy buffer. See shaders/sample.wgsl for the semantics."""
+    if ring < 1 or B < 1 or V < 1 or ld < V:
+        raise WebGPUError(f"sample: need ring >= 1, B >= 1, 1 <= V <= ld (got ring={ring}, B={B}, V={V}, ld={ld})")
+    return [rt.op("sample.wgsl", "sample", (B,), dict(logits=logits, samp=samp, ids=ids, tok=tok),
+                  dict(V=V, ld=ld, ring=ring, advance=advance)),
+            rt.op("sample.wgsl", "advance", (1,), dict(samp=samp, dyn=dyn, pos=pos),
+                  dict(V=B if pos is not None else 0, ld=ld, ring=ring, advance=advance))]

@@ -12,13 +12,25 @@ import re
 import struct
 import threading
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 import loralabd
 
-SHADER_DIR = Path(loralabd.__file__).parent.parent / "shaders"
+
+def _shader_dir():
+    """The WGSL kernels: the top-level shaders/ folder, installed as the package loralabd.shaders (pyproject.toml
+    maps it) by a wheel and by `pip install -e .` alike. Only a checkout imported without any install (or one
+    installed before that mapping) falls back to reading its shaders/ folder directly."""
+    try:
+        return resources.files("loralabd.shaders")
+    except ModuleNotFoundError:
+        return Path(loralabd.__file__).parent.parent / "shaders"
+
+
+SHADER_DIR = _shader_dir()
 OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query")
 
 
@@ -40,9 +52,11 @@ _STRUCT_P = re.compile(r"struct\s+P\s*\{([^}]*)\}", re.S)
 def render_wgsl(filename: str, defines: dict) -> str:
     path = SHADER_DIR / filename
     if not path.is_file():
-        raise WebGPUError(f"shader {path} is missing; the shaders/ folder ships next to the loralabd package")
+        raise WebGPUError(f"shader {filename} is missing (looked in {SHADER_DIR}, the package loralabd.shaders): "
+                          "reinstall LoRA Lab with its shaders: `pip install -e .` in a checkout, or a wheel built by "
+                          "`python -m build` (docs/install.md)")
     out, stack = [], []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         s = line.strip()
         if s.startswith("//#include"):
             if all(stack):
@@ -108,12 +122,57 @@ class Buf:
 
 
 @dataclass
+class Copy:
+    """A buffer-to-buffer copy between dispatches of a program (offsets may change between runs)."""
+
+    src: Buf
+    src_off: int
+    dst: Buf
+    dst_off: int
+    nbytes: int
+
+
+class PendingRead:
+    """A read back in flight: result() waits for the submit that wrote it, then returns the bytes."""
+
+    def __init__(self, rt, staging, nbytes, promise):
+        self.rt, self.staging, self.nbytes, self.promise = rt, staging, nbytes, promise
+
+    def result(self) -> np.ndarray:
+        try:
+            self.promise.sync_wait()
+            out = np.frombuffer(self.staging.read_mapped(0, self.nbytes, copy=True), np.uint8).copy()
+        finally:
+            if self.staging.map_state == "mapped":
+                self.staging.unmap()
+        return out
+
+
+@dataclass
 class Op:
     kernel: str  # "file:entry[variant]" — used in errors and in timestamp profiles
     pipeline: object
     bind_group: object
     grid: tuple[int, int, int]
     keep: list = field(default_factory=list)  # uniform buffers owned by this op
+    raw: tuple = ()  # (pipeline handle, bind group handle, x, y, z) for the native encoder (_native_encoder)
+
+
+def _native_encoder():
+    """wgpu-native's C entry points for the three calls a dispatch makes, without wgpu-py's per-call Python
+    wrapper (error capture, a cffi array for dynamic offsets): ~1 µs a dispatch instead of ~8, which is
+    what bounds decoding. Encoding errors still surface, at finish/submit (wgpu defers them there).
+    None when the backend is not wgpu-native."""
+    try:
+        from wgpu.backends.wgpu_native._ffi import ffi, lib
+
+        return (lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup,
+                lib.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL)
+    except Exception:  # another backend: the portable path
+        return None
+
+
+_NATIVE = None if os.environ.get("LORALAB_WGPU_NATIVE_ENCODE") == "0" else _native_encoder()
 
 
 class Runtime:
@@ -148,6 +207,7 @@ class Runtime:
         self._bind_groups: dict = {}
         self._dummy = None
         self._dummy_rw = None
+        self._staging: dict = {}
         self.live_bytes = 0
         self.peak_bytes = 0
         self.lock = threading.RLock()  # the device is owned by one thread at a time
@@ -170,7 +230,9 @@ class Runtime:
 
     @property
     def is_hardware(self) -> bool:
-        return str(self.adapter.info.get("adapter_type", "")).lower() not in ("cpu", "unknown", "")
+        from ..select import is_hardware
+
+        return is_hardware(self.adapter.info.get("adapter_type", ""))
 
     # -- buffers ---------------------------------------------------------------------------------------
 
@@ -297,45 +359,77 @@ class Runtime:
             bg = self.device.create_bind_group(layout=layout, entries=entries, label=name)
         except Exception as e:
             raise WebGPUError(f"kernel {name}: bind group creation failed: {e}") from e
-        return Op(name, pipe, bg, grid, keep)
+        return Op(name, pipe, bg, grid, keep, (getattr(pipe, "_internal", None), getattr(bg, "_internal", None)) + grid)
 
     # -- running ---------------------------------------------------------------------------------------
 
-    def run(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
-            label: str = "step") -> np.ndarray | None:
-        """Encode ops in one compute pass, submit once, optionally read back `read_bytes` of `read`."""
-        wgpu = self.wgpu
+    def _staging_buffer(self, nbytes: int, slot: int):
+        """A MAP_READ buffer per (size, slot), made once: steady-state reads create nothing."""
+        key = (nbytes, slot)
+        b = self._staging.get(key)
+        if b is None:
+            wgpu = self.wgpu
+            b = self._staging[key] = self.device.create_buffer(
+                size=nbytes, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST, label=f"staging{slot}")
+        return b
+
+    def submit(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
+               label: str = "step", slot: int = 0) -> "PendingRead | None":
+        """Encode ops (dispatches and copies) in order, submit once; with `read`, start copying `read_bytes`
+        of it back and return a PendingRead (its result() waits for this submit only). A slot's staging
+        buffer serves one read at a time: overlapping reads use different slots."""
         with self.lock:
             enc = self.device.create_command_encoder(label=label)
-            cp = enc.begin_compute_pass(label=label)
-            current = None
+            cp, current = None, None
+            native = _NATIVE
             for o in ops:
                 try:
+                    if isinstance(o, Copy):
+                        if cp is not None:
+                            cp.end()
+                            cp, current = None, None
+                        enc.copy_buffer_to_buffer(o.src.buffer, o.src.offset + o.src_off, o.dst.buffer,
+                                                  o.dst.offset + o.dst_off, o.nbytes)
+                        continue
+                    if cp is None:
+                        cp = enc.begin_compute_pass(label=label)
+                        handle = getattr(cp, "_internal", None)
+                    if native is not None and handle is not None and o.raw and o.raw[0] is not None:
+                        pipe, bg, x, y, z = o.raw
+                        if pipe is not current:
+                            native[0](handle, pipe)
+                            current = pipe
+                        native[1](handle, 0, bg, 0, native[3])
+                        native[2](handle, x, y, z)
+                        continue
                     if o.pipeline is not current:
                         cp.set_pipeline(o.pipeline)
                         current = o.pipeline
                     cp.set_bind_group(0, o.bind_group)
                     cp.dispatch_workgroups(*o.grid)
                 except Exception as e:
-                    raise WebGPUError(f"kernel {o.kernel}: dispatch failed in {label}: {e}") from e
-            staging = None
+                    raise WebGPUError(f"kernel {getattr(o, 'kernel', 'copy')}: dispatch failed in {label}: {e}") from e
+            staging, nb = None, 0
             try:
-                cp.end()
+                if cp is not None:
+                    cp.end()
                 if read is not None:
                     nb = (read_bytes or read.nbytes + 3) // 4 * 4
-                    staging = self.device.create_buffer(size=nb, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+                    staging = self._staging_buffer(nb, slot)
                     enc.copy_buffer_to_buffer(read.buffer, read.offset + read_offset, staging, 0, nb)
                 self.device.queue.submit([enc.finish()])
             except Exception as e:
-                names = sorted({o.kernel for o in ops})
+                names = sorted({o.kernel for o in ops if isinstance(o, Op)})
                 raise WebGPUError(f"{label} failed at submit (kernels {', '.join(names)}): {e}") from e
             if staging is None:
                 return None
-            staging.map_sync(wgpu.MapMode.READ)
-            out = np.frombuffer(staging.read_mapped(copy=True), np.uint8).copy()
-            staging.unmap()
-            staging.destroy()
-            return out
+            return PendingRead(self, staging, nb, staging.map_async(self.wgpu.MapMode.READ, 0, nb))
+
+    def run(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
+            label: str = "step") -> np.ndarray | None:
+        """Encode ops in order, submit once, optionally wait for and return `read_bytes` of `read`."""
+        pending = self.submit(ops, read, read_bytes, read_offset, label)
+        return None if pending is None else pending.result()
 
     def read(self, buf: Buf, dtype=np.float32, count: int | None = None, offset_elems: int = 0) -> np.ndarray:
         nb = (count if count is not None else buf.n - offset_elems) * 4

@@ -1,8 +1,8 @@
 """The engine's own buffer plan for a training shape, without a GPU: the real allocation code on a sizing runtime.
 
-`plan_buffers` builds a WebGPUEngine and its train session's program for (batch, seq, lora, optim) on
+`plan_buffers` builds a ModelGraph and its train session's program for (batch, seq, lora, optim) on
 `SizingRuntime`, which records every `buffer()` instead of allocating it and records no dispatch. So the
-list is what Acts / WebGPUTrainSession._program / upload_weight allocate on a device with these limits and
+list is what Acts / WebGPUTrainSession.prepare / upload_weight allocate on a device with these limits and
 kernel variants (tiled = hardware GPU: flash attention, split dA/dB scratch, 48M-float logit rows) — the
 plan and the engine cannot drift apart. loralabd/plan/memory.py turns it into the plan's memory parts.
 """
@@ -14,14 +14,18 @@ import weakref
 
 import numpy as np
 
+from ..interface import OptimSettings
+from .graph import ModelGraph
 from .runtime import Buf, WebGPUError
+from .train import WebGPUTrainSession
 
 # which part of the plan each buffer is (by the name the engine gives it); the rest of a program: activations
 PARTS = {"lora.params": "lora", "lora.grads": "gradients", "gstat": "gradients", "gnorm.parts": "gradients",
          "adam.m": "optimizer", "adam.v": "optimizer", "adam8.m": "optimizer", "adam8.v": "optimizer",
          "adam8.absmax": "optimizer", "adam8.codes": "optimizer", "dropout.dyn": "runtime", "dyn0": "runtime",
          "dummy": "runtime", "dummy_rw": "runtime", "lse": "attention", "delta": "attention",
-         "logits_rows": "logits", "logits_chunk": "logits", "ce_state": "logits", "loss": "logits"}
+         "logits_rows": "logits", "logits_chunk": "logits", "ce_state": "logits", "loss": "logits",
+         "hyp": "runtime", "inputs": "runtime", "metrics": "runtime"}
 WORKSPACE = ("dhf", "dx", "dh", "dact", "dg", "du", "datt", "dq", "dk", "dv", "dxa", "dw_split")
 
 
@@ -74,6 +78,7 @@ class _ZeroAdapter:
 
     def __init__(self, args, cfg):
         self.config = cfg
+        self.uid, self.version = 0, 0
         self.A, self.B = {}, {}
         for i in cfg.layer_ids(args.num_hidden_layers):
             for n in cfg.targets:
@@ -85,9 +90,7 @@ class _ZeroAdapter:
 _ENGINES: dict = {}  # id(model) -> (weakref to the model, {settings: (engine on a SizingRuntime, n weight allocs)})
 
 
-def _sizing_engine(model, limits, tiled, vocab_chunk, ce_row_chunk):
-    from .engine import WebGPUEngine
-
+def _sizing_graph(model, limits, tiled, vocab_chunk, ce_row_chunk):
     ref, engines = _ENGINES.get(id(model), (None, None))
     if ref is None or ref() is not model:
         engines = {}
@@ -96,8 +99,7 @@ def _sizing_engine(model, limits, tiled, vocab_chunk, ce_row_chunk):
            vocab_chunk, ce_row_chunk)
     if key not in engines:
         rt = SizingRuntime(limits, tiled)
-        eng = WebGPUEngine(model, vocab_chunk=vocab_chunk, ce_row_chunk=ce_row_chunk, runtime=rt)
-        engines[key] = (eng, len(rt.allocs))
+        engines[key] = (ModelGraph(rt, model, vocab_chunk, ce_row_chunk), len(rt.allocs))
     return engines[key]
 
 
@@ -105,16 +107,14 @@ def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw",
                  tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None) -> list:
     """[(name, part, nbytes)] of every buffer WebGPUEngine(model) + its train session allocate to train
     (batch, seq) with this LoRA config and optimizer (adamw | adam8bit) on an adapter with these limits."""
-    from .train import WebGPUTrainSession
-
     if optim not in ("adamw", "adam8bit"):
         raise ValueError(f"optimizer must be 'adamw' or 'adam8bit', not {optim!r}")
-    eng, n_weights = _sizing_engine(model, limits, tiled, vocab_chunk, ce_row_chunk)
-    rt = eng.rt
+    graph, n_weights = _sizing_graph(model, limits, tiled, vocab_chunk, ce_row_chunk)
+    rt = graph.rt
     del rt.allocs[n_weights:]
-    sess = WebGPUTrainSession(eng, _ZeroAdapter(model.args, lora_config), {"kind": optim})
+    sess = WebGPUTrainSession(graph, _ZeroAdapter(model.args, lora_config), OptimSettings(kind=optim))  # type: ignore[arg-type]
     n_sess = len(rt.allocs)
-    sess._program(int(batch), int(seq))
+    sess.prepare(int(batch), int(seq))
     out = []
     for j, (name, nbytes) in enumerate(rt.allocs):
         part = PARTS.get(name)

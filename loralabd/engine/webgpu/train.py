@@ -1,43 +1,68 @@
-"""The WebGPU train session: forward + backward of a whole micro-batch in one command encoder.
+"""The WebGPU train session: a whole optimizer step — every micro-batch's forward and backward, the
+gradient norm, clipping and the optimizer — in one command encoder and one submit.
 
 All LoRA matrices live in one flat f32 buffer (each matrix at a 256-float-aligned offset, so views bind
 on any adapter and 8-bit blocks never straddle two matrices); gradients, m and v in buffers of the same
 layout. Per-layer activation checkpointing: the forward keeps only each layer's input (L+1 x N x D);
-the backward recomputes one layer at a time into shared work buffers. Only the loss sum is read back.
+the backward recomputes one layer at a time into shared work buffers. Micro-batches come in through one
+input buffer written per step and copied into place between their passes; the learning rate and step
+count through the small `hyp` buffer, so the optimizer is recorded once. Nothing is read back in a step:
+each step's loss sums and gradient norm are copied into a ring on the GPU that metrics() reads.
 Same interface and state_dict keys as numpy_train.NumpyTrainSession, so checkpoints move between them.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from .. import reference as R
+from ..interface import MicroBatch, OptimSettings, StepMetrics
 from ..lora import LoraAdapter
 from ..numpy_train import CODE_SIGNED, CODE_UNSIGNED, QBLOCK, check_state, quantize_blockwise
 from . import kernels as K
-from .engine import Acts, Program, drop_salt
+from .graph import Acts, ModelGraph, Program, drop_salt
+from .runtime import Copy, WebGPUError
 
 ALIGN = 256  # floats
 ZERO_S = int(quantize_blockwise(np.zeros(1, np.float32), CODE_SIGNED)[0][0])  # the code numpy_train gives 0.0
 ZERO_U = int(quantize_blockwise(np.zeros(1, np.float32), CODE_UNSIGNED)[0][0])
+RING = 64  # steps of metrics kept on the GPU between two reads
+
+
+class SessionLora:
+    """The session's flat parameter buffer as the graph reads LoRA: (i, name) -> (A, B, r, scale) | None."""
+
+    has_fused = False
+
+    def __init__(self, views: dict, r: int, scale: float):
+        self.views, self.r, self.scale = views, r, scale
+
+    def __call__(self, i, name):
+        v = self.views.get(f"{i}.{name}.A")
+        if v is None:
+            return None
+        return v[0], self.views[f"{i}.{name}.B"][0], self.r, self.scale
+
+    def fused(self, i, group):
+        return None
 
 
 class WebGPUTrainSession:
-    def __init__(self, engine, adapter: LoraAdapter, optim: dict | None = None):
-        optim = dict(optim or {})
-        self.engine, self.rt = engine, engine.rt
+    def __init__(self, graph: ModelGraph, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()):
+        self.graph, self.rt = graph, graph.rt
         self.config = adapter.config
         self.p_drop = float(adapter.config.dropout)
-        self.seed = int(optim.get("seed", 0))  # dropout masks: counter-based on (seed, step, micro-batch)
-        self.n_micro = 0
-        self.kind = optim.get("kind", "adamw")
+        self.seed = int(optim.seed)  # dropout masks: counter-based on (seed, step, micro-batch)
+        self.kind = optim.kind
         if self.kind not in ("adamw", "adam8bit"):
             raise ValueError(f"optimizer kind must be 'adamw' or 'adam8bit', not {self.kind!r}")
-        self.betas = tuple(float(b) for b in optim.get("betas", (0.9, 0.999)))
-        self.eps = float(optim.get("eps", 1e-8))
-        self.weight_decay = float(optim.get("weight_decay", 0.0))
+        self.betas = (float(optim.betas[0]), float(optim.betas[1]))
+        self.eps = float(optim.eps)
+        self.weight_decay = float(optim.weight_decay)
         self.t = 0
-        self.acc_tokens = 0
+        self.uid = adapter.uid  # snapshots keep the adapter's identity; their version is the step
         # flat layout: name -> (offset, shape)
         self.layout, off = {}, 0
         for k in adapter.A:
@@ -49,6 +74,7 @@ class WebGPUTrainSession:
         self.prm = rt.buffer(4 * self.n, "lora.params")
         self.grad = rt.buffer(4 * self.n, "lora.grads", np.zeros(self.n, np.float32))
         self.gstat = rt.buffer(16, "gstat", np.zeros(4, np.float32))
+        self.hyp = rt.buffer(16, "hyp", np.zeros(4, np.float32))
         self.drop_dyn = rt.buffer(16, "dropout.dyn", np.zeros(4, np.uint32))
         self.nparts = 64
         self.parts = rt.buffer(4 * self.nparts, "gnorm.parts")
@@ -67,7 +93,14 @@ class WebGPUTrainSession:
         for key, (o, shape) in self.layout.items():
             nb = 4 * int(np.prod(shape))
             self._views[key] = (rt.view(self.prm, 4 * o, nb, key), rt.view(self.grad, 4 * o, nb, key + ".grad"))
+        self.lora = SessionLora(self._views, self.config.r, self.config.scale)
         self._programs: dict = {}
+        self._inputs: dict = {}  # (B, T) -> input buffer of k micro-batches
+        self._optim_ops: dict = {}  # max_grad_norm -> recorded optimizer ops
+        self._ring_stride = 0  # floats per step in the metrics ring: [grad norm, loss sum of each micro-batch]
+        self._ring = None
+        self._pending: list[tuple[int, int, int]] = []  # (ring row, micro-batches, labelled tokens) not read yet
+        self._read: list[StepMetrics] = []  # read back, not yet handed out
 
     # -- parameters in and out ----------------------------------------------------------------------------
 
@@ -81,19 +114,14 @@ class WebGPUTrainSession:
     def _unflatten(self, flat) -> dict:
         return {key: flat[o:o + int(np.prod(shape))].reshape(shape).copy() for key, (o, shape) in self.layout.items()}
 
-    def provider(self, i, name):
-        v = self._views.get(f"{i}.{name}.A")
-        if v is None:
-            return None
-        return v[0], self._views[f"{i}.{name}.B"][0], self.config.r, self.config.scale
-
     # -- the program of one (batch, seq) shape --------------------------------------------------------------
 
-    def _program(self, B, T) -> Program:
+    def prepare(self, B: int, T: int) -> Program:
+        """The recorded forward + backward of one (B, T) micro-batch (its buffers allocated once)."""
         key = (B, T)
         if key in self._programs:
             return self._programs[key]
-        eng, rt, a = self.engine, self.rt, self.engine.args
+        eng, rt, a = self.graph, self.rt, self.graph.args
         N, D, F = B * T, a.hidden_size, a.intermediate_size
         H, KV, hd, L, r = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.num_hidden_layers, self.config.r
         S = Acts(rt, a, B, T)
@@ -104,9 +132,10 @@ class WebGPUTrainSession:
         datt, dq = S.alloc(N * H * hd, "datt"), S.alloc(N * H * hd, "dq")
         dk, dv = S.alloc(N * KV * hd, "dk"), S.alloc(N * KV * hd, "dv")
         delta, dxa = S.alloc(B * H * T, "delta"), S.alloc(N * r, "dxa")
-        # split-K partials of dA / dB on hardware GPUs: 64 slices x the largest r x features
-        scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 1024 else None
-        provs = [self.provider]
+        # split-K partials of dA / dB on hardware GPUs (from 2 slices of 64 rows: unsplit, a (r, features) output
+        # leaves the GPU idle — 150 µs a dispatch at 512 rows on an H200): 64 slices x the largest r x features
+        scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 128 else None
+        provs = [self.lora]
         drop = (self.drop_dyn, self.p_drop) if self.p_drop > 0.0 else None
         ops = [K.embed(rt, S.tok, eng.emb, xs[0], N)]
         for i in range(L):
@@ -129,7 +158,7 @@ class WebGPUTrainSession:
             W, row0, out_f = eng.layers[i].W[name]
             in_f = W.cols
             lora = None
-            e = self.provider(i, name)
+            e = self.lora(i, name)
             if e is not None:
                 A, Bv, _, s = e
                 gA, gB = self._views[f"{i}.{name}.A"][1], self._views[f"{i}.{name}.B"][1]
@@ -172,67 +201,139 @@ class WebGPUTrainSession:
         self._programs[key] = prog
         return prog
 
-    # -- the interface -----------------------------------------------------------------------------------
-
     def _eval_program(self, B, T) -> Program:
         key = ("eval", B, T)
         if key not in self._programs:
-            eng = self.engine
-            S = Acts(self.rt, eng.args, B, T)
-            ops = eng._forward_ops(S, [self.provider], segments=True)
+            g = self.graph
+            S = Acts(self.rt, g.args, B, T)
+            ops = g.forward_ops(S, [self.lora], segments=True)
             st, loss = S.alloc(S.N * 4, "ce_state"), S.alloc(4, "loss")
-            eng.cross_entropy_forward(ops, S, S.hf, st, loss)
+            g.cross_entropy_forward(ops, S, S.hf, st, loss)
             self._programs[key] = Program(ops, S, loss)
         return self._programs[key]
 
-    def _run(self, tokens, labels, segments, positions, evaluate=False):
-        tokens, labels = np.asarray(tokens), np.asarray(labels)
+    # -- one optimizer step, one submit -------------------------------------------------------------------
+
+    def _input_buffer(self, B: int, T: int, k: int):
+        """Room for k micro-batches of (B, T): per micro-batch tokens, positions, segments, labels (N each)
+        and the dropout words (4); grown when a step brings more micro-batches than before."""
+        buf = self._inputs.get((B, T))
+        words = k * (4 * B * T + 4)
+        if buf is None or buf.n < words:
+            if buf is not None:
+                self.rt.free(buf)
+            buf = self._inputs[(B, T)] = self.rt.buffer(4 * words, "inputs")
+        return buf
+
+    def _micro_words(self, b: MicroBatch, micro: int) -> np.ndarray:
+        g = self.graph
+        tokens = np.asarray(b.tokens)
         B, T = tokens.shape
-        prog = self._eval_program(B, T) if evaluate else self._program(B, T)
-        seg = np.zeros((B, T), np.int32) if segments is None else np.asarray(segments)
-        self.engine._write_inputs(prog.acts, tokens, positions, labels, seg)
-        raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4, label="evaluate" if evaluate else "train step")
-        return float(raw.view(np.float32)[0]), int((labels != R.IGNORE).sum())
+        positions = np.broadcast_to(np.arange(T), (B, T)) if b.positions is None else np.asarray(b.positions)
+        seg = np.zeros((B, T), np.int32) if b.segments is None else np.asarray(b.segments)
+        g.check_inputs(tokens, positions)
+        drop = np.array([self.seed, self.t, micro, 0], np.uint32).view(np.int32)
+        return np.concatenate([tokens.reshape(-1), positions.reshape(-1), seg.reshape(-1),
+                               np.asarray(b.labels).reshape(-1), drop]).astype(np.int32)
 
-    def accumulate(self, tokens, labels, segments=None, positions=None):
-        """Adds d(sum of losses)/d(params) of one micro-batch. Returns (loss_sum, n_tokens)."""
+    def _micro_ops(self, prog: Program, inputs, j: int, N: int) -> list:
+        S, o = prog.acts, 4 * j * (4 * N + 4)
+        ops = [Copy(inputs, o, S.tok, 0, 4 * N), Copy(inputs, o + 4 * N, S.pos, 0, 4 * N),
+               Copy(inputs, o + 8 * N, S.seg, 0, 4 * N), Copy(inputs, o + 12 * N, S.lab, 0, 4 * N)]
         if self.p_drop > 0.0:
-            self.rt.write(self.drop_dyn, np.array([self.seed, self.t, self.n_micro, 0], np.uint32))
-        loss, n = self._run(tokens, labels, segments, positions)
-        self.n_micro += 1
-        self.acc_tokens += n
-        return (loss, n) if n else (0.0, 0)
+            ops.append(Copy(inputs, o + 16 * N, self.drop_dyn, 0, 16))
+        return ops + prog.ops
 
-    def evaluate(self, tokens, labels, segments=None, positions=None):
-        """(loss_sum, n_tokens) of the current adapter, no gradients (validation)."""
-        loss, n = self._run(tokens, labels, segments, positions, evaluate=True)
-        return (loss, n) if n else (0.0, 0)
+    def _optimizer(self, max_grad_norm: float) -> list:
+        ops = self._optim_ops.get(max_grad_norm)
+        if ops is None:
+            rt = self.rt
+            ops = K.grad_norm(rt, self.grad, self.parts, self.gstat, self.hyp, self.n, self.nparts, max_grad_norm)
+            if self.kind == "adamw":
+                ops.append(K.adamw(rt, self.prm, self.grad, self.m, self.v, self.gstat, self.hyp, self.n, self.betas,
+                                   self.eps))
+            else:
+                ops.append(K.adam8bit(rt, self.prm, self.grad, self.mq, self.vq, self.absmax, self.gstat, self.codes,
+                                      self.hyp, self.n, self.betas, self.eps))
+            self._optim_ops[max_grad_norm] = ops
+        return ops
 
-    def step(self, lr: float, max_grad_norm: float | None = None) -> float:
-        """Normalize by the tokens since the last step, clip (global L2 norm), update, zero. Returns the norm."""
-        rt = self.rt
-        inv_n = 1.0 / max(self.acc_tokens, 1)
+    def _metrics_ring(self, k: int):
+        if self._ring is None or self._ring_stride < 1 + k:
+            self._drain()
+            if self._ring is not None:
+                self.rt.free(self._ring)
+            self._ring_stride = max(self._ring_stride, 1 + k)
+            self._ring = self.rt.buffer(4 * RING * self._ring_stride, "metrics", np.zeros(RING * self._ring_stride, np.float32))
+        return self._ring
+
+    def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
+        """Accumulate every micro-batch's gradient, normalise by their labelled tokens, clip, update: one
+        submit, nothing read back (metrics() reads the losses and norms later)."""
+        if not batches:
+            raise ValueError("a step needs at least one micro-batch")
+        B, T = np.asarray(batches[0].tokens).shape
+        if any(np.asarray(b.tokens).shape != (B, T) for b in batches):
+            raise WebGPUError("the micro-batches of one step must share one (batch, seq) shape")
+        k, N = len(batches), B * T
+        if len(self._pending) >= RING:
+            self._drain()
+        ring = self._metrics_ring(k)
+        prog = self.prepare(B, T)
+        inputs = self._input_buffer(B, T, k)
+        self.rt.write(inputs, np.concatenate([self._micro_words(b, j) for j, b in enumerate(batches)]))
+        targets = sum(int((np.asarray(b.labels) != R.IGNORE).sum()) for b in batches)
+        self.rt.write(self.hyp, K.adam_hyp(lr, self.weight_decay, self.betas, self.t + 1, 1.0 / max(targets, 1)))
+        row = self.t % RING
+        ops: list = []
+        for j in range(k):
+            ops += self._micro_ops(prog, inputs, j, N)
+            ops.append(Copy(prog.out, 0, ring, 4 * (row * self._ring_stride + 1 + j), 4))
+        ops += self._optimizer(float(max_grad_norm or 0.0))
+        ops.append(Copy(self.gstat, 0, ring, 4 * row * self._ring_stride, 4))
+        self.rt.submit(ops, label="train step")
+        self._pending.append((row, k, targets))
         self.t += 1
-        ops = K.grad_norm(rt, self.grad, self.parts, self.gstat, self.n, self.nparts, inv_n, max_grad_norm or 0.0)
-        if self.kind == "adamw":
-            ops.append(K.adamw(rt, self.prm, self.grad, self.m, self.v, self.gstat, self.n, lr, self.betas, self.eps,
-                               self.weight_decay, self.t))
-        else:
-            ops.append(K.adam8bit(rt, self.prm, self.grad, self.mq, self.vq, self.absmax, self.gstat, self.codes,
-                                  self.n, lr, self.betas, self.eps, self.weight_decay, self.t))
-        raw = rt.run(ops, read=self.gstat, read_bytes=4, label="optimizer step")
-        self.acc_tokens = 0
-        self.n_micro = 0
-        return float(raw.view(np.float32)[0])
 
-    def read_grads(self, scale: float = 1.0) -> dict:
-        """The accumulated gradients, "{layer}.{name}.A/B" -> array (times scale)."""
-        flat = self.rt.read(self.grad) * np.float32(scale)
-        return self._unflatten(flat)
+    def _drain(self):
+        if not self._pending or self._ring is None:
+            return
+        raw = self.rt.read(self._ring).reshape(RING, self._ring_stride)
+        for row, k, targets in self._pending:
+            self._read.append(StepMetrics(float(raw[row, 1:1 + k].astype(np.float64).sum()), targets,
+                                          float(raw[row, 0])))
+        self._pending = []
+
+    def metrics(self) -> list[StepMetrics]:
+        self._drain()
+        out, self._read = self._read, []
+        return out
+
+    def gradients(self, batch: MicroBatch) -> tuple[float, int, dict]:
+        """(loss_sum, targets, d(loss_sum)/d(A, B)) of one micro-batch; the gradient buffer is zeroed after."""
+        B, T = np.asarray(batch.tokens).shape
+        prog = self.prepare(B, T)
+        inputs = self._input_buffer(B, T, 1)
+        self.rt.write(inputs, self._micro_words(batch, 0))
+        raw = self.rt.run(self._micro_ops(prog, inputs, 0, B * T), read=prog.out, read_bytes=4, label="gradients")
+        grads = self._unflatten(self.rt.read(self.grad))
+        self.rt.write(self.grad, np.zeros(self.n, np.float32))
+        return float(raw.view(np.float32)[0]), int((np.asarray(batch.labels) != R.IGNORE).sum()), grads
+
+    def evaluate(self, batch: MicroBatch) -> tuple[float, int]:
+        """(loss_sum, targets) of the current adapter, no gradients (validation)."""
+        tokens = np.asarray(batch.tokens)
+        B, T = tokens.shape
+        prog = self._eval_program(B, T)
+        seg = np.zeros((B, T), np.int32) if batch.segments is None else batch.segments
+        self.graph.write_inputs(prog.acts, tokens, batch.positions, batch.labels, seg)
+        raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4, label="evaluate")
+        n = int((np.asarray(batch.labels) != R.IGNORE).sum())
+        return (float(raw.view(np.float32)[0]), n) if n else (0.0, 0)
 
     def snapshot(self) -> LoraAdapter:
         p = self._unflatten(self.rt.read(self.prm))
-        ad = LoraAdapter(self.config)
+        ad = LoraAdapter(self.config, uid=self.uid, version=self.t)
         for key, arr in p.items():
             k, part = key.rsplit(".", 1)
             (ad.A if part == "A" else ad.B)[k] = arr
@@ -299,13 +400,17 @@ class WebGPUTrainSession:
             self.rt.write(self.absmax, am)
         self.rt.write(self.grad, np.zeros(self.n, np.float32))
         self.t = int(np.asarray(state["step"]).reshape(-1)[0])
-        self.acc_tokens = 0
+        self._pending, self._read = [], []
 
-    def free(self):
+    def close(self):
         for p in self._programs.values():
             p.acts.free()
         self._programs.clear()
-        for name in ("prm", "grad", "gstat", "drop_dyn", "parts", "m", "v", "mq", "vq", "absmax", "codes"):
+        for b in self._inputs.values():
+            self.rt.free(b)
+        self._inputs.clear()
+        for name in ("prm", "grad", "gstat", "hyp", "drop_dyn", "parts", "m", "v", "mq", "vq", "absmax", "codes",
+                     "_ring"):
             b = getattr(self, name, None)
             if b is not None:
                 self.rt.free(b)

@@ -1,0 +1,62 @@
+"""plan/estimate and plan/calibrate over loralabd.plan (called on the device thread)."""
+
+from __future__ import annotations
+
+from ..errors import LoraLabError
+from ..protocol import ErrorCode
+from .errors import DomainError
+
+
+def plan_estimate(model, engine, p: dict) -> dict:
+    """plan/estimate through loralabd.plan (issue 7): memory by part, limits, advice, time once calibrated."""
+    try:
+        from ..plan import plan_from_params
+    except ImportError as e:
+        raise DomainError(ErrorCode.FeatureUnavailable, f"planning is not in this build ({e}); update LoRA Lab") from None
+    try:
+        return plan_from_params(model, p, engine)
+    except (ValueError, LoraLabError) as e:
+        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
+
+
+def _plan():
+    try:
+        from .. import plan
+        from ..plan import calibrate
+    except ImportError as e:
+        raise DomainError(ErrorCode.FeatureUnavailable, f"planning is not in this build ({e}); update LoRA Lab") from None
+    return plan, calibrate
+
+
+def calibration_start(engine, model, clock: str, refresh: bool):
+    """(device, the cached Calibration or None, the shapes still to time) for plan/calibrate."""
+    _, cal = _plan()
+    from ..plan.hardware import describe
+
+    device = describe(engine)
+    hit = None if refresh else cal.cached(device, model, clock)
+    return device, hit, ([] if hit is not None else cal.plan_shapes(engine, device))
+
+
+def time_shape(engine, cfg, batch: int, seq: int, clock: str, repeats: int) -> dict:
+    """One calibration shape: a warm-up step, then the best of `repeats` timed steps."""
+    return _plan()[1].time_shape(engine, cfg, batch, seq, clock, repeats)
+
+
+def calibration_finish(engine, device, clock: str, samples: list, seconds: float):
+    """Fit the timed shapes and cache the calibration (every later plan/estimate predicts time with it)."""
+    _, cal = _plan()
+    c = cal.finish(engine, device, clock, samples, seconds)
+    cal.save(c)
+    return c
+
+
+def calibration_result(model_id: str, engine, device, cal, cached: bool, seconds: float) -> dict:
+    """The protocol's CalibrateResult."""
+    from ..plan.estimate import protocol_calibration, protocol_device
+
+    return {"model": model_id, "backend": getattr(engine, "backend", "numpy"), "device": protocol_device(device),
+            "cached": cached, "seconds": float(seconds), "calibration": protocol_calibration(cal),
+            "samples": [{"batch": int(s["batch"]), "seq": int(s["seq"]), "r": int(s["r"]),
+                         "accumulateSeconds": float(s["accumulate_s"]), "stepSeconds": float(s["step_s"])}
+                        for s in cal.samples]}

@@ -1,0 +1,102 @@
+"""A job's training run: protocol params -> loralabd.training.Trainer, and its StepReport -> TrainProgress."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import paths
+from ..engine.lora import LoraAdapter
+from ..protocol import ErrorCode
+from ..training.trainer import StepReport
+from .adapters import save_adapter
+from .errors import DomainError, finite
+
+
+class TrainRun:
+    """One job's run on loralabd.training.Trainer (packing, schedule, clipping, validation, checkpoints).
+
+    The manager calls step() once per turn of the model's queue; the trainer checkpoints itself every
+    checkpointEvery steps and at the end (LoRA weights, optimizer and schedule state, data position).
+    """
+
+    def __init__(self, engine, model, job_id: str, p: dict, resume: bool = False):
+        from ..training.data import DatasetError
+        from ..training.packing import Dataset
+        from ..training.trainer import TrainConfig, TrainError, Trainer
+
+        self.engine, self.model, self.job_id, self.p = engine, model, job_id, p
+        self.run_dir = paths.checkpoints_dir() / job_id
+        try:
+            cfg = TrainConfig.from_protocol(p)
+            ds = Dataset.load(p["dataset"], model.tokenizer, max_seq_len=cfg.seq_len)
+            if not ds.train:
+                lines = "; ".join(str(x) for x in ds.problems[:5])
+                raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
+                                  + "; fix the data or pick another dataset")
+            self.tr = Trainer(engine, ds, cfg, run_dir=self.run_dir, resume=resume)
+        except DatasetError as e:
+            raise DomainError(ErrorCode.DatasetError, str(e)) from None
+        except OSError as e:
+            raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: {e}; check the path") from None
+        except (TrainError, ValueError) as e:
+            raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
+        self.total = self.tr.total_steps
+        self.schedule = self.tr.schedule
+        self.last: StepReport | None = None  # the newest step report
+
+    @property
+    def done(self) -> bool:
+        return self.tr.done
+
+    @property
+    def step_count(self) -> int:
+        return self.tr.step_num
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.tr.tokens_seen
+
+    @property
+    def last_loss(self) -> float | None:
+        return self.tr.last_loss
+
+    def step(self) -> StepReport | None:
+        """One optimizer step (None when the data ran out: an epoch-bounded run)."""
+        rep = self.tr.step()
+        if rep is not None:
+            self.last = rep
+        return rep
+
+    def progress(self) -> dict:
+        """The protocol's TrainProgress of this run now: the one place a step report becomes the wire's."""
+        rep, tr = self.last, self.tr
+        out = {"jobId": self.job_id, "step": tr.step_num, "totalSteps": self.total, "loss": finite(tr.last_loss),
+               "lr": float(rep.lr if rep is not None else self.schedule(tr.step_num)),
+               "tokensPerSecond": float(rep.tokens_per_s if rep is not None else 0.0),
+               "tokensSeen": int(tr.tokens_seen), "targetsSeen": int(tr.targets_seen),
+               "etaSeconds": None if rep is None or rep.eta_s is None else float(rep.eta_s),
+               "gradNorm": None, "valLoss": None}
+        for h in reversed(tr.history):
+            if h.get("grad_norm") is not None and out["gradNorm"] is None:
+                out["gradNorm"] = finite(h["grad_norm"])
+            if h.get("val_loss") is not None and out["valLoss"] is None:
+                out["valLoss"] = finite(h["val_loss"])
+        return out
+
+    def save_checkpoint(self) -> Path:
+        lc = self.tr.last_checkpoint
+        if lc is not None and lc.name == f"step-{self.tr.step_num:08d}" and lc.exists():
+            return lc  # the trainer just saved this step
+        return self.tr.save()
+
+    @property
+    def last_checkpoint(self):
+        return self.tr.last_checkpoint
+
+    def snapshot(self) -> LoraAdapter:
+        return self.tr.adapter()
+
+    def save_adapter(self, base_source: str) -> Path:
+        return save_adapter(self.p["adapter"], self.snapshot(), self.model.args, base_source,
+                            {"steps": self.step_count, "jobId": self.job_id, "loss": self.last_loss,
+                             "baseName": self.model.name})
