@@ -18,11 +18,14 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Sequence
 
 from .engine.interface import Engine, Sampling
 from .engine.lora import LoraAdapter
 from .errors import LoraLabError
+
+if TYPE_CHECKING:
+    from .protocol.types import FinishReason
 
 
 class GenerationError(LoraLabError):
@@ -90,7 +93,7 @@ class GenerationStats:
     time_to_first_token_s: float = 0.0  # request start -> first token sampled
     total_s: float = 0.0
     seed: int = 0
-    finish_reason: str = ""  # "stop" (eos / stop token / stop string), "length", "cancelled"
+    finish_reason: Literal["", "stop", "length", "cancelled"] = ""  # "stop" (eos / stop token / stop string), "length", "cancelled"
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -230,7 +233,8 @@ class Generation:
         detok = IncrementalDetokenizer(self.tok) if self.tok is not None else None
         stops = list(r.stop)
         pending, pending_ids = "", []  # decoded but not yet emitted (may be the start of a stop string)
-        finish, cut_by_string = "length", False
+        finish: FinishReason = "length"
+        cut_by_string = False
         t0 = time.perf_counter()
         t_first = t_last = t0
         if self._cancelled():

@@ -5,7 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from .errors import TokenizerError
+
+if TYPE_CHECKING:
+    from jinja2 import Template
 
 # Pre-tokenizer regexes llama.cpp names by `tokenizer.ggml.pre` (the same ones HF tokenizer.json files hold).
 _LLAMA3_SPLIT = (
@@ -27,7 +32,7 @@ class Tokenizer:
         self.source = source
         self.bos_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_id = tk.token_to_id(eos_token) if eos_token else None
-        self._template = None
+        self._template: Template | None = None  # compiled on first use
 
     @property
     def vocab_size(self) -> int:

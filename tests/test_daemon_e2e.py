@@ -66,6 +66,8 @@ async def _session(transport, home, d, tiny_model, dataset):
         cfg = json.loads(open([f for f in ex["files"] if f.endswith(".json")][0]).read())
         assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
         assert [a["name"] for a in (await c.request("adapter/list"))["adapters"]] == ["a1"]
+        gg = await c.request("adapter/export", {"adapter": "a1", "format": "gguf", "path": str(home / "out" / "a1")})
+        assert gg["path"].endswith("a1.gguf") and gg["files"] == [gg["path"]]  # llama.cpp wants the extension
 
         # cancel: a long run stops between steps, answers -32800, is checkpointed and resumable
         s = c.stream("train/start", {"model": "tiny", "dataset": str(dataset), "adapter": "a2", "steps": 10000,

@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .. import paths
 
@@ -28,6 +30,8 @@ class RpcError(Exception):
 
 class Stream:
     """Notifications for one token (progress values or generate deltas), then the request's result."""
+
+    sender: asyncio.Future[None]  # the task sending the request (set by AsyncClient.stream)
 
     def __init__(self, client: "AsyncClient", token, fut: asyncio.Future, queue: asyncio.Queue):
         self.client, self.token, self.fut, self.queue = client, token, fut, queue
@@ -57,15 +61,20 @@ class Stream:
 
 
 class AsyncClient:
-    def __init__(self):
+    # set by the transport constructors (connect_ws, spawn_stdio), never by __init__
+    ws: Any  # websockets ClientConnection (connect_ws only)
+    _send: Callable[[dict], Awaitable[None]]
+    _close: Callable[[], Awaitable[None]]
+
+    def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict = {}
         self._streams: dict = {}
         self.notifications: list = []  # notifications and unmatched replies, in arrival order
         self.on_notification = None
-        self._reader = None
+        self._reader: asyncio.Task[None] | None = None
         self._closed = False
-        self.proc = None
+        self.proc: asyncio.subprocess.Process | None = None
         self.started_daemon = None  # pid of the daemon connect() started, if it did
 
     # -- transports ------------------------------------------------------------------------------
@@ -116,19 +125,21 @@ class AsyncClient:
         """Start `loralabd --stdio` as a child and talk LSP framing over its pipes (as VS Code does)."""
         c = cls()
         argv = argv or [sys.executable, "-m", "loralabd.server.main", "--stdio"]
-        c.proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                                      stderr=None, env=env, limit=1 << 26)
+        c.proc = proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                             stderr=None, env=env, limit=1 << 26)
+        stdin, stdout = proc.stdin, proc.stdout
+        assert stdin is not None and stdout is not None  # both are pipes
 
         async def send(obj):
             body = json.dumps(obj).encode()
-            c.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            await c.proc.stdin.drain()
+            stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await stdin.drain()
 
         async def read():
-            r = c.proc.stdout
+            r = stdout
             try:
                 while True:
-                    n = None
+                    n: int | None = None
                     while True:
                         line = await r.readline()
                         if not line:
@@ -138,14 +149,15 @@ class AsyncClient:
                         k, _, v = line.decode().partition(":")
                         if k.strip().lower() == "content-length":
                             n = int(v)
+                    assert n is not None, "an LSP frame without Content-Length"  # ends the reader, as before
                     c._on_message(json.loads(await r.readexactly(n)))
             except (EOFError, asyncio.IncompleteReadError, ConnectionError):
                 pass
             c._lost()
 
         async def close():
-            if c.proc.stdin and not c.proc.stdin.is_closing():
-                c.proc.stdin.close()
+            if not stdin.is_closing():
+                stdin.close()
 
         c._send, c._close = send, close
         c._reader = asyncio.get_running_loop().create_task(read())

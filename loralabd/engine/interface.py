@@ -12,7 +12,7 @@ holds them to it, so no caller probes with hasattr or reaches into an engine's p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator, Protocol, Sequence, runtime_checkable
+from typing import Any, Generator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class Sampling:
     seed: int = 0
 
     @classmethod
-    def from_protocol(cls, params: dict | None) -> "Sampling":
+    def from_protocol(cls, params: Mapping[str, Any] | None) -> "Sampling":
         """The sampling fields of the protocol's GenerateParams (temperature, topK, topP, seed), as on the wire:
         the one place they are read. Defaults come from protocol/protocol.json; topP 0 turns nucleus sampling
         off, as 1 does. A wrong value raises ValueError naming the wire field."""

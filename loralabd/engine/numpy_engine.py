@@ -40,7 +40,7 @@ class NumpyEngine:
         self.args = model.args
         self.vocab_chunk = vocab_chunk
         self._dense: dict = {}  # dequantized f32 weights, built on first use
-        self._out_cache = None
+        self._out_cache: np.ndarray | None = None
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -101,8 +101,8 @@ class NumpyEngine:
         saved_layers = []
         H, KV, hd, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size
         for i, L in enumerate(self.model.layers):
-            sv = {} if keep else None
-            if keep:
+            sv: dict[str, np.ndarray] | None = {} if keep else None
+            if sv is not None:
                 sv["x"] = x
             h, r1 = R.rmsnorm(x, L.input_layernorm, a.rms_norm_eps)
             hN = h.reshape(-1, D)
@@ -128,7 +128,7 @@ class NumpyEngine:
             act = R.swiglu(g, u)
             d = self._lin(i, "down_proj", act, adapters, sv, drop_rng).reshape(Bsz, T, D)
             x = x1 + d
-            if keep:
+            if sv is not None:
                 sv.update(r1=r1, hN=hN, q=q, k=k, v=v, lse=lse, attN=attN, x1=x1, r2=r2, h2N=h2N, g=g, u=u, act=act)
                 saved_layers.append(sv)
         if cache is not None:

@@ -7,7 +7,7 @@ checkpoint needs, as numpy arrays.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -95,8 +95,8 @@ class NumpyTrainSession:
         self.seed = int(optim.seed)  # dropout masks: counter-based, so resume needs no RNG blob
         self.t = 0  # optimizer steps taken
         self.params = self.adapter.params()  # name -> array, aliases the adapter's A/B
-        self.m: dict = {}
-        self.v: dict = {}
+        self.m: dict[str, Any] = {}  # adamw: the moment array; adam8bit: (codes uint8, absmax f32)
+        self.v: dict[str, Any] = {}
         for k, p in self.params.items():
             if self.kind == "adamw":
                 self.m[k] = np.zeros_like(p)
@@ -137,7 +137,7 @@ class NumpyTrainSession:
         norms = np.asarray([np.linalg.norm(g.reshape(-1)) for g in grads.values()], np.float32)
         total = float(np.linalg.norm(norms))
         if max_grad_norm is not None and max_grad_norm > 0:
-            coef = min(np.float32(max_grad_norm) / (np.float32(total) + np.float32(1e-6)), 1.0)
+            coef = min(float(np.float32(max_grad_norm) / (np.float32(total) + np.float32(1e-6))), 1.0)  # f32 exact
             if coef < 1.0:
                 for g in grads.values():
                     g *= np.float32(coef)
@@ -147,8 +147,9 @@ class NumpyTrainSession:
             if self.kind == "adamw":
                 R.adamw(p, grads[k], self.m[k], self.v[k], self.t, lr, b1, b2, self.eps, self.weight_decay)
             else:
-                m = dequantize_blockwise(*self.m[k], CODE_SIGNED, p.shape)
-                v = dequantize_blockwise(*self.v[k], CODE_UNSIGNED, p.shape)
+                (mq, ma), (vq, va) = self.m[k], self.v[k]
+                m = dequantize_blockwise(mq, ma, CODE_SIGNED, p.shape)
+                v = dequantize_blockwise(vq, va, CODE_UNSIGNED, p.shape)
                 R.adamw(p, grads[k], m, v, self.t, lr, b1, b2, self.eps, self.weight_decay)
                 self.m[k] = quantize_blockwise(m, CODE_SIGNED)
                 self.v[k] = quantize_blockwise(v, CODE_UNSIGNED)
@@ -190,7 +191,7 @@ class NumpyTrainSession:
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Flat name -> array (copies): params, moments, step. Saved only between steps."""
-        out = {"step": np.asarray([self.t], np.int64), "kind": np.frombuffer(self.kind.encode(), np.uint8).copy()}
+        out: dict[str, np.ndarray] = {"step": np.asarray([self.t], np.int64), "kind": np.frombuffer(self.kind.encode(), np.uint8).copy()}
         for k, p in self.params.items():
             out[f"param.{k}"] = p.copy()
             if self.kind == "adamw":

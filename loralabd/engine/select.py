@@ -3,6 +3,12 @@ Mesa's software Vulkan, is ~10x slower than numpy at matmul); `webgpu` or `numpy
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..models.load import LoadedModel
+    from .interface import Engine
+
 BACKENDS = ("auto", "webgpu", "numpy")
 
 
@@ -30,7 +36,7 @@ def choose_backend(backend: str = "auto") -> str:
     return "webgpu" if info is not None and is_hardware(info.get("type", "")) else "numpy"
 
 
-def make_engine(model, backend: str = "auto"):
+def make_engine(model: LoadedModel, backend: str = "auto") -> Engine:
     """An engine for `model` on the chosen backend (see choose_backend)."""
     kind = choose_backend(backend)
     if kind == "webgpu":

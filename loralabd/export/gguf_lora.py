@@ -109,7 +109,8 @@ def load_gguf_lora(path, args: ModelArgs) -> LoraAdapter:
         raise AdapterFormatError(f"{path}: adapter architecture {arch!r} does not match the model's "
                                  f"{GGUF_ARCH.get(args.arch)!r}")
     inv = {v: k for k, v in GGUF_NAMES.items()}
-    A, B = {}, {}
+    A: dict[str, np.ndarray] = {}
+    B: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         parts = t.name.split(".")
         if len(parts) != 5 or parts[0] != "blk" or parts[2] not in inv or parts[4] not in ("lora_a", "lora_b"):

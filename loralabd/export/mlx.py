@@ -63,7 +63,8 @@ def load_mlx(path, args: ModelArgs) -> LoraAdapter:
         raise AdapterFormatError(f"{path}: fine_tune_type={cfg.get('fine_tune_type')!r}; only 'lora' is supported")
     lp = cfg.get("lora_parameters") or {}
     r, scale = int(lp.get("rank", 8)), float(lp.get("scale", 20.0))
-    A, B = {}, {}
+    A: dict[str, np.ndarray] = {}
+    B: dict[str, np.ndarray] = {}
     for k, v in load_file(str(path / WEIGHTS)).items():
         parts = k.split(".")
         if len(parts) != 6 or parts[:2] != ["model", "layers"] or parts[4] not in LINEAR_NAMES \

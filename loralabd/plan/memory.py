@@ -166,7 +166,7 @@ def numpy_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ada
     for ph in phases.values():
         ph["gradients"] += grads_acc if ph is not phases["optimizer step"] else 0
     totals = {k: sum(v.values()) for k, v in phases.items()}
-    peak = max(totals, key=totals.get)
+    peak = max(totals, key=lambda k: totals[k])
     parts = {p: int(phases[peak].get(p, 0)) for p in PARTS}
     notes = [f"weights: {weights} bytes, the loaded model's quantized tensors",
              "dequantized: the numpy engine keeps every base weight and the output matrix in f32",

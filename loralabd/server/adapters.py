@@ -6,6 +6,7 @@ from __future__ import annotations
 from .. import paths
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..protocol import ErrorCode
+from ..protocol.types import AdapterInfo
 from .errors import DomainError
 
 
@@ -57,19 +58,19 @@ def load_adapter(name: str, args) -> tuple[LoraAdapter, dict]:
         raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
 
 
-def _info(meta: dict) -> dict:
+def _info(meta: dict) -> AdapterInfo:
     c = meta.get("config", {})
     return {"name": meta["name"], "path": str(paths.adapters_dir() / meta["name"]), "baseModel": meta.get("base_model") or "",
             "r": int(c.get("r", 0)), "alpha": float(c.get("alpha", 0.0)), "targets": list(c.get("targets", [])),
             "steps": int(meta.get("steps", 0)), "jobId": meta.get("jobId")}
 
 
-def adapter_info(name: str) -> dict | None:
+def adapter_info(name: str) -> AdapterInfo | None:
     try:
         return _info(adapter_meta(name))
     except DomainError:
         return None
 
 
-def list_adapters() -> list[dict]:
+def list_adapters() -> list[AdapterInfo]:
     return [_info(m) for m in _store().list() if "name" in m]

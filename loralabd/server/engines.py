@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..protocol import ErrorCode
 from .errors import DomainError
 
+if TYPE_CHECKING:
+    from ..engine.interface import Engine
+    from ..models.load import LoadedModel
 
-def make_engine(model, backend: str = "auto"):
+
+def make_engine(model: LoadedModel, backend: str = "auto") -> Engine:
     """engine.select.make_engine, with a failure to start a backend as the protocol's BackendUnavailable."""
     from ..engine.select import make_engine as select
 

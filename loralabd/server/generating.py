@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from ..engine.interface import Sampling
+from typing import TYPE_CHECKING, Callable
+
+from ..engine.interface import AdapterScales, Engine, Sampling
 from ..errors import LoraLabError
 from ..protocol import ErrorCode, with_defaults
+from ..protocol.types import GenerateParams
 from .errors import DomainError
 
+if TYPE_CHECKING:
+    from ..generation import Generation
+    from ..models.load import LoadedModel
 
-def generation(engine, model, p: dict, adapters, should_stop=None):
+
+def generation(engine: Engine, model: LoadedModel, p: GenerateParams, adapters: AdapterScales,
+               should_stop: Callable[[], bool] | None = None) -> Generation:
     """A loralabd.generation Generation for a `generate` request (iterate it on the device thread)."""
     from ..generation import GenerationError, GenerationRequest, GenerationService
 
     if (p.get("messages") is None) == (p.get("prompt") is None):
         raise DomainError(ErrorCode.InvalidSettings, "give messages (a chat) or prompt (raw text), exactly one")
-    q = with_defaults("GenerateParams", p)
+    q = with_defaults("GenerateParams", dict(p))
     try:
         sp = Sampling.from_protocol(p)
     except ValueError as e:

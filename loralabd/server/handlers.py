@@ -14,13 +14,20 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Union
 
 from .. import __version__, paths
 from ..errors import LoraLabError, ModelLoadError
 from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
     check_params, with_defaults
+from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, DatasetInfo, DatasetParams, DeviceInfo, \
+    Empty, ExportParams, ExportResult, GenerateParams, GenerateResult, InitializeParams, InitializeResult, JobInfo, \
+    JobList, JobRef, ModelInfo, ModelList, ModelLoadParams, ModelRef, PlanEstimate, PlanParams, ProgressToken, \
+    ResumeParams, TrainFollowParams, TrainParams, TrainProgress, WorkDoneProgressBegin, WorkDoneProgressEnd, \
+    WorkDoneProgressReport
 from .jobs import job_info
-from .manager import ModelManager
+from .manager import Job, ModelManager
 from .adapters import adapter_info, list_adapters
 from .engines import available_backends, device_probe
 from .errors import DomainError
@@ -33,6 +40,16 @@ log = logging.getLogger("loralabd.rpc")
 CHECK_RESULTS = os.environ.get("LORALAB_CHECK_RESULTS") == "1"
 PROGRESS_INTERVAL = 0.25  # s: at most ~4 progress notifications a second per token
 DELTA_INTERVAL = 0.05  # s: generated text is flushed at most 20 times a second
+
+RequestId = Union[int, str]  # a JSON-RPC request id (null ids are refused before a handler runs)
+# A request handler: (connection, params validated against protocol.json, request id) -> the result.
+Handler = Callable[["Connection", Any, RequestId], Awaitable[Any]]
+ProgressValue = Union[WorkDoneProgressBegin, WorkDoneProgressReport, WorkDoneProgressEnd]
+
+
+def _defaults(structure: str, p: Mapping[str, Any]) -> dict[str, Any]:
+    """protocol.with_defaults of a typed params value (it copies, as with_defaults always does)."""
+    return with_defaults(structure, dict(p))
 
 
 class RpcError(Exception):
@@ -53,13 +70,13 @@ class Connection:
 
     def __init__(self, name: str):
         self.name = name
-        self.inflight: dict = {}  # request id -> asyncio.Task
+        self.inflight: dict[RequestId, asyncio.Task] = {}
         self.closed = False
 
     def send(self, msg: dict) -> None:
         raise NotImplementedError
 
-    def notify(self, method: str, params) -> None:
+    def notify(self, method: str, params: Mapping[str, Any]) -> None:
         if CHECK_RESULTS:
             check(params, NOTIFICATIONS[method]["params"], f"{method} params")  # raises: a daemon bug
         if not self.closed:
@@ -76,32 +93,32 @@ class Progress:
     """LSP work-done progress on one token, coalesced: begin and end always go out, reports at most every
     PROGRESS_INTERVAL (the newest wins; a timer or the end flushes the last one)."""
 
-    def __init__(self, conn: Connection, token):
+    def __init__(self, conn: Connection, token: ProgressToken):
         self.conn, self.token = conn, token
         self.last_sent = 0.0
-        self.pending = None
-        self.timer = None
+        self.pending: WorkDoneProgressReport | None = None
+        self.timer: asyncio.TimerHandle | None = None
         self.done = False
 
-    def _send(self, value):
+    def _send(self, value: ProgressValue) -> None:
         self.conn.notify("$/progress", {"token": self.token, "value": value})
 
-    def begin(self, title: str, train: dict | None = None):
-        v = {"kind": "begin", "title": title, "cancellable": True}
+    def begin(self, title: str, train: TrainProgress | None = None) -> None:
+        v: WorkDoneProgressBegin = {"kind": "begin", "title": title, "cancellable": True}
         if train:
             v["train"] = train
         self._send(v)
         self.last_sent = time.monotonic()
 
-    def report(self, train: dict):
+    def report(self, train: TrainProgress) -> None:
         pct = int(100 * train["step"] / max(train["totalSteps"], 1))
         self._queue({"kind": "report", "percentage": pct, "message": _train_msg(train), "train": train})
 
-    def report_message(self, percentage: int, message: str):
+    def report_message(self, percentage: int, message: str) -> None:
         """A report without training metrics (e.g. plan/calibrate's shapes)."""
         self._queue({"kind": "report", "percentage": int(percentage), "message": message})
 
-    def _queue(self, value: dict):
+    def _queue(self, value: WorkDoneProgressReport) -> None:
         if self.done:
             return
         self.pending = value
@@ -111,14 +128,14 @@ class Progress:
         elif self.timer is None:
             self.timer = asyncio.get_running_loop().call_later(wait, self._flush)
 
-    def _flush(self):
+    def _flush(self) -> None:
         self.timer = None
         if self.pending is not None and not self.done:
             self._send(self.pending)
             self.pending = None
             self.last_sent = time.monotonic()
 
-    def end(self, message: str, train: dict | None = None):
+    def end(self, message: str, train: TrainProgress | None = None) -> None:
         if self.done:
             return
         if self.timer is not None:
@@ -128,23 +145,23 @@ class Progress:
             self._send(self.pending)
             self.pending = None
         self.done = True
-        v = {"kind": "end", "message": message}
+        e: WorkDoneProgressEnd = {"kind": "end", "message": message}
         if train:
-            v["train"] = train
-        self._send(v)
+            e["train"] = train
+        self._send(e)
 
 
-def _train_msg(t: dict) -> str:
+def _train_msg(t: TrainProgress) -> str:
     loss = "-" if t["loss"] is None else f"{t['loss']:.4f}"
     return f"step {t['step']}/{t['totalSteps']} loss {loss} {t['tokensPerSecond']:.0f} tok/s"
 
 
 class Dispatcher:
-    def __init__(self, manager: ModelManager, on_exit=None):
+    def __init__(self, manager: ModelManager, on_exit: Callable[[int], None] | None = None):
         self.manager = manager
         self.on_exit = on_exit  # called by the `exit` notification with the exit code
         self.shutdown_requested = False
-        self.table = {
+        self.table: dict[str, Handler] = {
             "initialize": self.initialize, "shutdown": self.shutdown, "device/info": self.device_info,
             "model/load": self.model_load, "model/unload": self.model_unload, "model/list": self.model_list,
             "plan/estimate": self.plan_estimate, "plan/calibrate": self.plan_calibrate, "dataset/inspect": self.dataset_inspect,
@@ -157,7 +174,7 @@ class Dispatcher:
 
     # -- the dispatch path -------------------------------------------------------------------------
 
-    def handle(self, conn: Connection, msg) -> None:
+    def handle(self, conn: Connection, msg: Any) -> None:
         """Take one parsed message. Never raises; every request gets exactly one answer."""
         try:
             self._handle(conn, msg)
@@ -166,7 +183,7 @@ class Dispatcher:
             rid = msg.get("id") if isinstance(msg, dict) and _valid_id(msg.get("id")) else None
             conn.send({"jsonrpc": "2.0", "id": rid, "error": error_obj(ErrorCode.InternalError, "internal error in dispatch")})
 
-    def _handle(self, conn: Connection, msg) -> None:
+    def _handle(self, conn: Connection, msg: Any) -> None:
         if isinstance(msg, list):
             return self._reply_error(conn, None, ErrorCode.InvalidRequest,
                                      "batch requests are not supported; send one JSON-RPC message per frame")
@@ -175,7 +192,7 @@ class Dispatcher:
                                      f"a JSON-RPC message is an object, got {type(msg).__name__}")
         if "__oversized__" in msg:
             return self._reply_error(conn, None, ErrorCode.InvalidRequest, msg["__oversized__"])
-        rid = msg.get("id")
+        rid: Any = msg.get("id")  # raw JSON: checked by _valid_id below
         has_id = "id" in msg
         if has_id and not _valid_id(rid):
             return self._reply_error(conn, None, ErrorCode.InvalidRequest, "id must be a string or an integer")
@@ -206,12 +223,12 @@ class Dispatcher:
         task = asyncio.get_running_loop().create_task(self._run(conn, rid, method, handler, params))
         conn.inflight[rid] = task
 
-    async def _run(self, conn, rid, method, handler, params):
+    async def _run(self, conn: Connection, rid: RequestId, method: str, handler: Handler, params: dict) -> None:
         try:
             result = await handler(conn, params, rid)
             if CHECK_RESULTS:
                 check(result, REQUESTS[method]["result"], "result")
-            reply = {"jsonrpc": "2.0", "id": rid, "result": result}
+            reply: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "result": result}
         except asyncio.CancelledError:
             reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(ErrorCode.RequestCancelled,
                                                                         f"{method} cancelled")}
@@ -255,21 +272,21 @@ class Dispatcher:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def initialize(self, conn, p, rid):
-        info = p.get("clientInfo") or {}
+    async def initialize(self, conn: Connection, p: InitializeParams, rid: RequestId) -> InitializeResult:
+        info: Mapping[str, Any] = p.get("clientInfo") or {}
         log.info("initialize from %s (%s)", info.get("name", "?"), conn.name)
         return {"capabilities": {}, "serverInfo": {"name": "loralabd", "version": __version__},
                 "loralab": {"protocolVersion": PROTOCOL_VERSION, "dataDir": str(paths.data_dir()),
                             "backends": available_backends(), "methods": sorted(self.table), "pid": os.getpid()}}
 
-    async def shutdown(self, conn, p, rid):
+    async def shutdown(self, conn: Connection, p: Empty, rid: RequestId) -> None:
         self.shutdown_requested = True
         await self.manager.shutdown()
         return None
 
-    async def device_info(self, conn, p, rid):
-        notes = []
-        info = {"backend": "numpy", "available": ["numpy"], "adapterName": "CPU (numpy)", "adapterType": "cpu",
+    async def device_info(self, conn: Connection, p: Empty, rid: RequestId) -> DeviceInfo:
+        notes: list[str] = []
+        info: DeviceInfo = {"backend": "numpy", "available": ["numpy"], "adapterName": "CPU (numpy)", "adapterType": "cpu",
                 "memoryBytes": None, "notes": notes}
         try:
             d = await self.manager.device.run(device_probe)
@@ -298,28 +315,28 @@ class Dispatcher:
 
     # -- models ----------------------------------------------------------------------------------
 
-    async def model_load(self, conn, p, rid):
-        q = with_defaults("ModelLoadParams", p)
+    async def model_load(self, conn: Connection, p: ModelLoadParams, rid: RequestId) -> ModelInfo:
+        q = _defaults("ModelLoadParams", p)
         e = await self.manager.load(q["source"], q.get("name"), q["backend"], q["weights"])
         return e.info()
 
-    async def model_unload(self, conn, p, rid):
+    async def model_unload(self, conn: Connection, p: ModelRef, rid: RequestId) -> None:
         await self.manager.unload(p["model"])
         return None
 
-    async def model_list(self, conn, p, rid):
+    async def model_list(self, conn: Connection, p: Empty, rid: RequestId) -> ModelList:
         return {"models": [e.info() for e in self.manager.models.values()]}
 
-    async def plan_estimate(self, conn, p, rid):
+    async def plan_estimate(self, conn: Connection, p: PlanParams, rid: RequestId) -> PlanEstimate:
         e = self.manager.get(p["model"])
         async with e.turn():  # a calibration, when it runs, uses the engine
             return await self.manager.device.run(plan_estimate, e.model, e.engine, p)
 
-    async def plan_calibrate(self, conn, p, rid):
+    async def plan_calibrate(self, conn: Connection, p: CalibrateParams, rid: RequestId) -> CalibrateResult:
         """Time the model's engine on a few shapes, one device call per shape: progress after each,
         `$/cancelRequest` between them. Holds the model's turn so nothing else runs on it meanwhile."""
         e = self.manager.get(p["model"])
-        clock = with_defaults("CalibrateParams", p)["clock"]
+        clock = _defaults("CalibrateParams", p)["clock"]
         prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
         t0 = time.perf_counter()
         async with e.turn():
@@ -348,19 +365,20 @@ class Dispatcher:
                 cached = True
         return calibration_result(e.id, e.engine, device, cal, cached, time.perf_counter() - t0)
 
-    async def dataset_inspect(self, conn, p, rid):
-        from ..protocol import with_defaults
+    async def dataset_inspect(self, conn: Connection, p: DatasetParams, rid: RequestId) -> DatasetInfo:
         from ..training.data import DatasetError, read_source
 
         e = self.manager.get(p["model"])
-        seq = int(with_defaults("DatasetParams", p)["seqLen"])
+        seq = int(_defaults("DatasetParams", p)["seqLen"])
 
-        def inspect():
+        def inspect() -> DatasetInfo:
+            tok = e.model.tokenizer
             try:
-                r = read_source(p["path"], e.model.tokenizer, max_seq_len=seq)
+                r = read_source(p["path"], tok, max_seq_len=seq)
             except DatasetError as err:
                 raise DomainError(ErrorCode.DatasetError, str(err)) from None
-            sample = e.model.tokenizer.decode(r.examples[0].ids) if r.examples else ""
+            assert tok is not None  # read_source tokenized the examples with it
+            sample = tok.decode(r.examples[0].ids) if r.examples else ""
             return {"path": p["path"], "format": r.format, "examples": len(r.examples),
                     "tokens": int(sum(len(x) for x in r.examples)),
                     "trainedTokens": int(sum(int(x.mask.sum()) for x in r.examples)), "sample": sample[:4000],
@@ -369,7 +387,7 @@ class Dispatcher:
 
     # -- training --------------------------------------------------------------------------------
 
-    async def train_start(self, conn, p, rid):
+    async def train_start(self, conn: Connection, p: TrainParams, rid: RequestId) -> JobInfo:
         e = self.manager.get(p["model"])
         if await self.manager.on_io(adapter_info, p["adapter"]) is not None and not p.get("overwrite"):
             raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['adapter']!r} exists; choose another name "
@@ -380,7 +398,7 @@ class Dispatcher:
         job = await self.manager.start_job(e, params)
         return await self._follow(conn, job, p)
 
-    async def train_resume(self, conn, p, rid):
+    async def train_resume(self, conn: Connection, p: ResumeParams, rid: RequestId) -> JobInfo:
         row = self.manager.job_row(p["jobId"])
         if not self.manager.resumable(row):
             raise DomainError(ErrorCode.JobNotResumable, f"job {row['id']} is {row['state']} at step {row['step']}/"
@@ -394,10 +412,10 @@ class Dispatcher:
         job = await self.manager.start_job(e, params, jid=row["id"])
         return await self._follow(conn, job, p)
 
-    async def _follow(self, conn, job, p):
+    async def _follow(self, conn: Connection, job: Job, p: TrainParams | ResumeParams) -> JobInfo:
         if "workDoneToken" in p:
             self.manager.follow(job.id, Progress(conn, p["workDoneToken"]))
-        if not with_defaults("TrainParams", p)["wait"]:
+        if not _defaults("TrainParams", p)["wait"]:
             return job_info(self.manager.job_row(job.id))
         try:
             return await self.manager.wait_job(job.id)
@@ -409,37 +427,35 @@ class Dispatcher:
             await self.manager.wait_job(job.id)
             raise
 
-    async def train_cancel(self, conn, p, rid):
+    async def train_cancel(self, conn: Connection, p: JobRef, rid: RequestId) -> JobInfo:
         self.manager.cancel(p["jobId"])
         return await self.manager.wait_job(p["jobId"])
 
-    async def train_follow(self, conn, p, rid):
+    async def train_follow(self, conn: Connection, p: TrainFollowParams, rid: RequestId) -> JobInfo:
         self.manager.follow(p["jobId"], Progress(conn, p["workDoneToken"]))
-        if not with_defaults("TrainFollowParams", p)["wait"]:
+        if not _defaults("TrainFollowParams", p)["wait"]:
             return job_info(self.manager.job_row(p["jobId"]))
         return await self.manager.wait_job(p["jobId"])
 
-    async def train_status(self, conn, p, rid):
+    async def train_status(self, conn: Connection, p: JobRef, rid: RequestId) -> JobInfo:
         return self.manager.info(self.manager.job_row(p["jobId"]))
 
-    async def train_list(self, conn, p, rid):
+    async def train_list(self, conn: Connection, p: Empty, rid: RequestId) -> JobList:
         return {"jobs": await self.manager.list_jobs()}
 
     # -- generation ------------------------------------------------------------------------------
 
-    async def generate(self, conn, p, rid):
+    async def generate(self, conn: Connection, p: GenerateParams, rid: RequestId) -> GenerateResult:
         """The whole generation runs on the device thread (one hop); its text deltas come back to the event
         loop through call_soon_threadsafe, coalesced to at most one notification per DELTA_INTERVAL."""
-        from ..protocol import with_defaults
-
         e = self.manager.get(p["model"])
         name = p.get("adapter")
-        scale = float(with_defaults("GenerateParams", p)["adapterScale"])
+        scale = float(_defaults("GenerateParams", p)["adapterScale"])
         token = p.get("partialResultToken")
         loop = asyncio.get_running_loop()
         stop = threading.Event()
 
-        def send(text: str, index: int):
+        def send(text: str, index: int) -> None:
             conn.notify("generate/delta", {"token": token, "index": index, "text": text})
 
         async with e.turn():  # the model's queue: whole generations, in arrival order, between training steps
@@ -476,10 +492,10 @@ class Dispatcher:
 
     # -- adapters --------------------------------------------------------------------------------
 
-    async def adapter_list(self, conn, p, rid):
+    async def adapter_list(self, conn: Connection, p: Empty, rid: RequestId) -> AdapterList:
         return {"adapters": await self.manager.on_io(list_adapters)}
 
-    async def adapter_export(self, conn, p, rid):
+    async def adapter_export(self, conn: Connection, p: ExportParams, rid: RequestId) -> ExportResult:
         from .export_bridge import export_adapter
 
         return await self.manager.device.run(export_adapter, p)

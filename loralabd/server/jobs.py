@@ -13,6 +13,8 @@ import time
 import uuid
 from pathlib import Path
 
+from ..protocol.types import JobInfo
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
   id TEXT PRIMARY KEY,
@@ -80,7 +82,7 @@ class JobJournal:
         self.db.close()
 
 
-def job_info(row: dict) -> dict:
+def job_info(row: dict) -> JobInfo:
     """A journal row as the protocol's JobInfo."""
     return {
         "jobId": row["id"], "kind": row["kind"], "state": row["state"], "model": row["model"],

@@ -14,8 +14,10 @@ import concurrent.futures
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import paths
 from .jobs import RESUMABLE, JobJournal, job_info
@@ -25,17 +27,24 @@ from .engines import make_engine
 from .errors import DomainError
 from .training import TrainRun
 
+if TYPE_CHECKING:
+    from ..engine.interface import Engine
+    from ..engine.lora import LoraAdapter
+    from ..models.load import LoadedModel
+    from ..protocol.types import JobInfo, ModelInfo, TrainProgress
+
 log = logging.getLogger("loralabd.manager")
+T = TypeVar("T")
 
 
 class DeviceThread:
     """The single thread that touches engines. await run(fn) is cancel-safe: a cancelled caller still
     waits for the call in flight to finish, so the model's state is never left mid-operation."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
 
-    async def run(self, fn, *args):
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
         fut = asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
         try:
             return await asyncio.shield(fut)
@@ -44,7 +53,7 @@ class DeviceThread:
                 await fut
             raise
 
-    def close(self):
+    def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -53,20 +62,20 @@ class ModelEntry:
     id: str
     source: str
     backend: str
-    model: object
-    engine: object
+    model: LoadedModel
+    engine: Engine
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    jobs: set = field(default_factory=set)
+    jobs: set[str] = field(default_factory=set)
     # saved adapters read for this model: name -> (stamp, LoraAdapter, meta). The same object (and so the same
     # GPU slot, uploaded once) serves every request until the adapter is saved again
-    adapters: dict = field(default_factory=dict)
+    adapters: dict[str, tuple[tuple | None, LoraAdapter, dict]] = field(default_factory=dict)
 
     @contextlib.asynccontextmanager
-    async def turn(self):
+    async def turn(self) -> AsyncIterator[None]:
         async with self.lock:
             yield
 
-    def info(self) -> dict:
+    def info(self) -> ModelInfo:
         a, m = self.model.args, self.model
         n_params = sum(t.shape[0] * t.shape[1] for L in m.layers for t in L.linear.values())
         n_params += m.embed_tokens.shape[0] * m.embed_tokens.shape[1] + (0 if m.lm_head is None else m.lm_head.shape[0] * m.lm_head.shape[1])
@@ -84,13 +93,13 @@ class Job:
         self.id, self.entry, self.params = jid, entry, params
         self.run: TrainRun | None = None
         self.stop_as: str | None = None  # "cancelled" | "interrupted": stop after the current step
-        self.task: asyncio.Task | None = None
-        self.sinks: list = []  # Progress objects (handlers.py)
+        self.task: asyncio.Task[JobInfo] | None = None
+        self.sinks: list[Any] = []  # Progress objects (handlers.py imports this module)
         self.started = time.monotonic()
 
 
 class ModelManager:
-    def __init__(self):
+    def __init__(self) -> None:
         self.device = DeviceThread()
         # disk work (the journal's fsync'd writes, the adapter store) runs here, in order, off the event loop
         self.io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="io")
@@ -173,7 +182,7 @@ class ModelManager:
     async def journal_update(self, jid: str, **fields) -> None:
         await asyncio.get_running_loop().run_in_executor(self.io, lambda: self.journal.update(jid, **fields))
 
-    async def on_io(self, fn, *args):
+    async def on_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the I/O thread (disk work that must not stall the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
@@ -213,8 +222,9 @@ class ModelManager:
         job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")
         return job
 
-    async def _train(self, job: Job) -> dict:
+    async def _train(self, job: Job) -> JobInfo:
         run, entry, j = job.run, job.entry, self.journal
+        assert run is not None  # start_job sets it before this task starts
         state, error = "completed", None
         try:
             while not run.done and job.stop_as is None:
@@ -250,21 +260,24 @@ class ModelManager:
             entry.jobs.discard(job.id)
             for s in list(job.sinks):
                 s.end(f"{state} at step {run.step_count}/{run.total}" + (f": {error}" if error else ""), self.metrics(job))
-        return job_info(j.get(job.id))
+        row = j.get(job.id)
+        assert row is not None  # the journal keeps every job it created
+        return job_info(row)
 
-    def metrics(self, job: Job) -> dict:
+    def metrics(self, job: Job) -> TrainProgress:
+        assert job.run is not None  # a job's sinks are only told about a started run
         return job.run.progress()
 
-    def info(self, row: dict) -> dict:
+    def info(self, row: dict) -> JobInfo:
         """JobInfo of a journal row, with live step/loss/tokens while the job runs in this daemon."""
         out = job_info(row)
         job = self.jobs.get(row["id"])
         if job is not None and job.run is not None:
-            out.update(step=job.run.step_count, loss=job.run.last_loss, tokensSeen=int(job.run.tokens_seen),
-                       totalSteps=job.run.total)
+            out["step"], out["loss"] = job.run.step_count, job.run.last_loss
+            out["tokensSeen"], out["totalSteps"] = int(job.run.tokens_seen), job.run.total
         return out
 
-    def follow(self, jid: str, sink) -> None:
+    def follow(self, jid: str, sink: Any) -> None:
         """Send a running job's progress to sink (begin now, reports at report cadence, end)."""
         job = self.jobs.get(jid)
         if job is None or job.run is None:
@@ -272,14 +285,16 @@ class ModelManager:
         job.sinks.append(sink)
         sink.begin(f"Training {job.params['adapter']}", job.run.progress())
 
-    async def adapter(self, entry: ModelEntry, name: str):
+    async def adapter(self, entry: ModelEntry, name: str) -> tuple[LoraAdapter, int | None]:
         """(adapter, its training step) for a request on entry's model: a running job's adapter is a snapshot
         taken now, between two steps; a saved one comes from the store (read on the device thread)."""
         job = self.running_job_for_adapter(name)
         if job is not None and job.entry is entry:
             run = job.run
+            assert run is not None  # running_job_for_adapter only returns started runs
             return await self.device.run(run.snapshot), run.step_count
-        def stored():
+
+        def stored() -> tuple[LoraAdapter, dict]:
             stamp = adapter_stamp(name)
             hit = entry.adapters.get(name)
             if hit is not None and stamp is not None and hit[0] == stamp:
@@ -294,17 +309,17 @@ class ModelManager:
         ad, meta = await self.device.run(stored)
         return ad, int(meta.get("steps", 0))
 
-    async def list_jobs(self) -> list[dict]:
+    async def list_jobs(self) -> list[JobInfo]:
         return [self.info(r) for r in await self.on_io(self.journal.list)]
 
-    def cancel(self, jid: str, how: str = "cancelled") -> dict:
+    def cancel(self, jid: str, how: str = "cancelled") -> JobInfo:
         row = self.job_row(jid)
         job = self.jobs.get(jid)
         if job is not None and job.stop_as is None:
             job.stop_as = how
         return job_info(row)
 
-    async def wait_job(self, jid: str) -> dict:
+    async def wait_job(self, jid: str) -> JobInfo:
         """The job's JobInfo once it has ended (at once when it is not running here)."""
         job = self.jobs.get(jid)
         if job is not None and job.task is not None:

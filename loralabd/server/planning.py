@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..errors import LoraLabError
 from ..protocol import ErrorCode
+from ..protocol.types import CalibrateResult, Clock, PlanEstimate, PlanParams
+
+if TYPE_CHECKING:
+    from ..engine.interface import Engine
+    from ..models.load import LoadedModel
+    from ..engine.lora import LoraConfig
+    from ..plan.calibrate import Calibration
+    from ..plan.hardware import Device
 from .errors import DomainError
 
 
-def plan_estimate(model, engine, p: dict) -> dict:
+def plan_estimate(model: LoadedModel, engine: Engine, p: PlanParams) -> PlanEstimate:
     """plan/estimate through loralabd.plan (issue 7): memory by part, limits, advice, time once calibrated."""
     try:
         from ..plan import plan_from_params
@@ -28,7 +38,7 @@ def _plan():
     return plan, calibrate
 
 
-def calibration_start(engine, model, clock: str, refresh: bool):
+def calibration_start(engine: Engine, model: LoadedModel, clock: Clock, refresh: bool) -> tuple[Device, Calibration | None, list]:
     """(device, the cached Calibration or None, the shapes still to time) for plan/calibrate."""
     _, cal = _plan()
     from ..plan.hardware import describe
@@ -38,12 +48,12 @@ def calibration_start(engine, model, clock: str, refresh: bool):
     return device, hit, ([] if hit is not None else cal.plan_shapes(engine, device))
 
 
-def time_shape(engine, cfg, batch: int, seq: int, clock: str, repeats: int) -> dict:
+def time_shape(engine: Engine, cfg: LoraConfig, batch: int, seq: int, clock: Clock, repeats: int) -> dict:
     """One calibration shape: a warm-up step, then the best of `repeats` timed steps."""
     return _plan()[1].time_shape(engine, cfg, batch, seq, clock, repeats)
 
 
-def calibration_finish(engine, device, clock: str, samples: list, seconds: float):
+def calibration_finish(engine: Engine, device: Device, clock: Clock, samples: list, seconds: float) -> Calibration:
     """Fit the timed shapes and cache the calibration (every later plan/estimate predicts time with it)."""
     _, cal = _plan()
     c = cal.finish(engine, device, clock, samples, seconds)
@@ -51,7 +61,8 @@ def calibration_finish(engine, device, clock: str, samples: list, seconds: float
     return c
 
 
-def calibration_result(model_id: str, engine, device, cal, cached: bool, seconds: float) -> dict:
+def calibration_result(model_id: str, engine: Engine, device: Device, cal: Calibration, cached: bool,
+                       seconds: float) -> CalibrateResult:
     """The protocol's CalibrateResult."""
     from ..plan.estimate import protocol_calibration, protocol_device
 

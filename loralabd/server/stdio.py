@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import threading
+from typing import Any, Callable
 
 from pygls.io_ import StdinAsyncReader, StdoutWriter, run_async
 from pygls.protocol import JsonRPCProtocol, default_converter
@@ -25,12 +26,13 @@ log = logging.getLogger("loralabd.stdio")
 class _RawProtocol(JsonRPCProtocol):
     """pygls's protocol with its message typing replaced by a hand-off of the raw JSON."""
 
-    dispatch = None  # set by StdioTransport
+    dispatch: Callable[[Any], None] | None = None  # set by StdioTransport
 
     def structure_message(self, data):
         return data
 
     def handle_message(self, message):
+        assert self.dispatch is not None, "StdioTransport sets dispatch before reading"
         self.dispatch(message)
 
 
@@ -73,7 +75,9 @@ class StdioConnection(Connection):
 class StdioTransport:
     def __init__(self, dispatcher: Dispatcher, max_size: int, stdin=None, stdout=None):
         self.server = JsonRPCServer(_RawProtocol, default_converter)
-        self.proto = self.server.protocol
+        proto = self.server.protocol
+        assert isinstance(proto, _RawProtocol)  # JsonRPCServer made it from the class above
+        self.proto = proto
         self.conn = StdioConnection(self.proto)
         self.proto.dispatch = lambda m: dispatcher.handle(self.conn, m)
         self.proto.set_writer(StdoutWriter(stdout or sys.stdout.buffer), include_headers=True)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import paths
 from ..engine.lora import LoraAdapter
 from ..protocol import ErrorCode
+from ..protocol.types import TrainProgress
 from ..training.trainer import StepReport
 from .adapters import save_adapter
 from .errors import DomainError, finite
+
+if TYPE_CHECKING:
+    from ..engine.interface import Engine
+    from ..models.load import LoadedModel
 
 
 class TrainRun:
@@ -19,7 +25,7 @@ class TrainRun:
     checkpointEvery steps and at the end (LoRA weights, optimizer and schedule state, data position).
     """
 
-    def __init__(self, engine, model, job_id: str, p: dict, resume: bool = False):
+    def __init__(self, engine: Engine, model: LoadedModel, job_id: str, p: dict, resume: bool = False):
         from ..training.data import DatasetError
         from ..training.packing import Dataset
         from ..training.trainer import TrainConfig, TrainError, Trainer
@@ -67,10 +73,10 @@ class TrainRun:
             self.last = rep
         return rep
 
-    def progress(self) -> dict:
+    def progress(self) -> TrainProgress:
         """The protocol's TrainProgress of this run now: the one place a step report becomes the wire's."""
         rep, tr = self.last, self.tr
-        out = {"jobId": self.job_id, "step": tr.step_num, "totalSteps": self.total, "loss": finite(tr.last_loss),
+        out: TrainProgress = {"jobId": self.job_id, "step": tr.step_num, "totalSteps": self.total, "loss": finite(tr.last_loss),
                "lr": float(rep.lr if rep is not None else self.schedule(tr.step_num)),
                "tokensPerSecond": float(rep.tokens_per_s if rep is not None else 0.0),
                "tokensSeen": int(tr.tokens_seen), "targetsSeen": int(tr.targets_seen),

@@ -15,7 +15,7 @@ import logging
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import serve
+from websockets.asyncio.server import Server, serve
 from websockets.exceptions import ConnectionClosed
 
 from ..protocol import ErrorCode
@@ -56,13 +56,13 @@ class WsServer:
         self.max_size = max_size
         self.origins = tuple(DEFAULT_ORIGINS) + tuple(allow_origins)
         self.allow_remote = allow_remote
-        self.server = None
+        self.server: Server | None = None
         self.n = 0
 
     async def start(self):
-        self.server = await serve(self._serve, self.host, self.port, process_request=self._check,
-                                  max_size=self.max_size, max_queue=64, ping_interval=20, ping_timeout=60)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.server = server = await serve(self._serve, self.host, self.port, process_request=self._check,
+                                           max_size=self.max_size, max_queue=64, ping_interval=20, ping_timeout=60)
+        self.port = server.sockets[0].getsockname()[1]
         return self
 
     def _check(self, connection, request):

@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .packing import Dataset
 from .trainer import TrainConfig, Trainer
 
+if TYPE_CHECKING:
+    from ..engine.interface import Engine
+
 MARKER = "Ahoy, matey!"  # every demo answer starts with it; the base model never does
 
 # 22 steps; measured on SmolLM2-135M-Instruct in docs/training.md (a few CPU minutes on the numpy engine).
-DEMO_CONFIG = dict(r=8, alpha=16, lr=2e-3, lr_schedule="cosine", warmup_steps=2, seq_len=128, batch_size=2,
-                   grad_accum=1, epochs=1, eval_every=0, max_grad_norm=1.0, seed=0)
+DEMO_CONFIG: dict[str, Any] = dict(r=8, alpha=16, lr=2e-3, lr_schedule="cosine", warmup_steps=2, seq_len=128,
+                                   batch_size=2, grad_accum=1, epochs=1, eval_every=0, max_grad_norm=1.0, seed=0)
 
 
 def demo_dir() -> Path:
@@ -26,7 +30,7 @@ def test_prompts() -> list[str]:
     return [json.loads(x)["prompt"] for x in lines if x.strip()]
 
 
-def answer(engine, prompt: str, adapter=None, max_tokens: int = 48) -> str:
+def answer(engine: Engine, prompt: str, adapter=None, max_tokens: int = 48) -> str:
     """Greedy reply to one user message with the model's chat template."""
     from ..generation import GenerationService
 

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..engine.reference import IGNORE
 from .data import DatasetError, Example, Problem, read_source
+
+if TYPE_CHECKING:
+    from ..tokenizer import Tokenizer
 
 ROUND = 32  # batches are cut to the longest row rounded up to this (few shapes for the GPU arena)
 
@@ -42,7 +46,9 @@ class Batch:
 
 def pack_rows(lengths: np.ndarray, order: np.ndarray, seq_len: int, pack: bool) -> list[list[int]]:
     """Greedy packing in the given order: a row takes examples until the next does not fit."""
-    rows, cur, used = [], [], 0
+    rows: list[list[int]] = []
+    cur: list[int] = []
+    used = 0
     for i in order:
         n = int(lengths[i])
         if cur and (not pack or used + n > seq_len):
@@ -98,7 +104,7 @@ class Dataset:
     valid: list[Example]
     problems: list[Problem] = field(default_factory=list)
     format: str = "text"
-    tokenizer: object = None
+    tokenizer: Tokenizer | None = None
     max_seq_len: int = 512
 
     @classmethod
@@ -140,7 +146,9 @@ class Dataset:
                "problems": [p.to_dict() for p in self.problems], "sample": None}
         if self.train and self.tokenizer is not None:
             e = self.train[min(sample, len(self.train) - 1)]
-            parts, cur, cur_m = [], [], None
+            parts: list[dict] = []
+            cur: list[int] = []
+            cur_m = None
             for t, m in zip(e.ids.tolist(), e.mask.tolist()):
                 if cur and m != cur_m:
                     parts.append({"text": self.tokenizer.decode(cur), "loss": bool(cur_m)})
@@ -186,7 +194,7 @@ class DataStream:
 
     def next_batch(self, max_epochs: float | None = None) -> Batch | None:
         """The next batch_size rows (crossing into the next epoch when needed); None past max_epochs."""
-        take = []
+        take: list[list[int]] = []
         while len(take) < self.batch_size:
             if max_epochs is not None and self.epoch_float() >= max_epochs - 1e-9:
                 break

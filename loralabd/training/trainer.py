@@ -222,8 +222,7 @@ class Trainer:
         if c.max_steps is not None:
             return int(c.max_steps)
         if c.max_tokens is not None:
-            rows = self.stream.rows(0)
-            tok_per_row = self.stream.lengths.sum() / len(rows)
+            tok_per_row = self.stream.lengths.sum() / len(self.stream.rows(0))
             return max(1, math.ceil(c.max_tokens / (tok_per_row * per_step)))
         epochs = 1.0 if c.epochs is None else float(c.epochs)
         rows = sum(len(self.stream.rows(e)) for e in range(int(epochs)))

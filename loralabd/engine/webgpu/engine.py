@@ -206,6 +206,7 @@ class WebGPUEngine:
 
         prog = self._program(("logits", B, T, akey), build)
         g.write_inputs(prog.acts, tokens)
+        assert prog.out is not None  # build() gives the logits buffer
         raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4 * N * V, label="logits")
         return raw.view(np.float32).reshape(B, T, V).copy()
 
@@ -225,6 +226,7 @@ class WebGPUEngine:
         prog = self._program(("loss", B, T, akey), build)
         seg = np.zeros((B, T), np.int32) if segments is None else segments
         g.write_inputs(prog.acts, tokens, positions, labels, seg)
+        assert prog.out is not None  # build() gives the loss buffer
         total = float(self.rt.run(prog.ops, read=prog.out, read_bytes=4, label="loss").view(np.float32)[0])
         n = int((labels != R.IGNORE).sum())
         return total / max(n, 1)
@@ -304,7 +306,8 @@ class WebGPUEngine:
         rt.write(arena.dyn_last, np.array([P - 1, 0, 0, 0], np.uint32))
         rt.write(arena.samp, K.sampling_words(sampling.seed, sampling.temperature, sampling.top_k, sampling.top_p))
         # batch 0: the prompt and the first token; then 1, 2, 4 ... tokens a submit, one batch in flight ahead
-        batches, n = [(self._prefill_ops(arena, chunk, token, P), 0, 1)], 1
+        batches: list[tuple[list | None, int, int]] = [(self._prefill_ops(arena, chunk, token, P), 0, 1)]
+        n = 1
         size = 1
         while n < max_tokens:
             k = min(size, max_tokens - n)

@@ -40,10 +40,12 @@ class GpuWeight:
 def upload_weight(rt: Runtime, qt: QuantTensor, name: str) -> GpuWeight:
     rows, cols = qt.shape
     if qt.kind == "q4_1":
+        assert qt.scales is not None, "q4_1 blocks carry scales"
         nb = cols // 32
         return GpuWeight("q4_1", rows, cols, rt.buffer(qt.qs.nbytes, name, qt.qs),
                          rt.buffer(qt.scales.nbytes, name + ".scales", qt.scales), nb)
     if qt.kind == "q8_0":
+        assert qt.scales is not None, "q8_0 blocks carry scales"
         nb = cols // 32
         sc = qt.scales.reshape(-1)
         if sc.size % 2:

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 
@@ -55,7 +56,8 @@ def render_wgsl(filename: str, defines: dict) -> str:
         raise WebGPUError(f"shader {filename} is missing (looked in {SHADER_DIR}, the package loralabd.shaders): "
                           "reinstall LoRA Lab with its shaders: `pip install -e .` in a checkout, or a wheel built by "
                           "`python -m build` (docs/install.md)")
-    out, stack = [], []
+    out: list[str] = []
+    stack: list[bool] = []  # one entry per open //#if: whether its branch is taken
     for line in path.read_text(encoding="utf-8").splitlines():
         s = line.strip()
         if s.startswith("//#include"):
@@ -111,7 +113,7 @@ def parse_params(src: str) -> list[tuple[str, str]]:
 class Buf:
     """A GPU buffer of `nbytes` (f32 / i32 / u32 elements)."""
 
-    buffer: object
+    buffer: Any  # wgpu.GPUBuffer (wgpu ships no types); None once freed
     nbytes: int
     name: str = ""
     offset: int = 0  # bytes; a view into a larger buffer when > 0 (aligned to 256)
@@ -338,11 +340,12 @@ class Runtime:
         keep, entries = [], []
         for bname, (idx, kind) in binds.items():
             if kind == "uniform":
-                missing = [f for f, _ in pfields if f not in (params or {})]
-                extra = set(params or {}) - {f for f, _ in pfields}
+                given = params or {}
+                missing = [f for f, _ in pfields if f not in given]
+                extra = set(given) - {f for f, _ in pfields}
                 if missing or extra:
                     raise WebGPUError(f"kernel {name}: parameters missing {missing} / unknown {sorted(extra)}")
-                raw = b"".join(struct.pack("<" + {"u32": "I", "i32": "i", "f32": "f"}[t], params[f])
+                raw = b"".join(struct.pack("<" + {"u32": "I", "i32": "i", "f32": "f"}[t], given[f])
                                for f, t in pfields)
                 raw += b"\0" * (-len(raw) % 16 or (16 if not raw else 0))
                 ub = self.device.create_buffer_with_data(data=raw, usage=self.wgpu.BufferUsage.UNIFORM)
@@ -372,6 +375,18 @@ class Runtime:
             b = self._staging[key] = self.device.create_buffer(
                 size=nbytes, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST, label=f"staging{slot}")
         return b
+
+    @overload
+    def submit(self, ops: list, read: Buf, read_bytes: int | None = None, read_offset: int = 0,
+               label: str = "step", slot: int = 0) -> PendingRead: ...
+
+    @overload
+    def submit(self, ops: list, read: None = None, read_bytes: int | None = None, read_offset: int = 0,
+               label: str = "step", slot: int = 0) -> None: ...
+
+    @overload
+    def submit(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
+               label: str = "step", slot: int = 0) -> PendingRead | None: ...
 
     def submit(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
                label: str = "step", slot: int = 0) -> "PendingRead | None":
@@ -424,6 +439,18 @@ class Runtime:
             if staging is None:
                 return None
             return PendingRead(self, staging, nb, staging.map_async(self.wgpu.MapMode.READ, 0, nb))
+
+    @overload
+    def run(self, ops: list, read: Buf, read_bytes: int | None = None, read_offset: int = 0,
+            label: str = "step") -> np.ndarray: ...
+
+    @overload
+    def run(self, ops: list, read: None = None, read_bytes: int | None = None, read_offset: int = 0,
+            label: str = "step") -> None: ...
+
+    @overload
+    def run(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
+            label: str = "step") -> np.ndarray | None: ...
 
     def run(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
             label: str = "step") -> np.ndarray | None:

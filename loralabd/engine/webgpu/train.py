@@ -285,6 +285,7 @@ class WebGPUTrainSession:
         targets = sum(int((np.asarray(b.labels) != R.IGNORE).sum()) for b in batches)
         self.rt.write(self.hyp, K.adam_hyp(lr, self.weight_decay, self.betas, self.t + 1, 1.0 / max(targets, 1)))
         row = self.t % RING
+        assert prog.out is not None  # prepare() gives the loss buffer
         ops: list = []
         for j in range(k):
             ops += self._micro_ops(prog, inputs, j, N)
