@@ -53,6 +53,11 @@ class OptimSettings:
     weight_decay: float = 0.0
     seed: int = 0  # dropout masks: counter-based on (seed, step, micro-batch)
 
+    def __post_init__(self):
+        if self.kind not in ("adamw", "adam8bit"):
+            raise ValueError(f"optimizer kind must be 'adamw' or 'adam8bit', not {self.kind!r}")
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
 
 class MicroBatch(Protocol):
     """One micro-batch of packed rows (training.packing.Batch)."""

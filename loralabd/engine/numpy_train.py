@@ -86,13 +86,8 @@ class NumpyTrainSession:
     def __init__(self, engine, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()):
         self.engine = engine
         self.adapter = adapter.copy()
-        self.kind = optim.kind
-        if self.kind not in ("adamw", "adam8bit"):
-            raise ValueError(f"optimizer kind must be 'adamw' or 'adam8bit', not {self.kind!r}")
-        self.betas = (float(optim.betas[0]), float(optim.betas[1]))
-        self.eps = float(optim.eps)
-        self.weight_decay = float(optim.weight_decay)
-        self.seed = int(optim.seed)  # dropout masks: counter-based, so resume needs no RNG blob
+        self.kind, self.betas, self.eps, self.weight_decay = optim.kind, optim.betas, optim.eps, optim.weight_decay
+        self.seed = optim.seed  # dropout masks: counter-based, so resume needs no RNG blob
         self.t = 0  # optimizer steps taken
         self.params = self.adapter.params()  # name -> array, aliases the adapter's A/B
         self.m: dict[str, Any] = {}  # adamw: the moment array; adam8bit: (codes uint8, absmax f32)

@@ -54,3 +54,18 @@ def random_model(args: ModelArgs, seed: int = 0, quantized: bool = True, tokeniz
     return LoadedModel(args=args, embed_tokens=embq, lm_head=head, norm=norm(), layers=layers,
                        tokenizer=tokenizer, source=f"random:{seed}", name="random",
                        metadata={"format": "random"})
+
+
+def load_spec(spec: str | None) -> LoadedModel:
+    """A model by name, for the planner's measurements and calibration subprocesses: "default" (the shipped
+    GGUF), "random-smollm2" (its shape, random weights; "random-smollm2:4" with 4 layers), or a path."""
+    from .load import load_model
+
+    if spec in (None, "", "default"):
+        return load_model(None)
+    if spec.startswith("random-smollm2"):
+        args = smollm2_135m_args()
+        if ":" in spec:
+            args = type(args)(**{**args.to_dict(), "num_hidden_layers": int(spec.split(":")[1])})
+        return random_model(args, seed=0)
+    return load_model(spec)

@@ -283,11 +283,12 @@ def cached_calibration(engine: Engine, device: Device | None = None, clock: Cloc
 if __name__ == "__main__":  # python -m loralabd.plan.calibrate [backend] [model] [clock]: calibrate, print JSON
     import sys
 
-    from .measure import load, make
+    from ..engine.select import make_engine
+    from ..models.random import load_spec
 
     backend = sys.argv[1] if len(sys.argv) > 1 else "numpy"
-    m = load(sys.argv[2] if len(sys.argv) > 2 else "default")
-    eng = make(m, backend)
+    m = load_spec(sys.argv[2] if len(sys.argv) > 2 else "default")
+    eng = make_engine(m, backend)
     clock = cast("Clock", sys.argv[3] if len(sys.argv) > 3 else "wall")  # checked by _clock() before timing
     c = cached_calibration(eng, clock=clock,
                            refresh="--refresh" in sys.argv)

@@ -332,9 +332,9 @@ def _calibration(calibration, eng, backend, model, device, clock, notes):
                          "(or estimate(..., calibration='auto')) once")
         return hit
     if eng is None:
-        from .measure import make
+        from ..engine.select import make_engine
 
-        eng = make(model, backend)
+        eng = make_engine(model, backend)
     return cached_calibration(eng, device, clock)
 
 

@@ -17,6 +17,9 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from ..engine.select import make_engine
+from ..models.random import load_spec
+
 if TYPE_CHECKING:
     from ..protocol.types import Clock
 
@@ -43,24 +46,10 @@ def _reset_peak() -> bool:
 
 
 def load(spec: str | None):
-    """"default" (the shipped GGUF), "random-smollm2" (its shape, random weights; "random-smollm2:4" with
-    4 layers), or a path."""
-    from ..models.load import load_model
-    from ..models.random import random_model, smollm2_135m_args
-
-    if spec in (None, "", "default"):
-        return load_model(None)
-    if spec.startswith("random-smollm2"):
-        args = smollm2_135m_args()
-        if ":" in spec:
-            args = type(args)(**{**args.to_dict(), "num_hidden_layers": int(spec.split(":")[1])})
-        return random_model(args, seed=0)
-    return load_model(spec)
+    return load_spec(spec)
 
 
 def make(model, backend: str):
-    from ..engine.select import make_engine
-
     return make_engine(model, backend)
 
 

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from ..models.load import LoadedModel
 
 
-def make_engine(model: LoadedModel, backend: str = "auto") -> Engine:
+def engine_for(model: LoadedModel, backend: str = "auto") -> Engine:
     """engine.select.make_engine, with a failure to start a backend as the protocol's BackendUnavailable."""
     from ..engine.select import make_engine as select
 

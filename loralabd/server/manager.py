@@ -23,7 +23,7 @@ from .. import paths
 from .jobs import RESUMABLE, JobJournal, job_info
 from ..protocol import ErrorCode
 from .adapters import adapter_stamp, load_adapter
-from .engines import make_engine
+from .engines import engine_for
 from .errors import DomainError
 from .training import TrainRun
 
@@ -140,7 +140,7 @@ class ModelManager:
         try:
             def _load():
                 m = load_model(None if src == "default" else src, weights=weights)
-                return m, make_engine(m, backend)
+                return m, engine_for(m, backend)
 
             try:
                 model, engine = await self.device.run(_load)

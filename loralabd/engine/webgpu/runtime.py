@@ -123,6 +123,13 @@ class Buf:
         return self.nbytes // 4
 
 
+def view(buf: Buf, offset: int, nbytes: int, name: str = "") -> Buf:
+    """A sub-range of buf for binding (offset must be a multiple of 256 bytes)."""
+    if offset % 256 or offset + nbytes > buf.nbytes:
+        raise WebGPUError(f"view {name!r} [{offset}, +{nbytes}) of {buf.name!r} is misaligned or out of range")
+    return Buf(buf.buffer, nbytes, name or buf.name, buf.offset + offset)
+
+
 @dataclass
 class Copy:
     """A buffer-to-buffer copy between dispatches of a program (offsets may change between runs)."""
@@ -258,10 +265,7 @@ class Runtime:
         return buf
 
     def view(self, buf: Buf, offset: int, nbytes: int, name: str = "") -> Buf:
-        """A sub-range of buf for binding (offset must be a multiple of 256 bytes)."""
-        if offset % 256 or offset + nbytes > buf.nbytes:
-            raise WebGPUError(f"view {name!r} [{offset}, +{nbytes}) of {buf.name!r} is misaligned or out of range")
-        return Buf(buf.buffer, nbytes, name or buf.name, buf.offset + offset)
+        return view(buf, offset, nbytes, name)
 
     def free(self, buf: Buf):
         if buf is not None and buf.buffer is not None and buf.offset == 0:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..interface import OptimSettings
 from .graph import ModelGraph
-from .runtime import Buf, WebGPUError
+from .runtime import Buf, WebGPUError, view
 from .train import WebGPUTrainSession
 
 # which part of the plan each buffer is (by the name the engine gives it); the rest of a program: activations
@@ -54,9 +54,7 @@ class SizingRuntime:
         return Buf(object(), nbytes, name)
 
     def view(self, buf: Buf, offset: int, nbytes: int, name: str = "") -> Buf:
-        if offset % 256 or offset + nbytes > buf.nbytes:
-            raise WebGPUError(f"view {name!r} [{offset}, +{nbytes}) of {buf.name!r} is misaligned or out of range")
-        return Buf(buf.buffer, nbytes, name or buf.name, buf.offset + offset)
+        return view(buf, offset, nbytes, name)
 
     def free(self, buf: Buf):
         if buf is not None and buf.buffer is not None and buf.offset == 0:

@@ -54,13 +54,8 @@ class WebGPUTrainSession:
         self.graph, self.rt = graph, graph.rt
         self.config = adapter.config
         self.p_drop = float(adapter.config.dropout)
-        self.seed = int(optim.seed)  # dropout masks: counter-based on (seed, step, micro-batch)
-        self.kind = optim.kind
-        if self.kind not in ("adamw", "adam8bit"):
-            raise ValueError(f"optimizer kind must be 'adamw' or 'adam8bit', not {self.kind!r}")
-        self.betas = (float(optim.betas[0]), float(optim.betas[1]))
-        self.eps = float(optim.eps)
-        self.weight_decay = float(optim.weight_decay)
+        self.seed = optim.seed  # dropout masks: counter-based on (seed, step, micro-batch)
+        self.kind, self.betas, self.eps, self.weight_decay = optim.kind, optim.betas, optim.eps, optim.weight_decay
         self.t = 0
         self.uid = adapter.uid  # snapshots keep the adapter's identity; their version is the step
         # flat layout: name -> (offset, shape)
