@@ -23,6 +23,9 @@ import time
 
 from . import paths
 from .client import Client, RpcError
+from .protocol import DEFAULTS
+
+_T, _G = DEFAULTS["TrainParams"], DEFAULTS["GenerateParams"]  # flag defaults: the protocol's, stated once
 
 
 def _client(start=True) -> Client:
@@ -421,11 +424,11 @@ def build_parser():
 
     def lora_args(s, steps=100):
         s.add_argument("--model", default="default", help="model id or path (default: SmolLM2-135M-Instruct)")
-        s.add_argument("--rank", "-r", type=int, default=8)
+        s.add_argument("--rank", "-r", type=int, default=_T["lora"]["r"])
         s.add_argument("--alpha", type=float, default=None, help="default 2 x rank")
         s.add_argument("--targets", default="all", help="comma list: q,k,v,o,gate,up,down | attn | mlp | all")
-        s.add_argument("--batch", type=int, default=4)
-        s.add_argument("--seq", type=int, default=256)
+        s.add_argument("--batch", type=int, default=_T["batchSize"])
+        s.add_argument("--seq", type=int, default=_T["seqLen"])
         s.add_argument("--steps", type=int, default=steps)
 
     s = sub.add_parser("plan", help="will a training run fit, how long will it take, what to change",
@@ -434,8 +437,8 @@ def build_parser():
     lora_args(s, steps=None)
     s.add_argument("--data", metavar="PATH", help="dataset: its tokens (dataset/inspect) set the run's length")
     s.add_argument("--epochs", type=float, default=None, help="passes over --data (default 1; --steps overrides)")
-    s.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    s.add_argument("--optimizer", choices=["adamw", "adam8bit"], default="adamw")
+    s.add_argument("--grad-accum", type=int, default=_T["gradAccum"], help="micro-batches per optimizer step")
+    s.add_argument("--optimizer", choices=["adamw", "adam8bit"], default=_T["optimizer"]["kind"])
     s.add_argument("--time-budget", metavar="T", help="e.g. 90s, 30m, 2h: advise the largest rank that meets it")
     s.add_argument("--memory-cap", metavar="BYTES", help="memory the run may use, e.g. 6GiB (default: what the "
                    "device reports)")
@@ -450,9 +453,9 @@ def build_parser():
     s.add_argument("--adapter", help="name to save the adapter under")
     lora_args(s)
     s.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --steps)")
-    s.add_argument("--lr", type=float, default=2e-4)
-    s.add_argument("--warmup", type=int, default=0)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lr", type=float, default=_T["optimizer"]["lr"])
+    s.add_argument("--warmup", type=int, default=_T["warmupSteps"])
+    s.add_argument("--seed", type=int, default=_T["seed"])
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--list", action="store_true", help="list jobs")
     s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")
@@ -462,8 +465,8 @@ def build_parser():
     s.add_argument("prompt", nargs="*")
     s.add_argument("--model", default="default")
     s.add_argument("--adapter")
-    s.add_argument("--max-tokens", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=0.0)
+    s.add_argument("--max-tokens", type=int, default=_G["maxTokens"])
+    s.add_argument("--temperature", type=float, default=_G["temperature"])
     s.set_defaults(fn=cmd_chat)
 
     sub.add_parser("adapters", help="saved adapters").set_defaults(fn=cmd_adapters)
