@@ -168,7 +168,7 @@ def count_dataset_tokens(dataset, seq: int) -> int:
 def _engine_and_backend(engine):
     if isinstance(engine, str):
         return None, engine
-    return engine, getattr(engine, "backend", "numpy")
+    return engine, engine.backend
 
 
 def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
@@ -308,7 +308,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
                         "or with --backend numpy")
     if device.memory_bytes is None and memory_cap_bytes is None and memory_override() is None:
         warnings.append(f"device memory unknown: {avail_src}")
-    plan = Plan(model=getattr(model, "name", "model"), backend=backend, device=device, lora=cfg, batch=B, seq=T,
+    plan = Plan(model=model.name, backend=backend, device=device, lora=cfg, batch=B, seq=T,
                 grad_accum=ga, optim=optim, steps=n_steps, tokens=n_steps * per_step, memory=mem,
                 available_bytes=available, available_source=avail_src, exceeded=exceeded, tokens_per_s=tps,
                 step_s=step_s, seconds=seconds, calibration=None if cal is None else {
@@ -405,11 +405,9 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits)
 # -- the protocol form ---------------------------------------------------------------------------------------
 
 def plan_from_params(model, p: Mapping, engine=None) -> PlanEstimate:
-    """PlanParams (protocol) -> PlanEstimate dict. `model` is a LoadedModel (or has .model and .engine).
+    """PlanParams (protocol) -> PlanEstimate dict for a LoadedModel on an engine (None: the numpy backend).
     Time comes from the cache only (plan/calibrate fills it): the wall-clock calibration, else the CPU-clock one."""
-    if engine is None and hasattr(model, "engine"):
-        engine = model.engine
-    m = getattr(model, "model", model) if not hasattr(model, "args") else model
+    m = model
     eng, backend = _engine_and_backend(engine if engine is not None else "numpy")
     device = describe(eng if eng is not None else backend)
     cal = cached(device, m, "wall") or cached(device, m, "cpu") or "cached"

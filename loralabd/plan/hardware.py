@@ -191,11 +191,11 @@ def describe_webgpu(runtime=None) -> Device:
 
 def describe(engine_or_backend) -> Device:
     """Device of an engine (its .backend / .runtime) or of a backend name ("numpy" | "webgpu")."""
-    backend = engine_or_backend if isinstance(engine_or_backend, str) else getattr(engine_or_backend, "backend", "numpy")
+    from ..engine.webgpu.engine import WebGPUEngine
+
+    backend = engine_or_backend if isinstance(engine_or_backend, str) else engine_or_backend.backend
     if backend == "webgpu":
-        rt = None if isinstance(engine_or_backend, str) else (getattr(engine_or_backend, "rt", None)
-                                                              or getattr(engine_or_backend, "runtime", None))
-        return describe_webgpu(rt)
+        return describe_webgpu(engine_or_backend.rt if isinstance(engine_or_backend, WebGPUEngine) else None)
     if backend != "numpy":
         raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")
     return describe_cpu()

@@ -92,9 +92,11 @@ def run_config(cfg: dict) -> dict:
         st = _status()
         out.update(peak_bytes=st["VmHWM"] - rss0, rss0=rss0, peak_reset=reset)
     else:
-        rt = getattr(engine, "rt", None) or getattr(engine, "runtime", None)
-        if rt is None:
-            raise RuntimeError(f"the {backend} engine has no runtime (.rt) whose peak buffer bytes can be read")
+        from ..engine.webgpu.engine import WebGPUEngine
+
+        if not isinstance(engine, WebGPUEngine):
+            raise RuntimeError(f"the {backend} engine has no runtime whose peak buffer bytes can be read")
+        rt = engine.rt
         out.update(peak_bytes=int(rt.peak_bytes), rss0=rss0, peak_reset=True)
     return out
 

@@ -182,15 +182,16 @@ def webgpu_memory(model, cfg: LoraConfig, batch: int, seq: int, optim: str = "ad
     """The engine's own buffer list for this shape (engine/webgpu/sizing.py: WebGPUEngine's allocation code run
     without allocating). With an engine, its device's limits and kernel variants; without one, `limits` and
     `tiled` (the GPU-only variants of hardware adapters: split dA/dB scratch, larger logit rows)."""
-    if engine is not None and hasattr(engine, "plan_buffers"):
+    from ..engine.webgpu.engine import WebGPUEngine
+
+    if isinstance(engine, WebGPUEngine):
         raw = engine.plan_buffers(batch, seq, cfg, optim)
         notes = ["buffers: the engine's own list for this shape"]
     else:
         from ..engine.webgpu.sizing import default_tiled, plan_buffers
 
         t = default_tiled(True) if tiled is None else tiled
-        raw = plan_buffers(model, batch, seq, cfg, optim, limits or {}, t, getattr(engine, "vocab_chunk", None),
-                           getattr(engine, "ce_row_chunk", None))
+        raw = plan_buffers(model, batch, seq, cfg, optim, limits or {}, t)
         notes = [f"buffers: WebGPUEngine's allocations for this shape ({'hardware' if t else 'software'} "
                  "adapter kernels), planned by the engine's own code"]
     bufs = [b if isinstance(b, Buffer) else Buffer(*b) for b in raw]
@@ -207,7 +208,10 @@ def training_memory(model, backend: str, cfg: LoraConfig, batch: int, seq: int, 
     """limits: the WebGPU adapter's (they size the logits); engine: to read its settings / buffer list;
     tiled: without an engine, whether the adapter runs the hardware-GPU kernel variants (default: yes)."""
     if backend == "numpy":
-        return numpy_memory(model, cfg, batch, seq, optim, getattr(engine, "vocab_chunk", 8192))
+        from ..engine.numpy_engine import NumpyEngine
+
+        return numpy_memory(model, cfg, batch, seq, optim, engine.vocab_chunk if isinstance(engine, NumpyEngine)
+                            else 8192)
     if backend == "webgpu":
         return webgpu_memory(model, cfg, batch, seq, optim, limits, engine, tiled)
     raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")

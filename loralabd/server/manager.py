@@ -79,7 +79,7 @@ class ModelEntry:
         a, m = self.model.args, self.model
         n_params = sum(t.shape[0] * t.shape[1] for L in m.layers for t in L.linear.values())
         n_params += m.embed_tokens.shape[0] * m.embed_tokens.shape[1] + (0 if m.lm_head is None else m.lm_head.shape[0] * m.lm_head.shape[1])
-        return {"id": self.id, "name": m.name, "source": self.source, "backend": getattr(self.engine, "backend", "numpy"),
+        return {"id": self.id, "name": m.name, "source": self.source, "backend": self.engine.backend,
                 "architecture": a.arch,
                 "numLayers": a.num_hidden_layers, "hiddenSize": a.hidden_size, "vocabSize": a.vocab_size,
                 "contextLength": int(getattr(a, "max_position_embeddings", 0) or 0), "numParameters": int(n_params),
@@ -166,9 +166,7 @@ class ModelManager:
                                            "cancel them with train/cancel first")
         async with e.turn():  # wait for its queue to drain
             self.models.pop(model_id, None)
-            close = getattr(e.engine, "close", None)  # WebGPU: free the device memory now, not at GC
-            if close is not None:
-                await self.device.run(close)
+            await self.device.run(e.engine.close)  # WebGPU: free the device memory now, not at GC
 
     async def ensure(self, source: str, name: str | None = None) -> ModelEntry:
         """The loaded model with this source, else load it (under `name` when that id is free)."""

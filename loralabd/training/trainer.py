@@ -364,8 +364,8 @@ class Trainer:
                 "data_hash": self.data_hash, "schedule": self.schedule.state_dict(),
                 "rng": {"seed": self.cfg.seed, "scheme": "counter: order(seed, epoch), dropout(seed, step, micro)"},
                 "config": self.cfg.to_dict(), "lora": self.cfg.lora.to_dict(), "exhausted": self.exhausted,
-                "history": self.history, "model": getattr(self.engine.model, "name", ""),
-                "backend": getattr(self.engine, "backend", "")}
+                "history": self.history, "model": self.engine.model.name,
+                "backend": self.engine.backend}
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step_num, self.sess.state_dict(), meta,
                                                self.cfg.keep_last)
         return self.last_checkpoint
