@@ -66,7 +66,7 @@ def calibration_result(model_id: str, engine: Engine, device: Device, cal: Calib
     """The protocol's CalibrateResult."""
     from ..plan.estimate import protocol_calibration, protocol_device
 
-    return {"model": model_id, "backend": getattr(engine, "backend", "numpy"), "device": protocol_device(device),
+    return {"model": model_id, "backend": engine.backend, "device": protocol_device(device),
             "cached": cached, "seconds": float(seconds), "calibration": protocol_calibration(cal),
             "samples": [{"batch": int(s["batch"]), "seq": int(s["seq"]), "r": int(s["r"]),
                          "accumulateSeconds": float(s["accumulate_s"]), "stepSeconds": float(s["step_s"])}
