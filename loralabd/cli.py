@@ -309,7 +309,10 @@ def cmd_train(a):
             length = {"epochs": a.epochs} if a.epochs else {"steps": a.steps}
             params = {"model": mid, "dataset": os.path.abspath(a.data), "adapter": a.adapter, **length,
                       "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a), "optimizer": {"lr": a.lr},
-                      "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite}
+                      "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite, "pack": not a.no_pack,
+                      "validationFraction": a.valid_fraction, "minLrRatio": a.min_lr_ratio, "keepLast": a.keep_last}
+            if a.valid:
+                params["validation"] = os.path.abspath(a.valid)
             r = _train_stream(c, "train/start", params)
         if r:
             print(f"job {r['jobId']} {r['state']}: adapter {r['adapter']} after {r['step']} steps, loss {r['loss']:.4f}")
@@ -456,6 +459,12 @@ def build_parser():
     s.add_argument("--lr", type=float, default=_T["optimizer"]["lr"])
     s.add_argument("--warmup", type=int, default=_T["warmupSteps"])
     s.add_argument("--seed", type=int, default=_T["seed"])
+    s.add_argument("--valid", metavar="PATH", help="validation data (default: valid.jsonl beside train.jsonl)")
+    s.add_argument("--valid-fraction", type=float, default=_T["validationFraction"],
+                   help="hold this fraction of the data out for validation")
+    s.add_argument("--no-pack", action="store_true", help="one example a row (default: pack several)")
+    s.add_argument("--min-lr-ratio", type=float, default=_T["minLrRatio"], help="the schedule's floor, x lr")
+    s.add_argument("--keep-last", type=int, default=_T["keepLast"], help="checkpoints kept on disk")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--list", action="store_true", help="list jobs")
     s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")

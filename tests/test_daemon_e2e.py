@@ -277,3 +277,29 @@ def test_a_second_client_follows_a_running_job(home, tiny_model, dataset):  # no
         run(go(), timeout=300)
     finally:
         d.stop()
+
+
+def test_validation_packing_schedule_floor_and_kept_checkpoints_over_the_wire(home, tiny_model, dataset):  # noqa: F811
+    """What the trainer can do is reachable from the protocol: a held-out validation fraction, packing off,
+    the schedule's floor and how many checkpoints stay on disk."""
+    d = Daemon(home)
+    try:
+        async def go():
+            c = await d.client()
+            await c.request("model/load", {"source": str(tiny_model), "name": "m", "backend": "numpy"})
+            s = c.stream("train/start", {"model": "m", "adapter": "v", "dataset": str(dataset), "steps": 8,
+                                         "batchSize": 2, "seqLen": 32, "validationFraction": 0.25, "pack": False,
+                                         "minLrRatio": 0.5, "schedule": "linear", "checkpointEvery": 1,
+                                         "keepLast": 2, "optimizer": {"lr": 1e-2}})
+            reports = [v["train"] for v in [x async for x in s] if "train" in v]
+            job = await s.result()
+            await c.close()
+            return job, reports
+        job, reports = run(go(), timeout=300)
+        assert job["state"] == "completed" and job["step"] == 8
+        assert reports[-1]["valLoss"] is not None  # evaluated at the end on the held-out quarter
+        assert min(r["lr"] for r in reports) >= 0.5e-2 * (1 - 1e-6)  # the floor
+        kept = sorted(home.rglob(f"{job['jobId']}/step-*"))
+        assert [k.name for k in kept] == ["step-00000007", "step-00000008"], kept
+    finally:
+        d.stop()

@@ -401,6 +401,11 @@ class TrainParams(TypedDict):
     steps: NotRequired[int]  # Optimizer steps; when given, `epochs` is ignored.
     epochs: NotRequired[float]  # Passes over the data when `steps` is not given.
     evalEvery: NotRequired[int]  # Steps between validation losses (0: only at the end; needs a validation set, e.g. valid.jsonl beside train.jsonl).
+    validation: NotRequired[str]  # Validation data (a file or folder, any training format); omitted: `valid.jsonl` beside a `train.jsonl` folder, else `validationFraction` of the data, else none.
+    validationFraction: NotRequired[float]  # Hold this fraction of the training examples out for validation (chosen with `seed`); 0: none. Ignored when `validation` is given.
+    pack: NotRequired[bool]  # Pack several examples into each row of `seqLen` tokens (attention never crosses examples); false: one example a row, padded.
+    minLrRatio: NotRequired[float]  # The schedule's floor, as a fraction of `optimizer.lr` (cosine and linear decay end there).
+    keepLast: NotRequired[int]  # Checkpoints kept on disk (the newest); older ones are deleted.
     batchSize: NotRequired[int]  # Sequences per step.
     seqLen: NotRequired[int]  # Tokens per sequence.
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
@@ -1517,6 +1522,45 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  'optional': True,
                                  'minimum': 0,
                                  'default': 0},
+                                {'name': 'validation',
+                                 'type': {'kind': 'base', 'name': 'string'},
+                                 'documentation': 'Validation data (a file or folder, any training format); '
+                                                  'omitted: `valid.jsonl` beside a `train.jsonl` folder, '
+                                                  'else `validationFraction` of the data, else none.',
+                                 'optional': True,
+                                 'maxLength': 4096},
+                                {'name': 'validationFraction',
+                                 'type': {'kind': 'base', 'name': 'number'},
+                                 'documentation': 'Hold this fraction of the training examples out for '
+                                                  'validation (chosen with `seed`); 0: none. Ignored when '
+                                                  '`validation` is given.',
+                                 'optional': True,
+                                 'minimum': 0,
+                                 'maximum': 0.9,
+                                 'default': 0.0},
+                                {'name': 'pack',
+                                 'type': {'kind': 'base', 'name': 'boolean'},
+                                 'documentation': 'Pack several examples into each row of `seqLen` tokens '
+                                                  '(attention never crosses examples); false: one example a '
+                                                  'row, padded.',
+                                 'optional': True,
+                                 'default': True},
+                                {'name': 'minLrRatio',
+                                 'type': {'kind': 'base', 'name': 'number'},
+                                 'documentation': "The schedule's floor, as a fraction of `optimizer.lr` "
+                                                  '(cosine and linear decay end there).',
+                                 'optional': True,
+                                 'minimum': 0,
+                                 'maximum': 1,
+                                 'default': 0.0},
+                                {'name': 'keepLast',
+                                 'type': {'kind': 'base', 'name': 'integer'},
+                                 'documentation': 'Checkpoints kept on disk (the newest); older ones are '
+                                                  'deleted.',
+                                 'optional': True,
+                                 'minimum': 1,
+                                 'maximum': 1000,
+                                 'default': 3},
                                 {'name': 'batchSize',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Sequences per step.',
@@ -1890,6 +1934,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                                'weightDecay': 0.0},
                  'epochs': 1.0,
                  'evalEvery': 0,
+                 'validationFraction': 0.0,
+                 'pack': True,
+                 'minLrRatio': 0.0,
+                 'keepLast': 3,
                  'batchSize': 4,
                  'seqLen': 512,
                  'gradAccum': 1,

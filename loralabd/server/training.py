@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .. import paths
 from ..engine.lora import LoraAdapter
-from ..protocol import ErrorCode
+from ..protocol import ErrorCode, with_defaults
 from ..protocol.types import TrainProgress
 from ..training.trainer import StepReport
 from .adapters import save_adapter
@@ -34,7 +34,9 @@ class TrainRun:
         self.run_dir = paths.checkpoints_dir() / job_id
         try:
             cfg = TrainConfig.from_protocol(p)
-            ds = Dataset.load(p["dataset"], model.tokenizer, max_seq_len=cfg.seq_len)
+            q = with_defaults("TrainParams", dict(p))
+            ds = Dataset.load(p["dataset"], model.tokenizer, valid=q.get("validation"),
+                              valid_fraction=float(q["validationFraction"]), seed=cfg.seed, max_seq_len=cfg.seq_len)
             if not ds.train:
                 lines = "; ".join(str(x) for x in ds.problems[:5])
                 raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")

@@ -113,7 +113,7 @@ class TrainConfig:
     def from_protocol(cls, params: dict | None) -> "TrainConfig":
         """The protocol's TrainParams (camelCase, as on the wire; model, dataset and adapter are the caller's)
         -> TrainConfig: the one place they are read. Every default comes from protocol/protocol.json; settings
-        the wire does not carry (warmup_ratio, pack, keep_last, ...) keep TrainConfig's own. A wrong value
+        the wire does not carry (warmup_ratio, eval_batches, ...) keep TrainConfig's own. A wrong value
         raises ValueError or TrainError naming the wire field (`optimizer.lr`, `seqLen`)."""
         from ..protocol.validate import read_settings
 
@@ -136,7 +136,8 @@ class TrainConfig:
                    max_steps=None if steps is None else int(steps),
                    # epochs counts only without steps (a given one is kept as given: a resume compares settings)
                    epochs=float(q["epochs"]) if steps is None else given.get("epochs"),
-                   eval_every=int(q["evalEvery"]), save_every=int(q["checkpointEvery"]), seed=int(q["seed"]))
+                   eval_every=int(q["evalEvery"]), save_every=int(q["checkpointEvery"]), seed=int(q["seed"]),
+                   pack=bool(q["pack"]), min_lr_ratio=float(q["minLrRatio"]), keep_last=int(q["keepLast"]))
 
 
 def _fingerprint(examples) -> str:

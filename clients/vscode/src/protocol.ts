@@ -655,6 +655,28 @@ export interface TrainParams {
    * @default 0
    */
   evalEvery?: number;
+  /** Validation data (a file or folder, any training format); omitted: `valid.jsonl` beside a `train.jsonl` folder, else `validationFraction` of the data, else none. */
+  validation?: string;
+  /**
+   * Hold this fraction of the training examples out for validation (chosen with `seed`); 0: none. Ignored when `validation` is given.
+   * @default 0.0
+   */
+  validationFraction?: number;
+  /**
+   * Pack several examples into each row of `seqLen` tokens (attention never crosses examples); false: one example a row, padded.
+   * @default true
+   */
+  pack?: boolean;
+  /**
+   * The schedule's floor, as a fraction of `optimizer.lr` (cosine and linear decay end there).
+   * @default 0.0
+   */
+  minLrRatio?: number;
+  /**
+   * Checkpoints kept on disk (the newest); older ones are deleted.
+   * @default 3
+   */
+  keepLast?: number;
   /**
    * Sequences per step.
    * @default 4
@@ -927,7 +949,7 @@ export interface ProtocolDefaults {
   CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   OptimizerSettings: Readonly<Required<Pick<OptimizerSettings, "kind" | "lr" | "betas" | "eps" | "weightDecay">>>;
-  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
+  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
   ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
   GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
@@ -942,7 +964,7 @@ export const DEFAULTS: ProtocolDefaults = {
   CalibrateParams: { refresh: false, clock: "wall" },
   DatasetParams: { seqLen: 512 },
   OptimizerSettings: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 },
-  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
+  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
   TrainFollowParams: { wait: true },
   ResumeParams: { wait: true },
   GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
