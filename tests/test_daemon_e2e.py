@@ -33,6 +33,19 @@ async def _session(transport, home, d, tiny_model, dataset):
 
         info = await c.request("dataset/inspect", {"path": str(dataset), "model": "tiny", "seqLen": 64})
         assert info["examples"] == 24 and info["tokens"] > 24 and info["problems"] == []
+        L = info["lengths"]
+        assert 0 < L["min"] <= L["median"] <= L["max"] <= 64 and L["overSeqLen"] == 0 and info["validation"] is None
+        # a folder in MLX-LM's layout: train and validation counted apart; a short seqLen counts what it truncates
+        split = dataset.parent / "split"
+        split.mkdir()
+        rows = dataset.read_text().splitlines()
+        (split / "train.jsonl").write_text("\n".join(rows[:18]) + "\n")
+        (split / "valid.jsonl").write_text("\n".join(rows[18:]) + "\n")
+        both = await c.request("dataset/inspect", {"path": str(split), "model": "tiny", "seqLen": 64})
+        assert both["examples"] == 18 and both["validation"]["examples"] == 6
+        assert both["tokens"] + both["validation"]["tokens"] == info["tokens"]
+        short = await c.request("dataset/inspect", {"path": str(dataset), "model": "tiny", "seqLen": 8})
+        assert short["lengths"]["max"] == 8 and short["lengths"]["overSeqLen"] == 24
 
         # train with progress
         s = c.stream("train/start", {"model": "tiny", "dataset": str(dataset), "adapter": "a1", "steps": 4,

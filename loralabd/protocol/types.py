@@ -373,11 +373,32 @@ class DatasetInfo(TypedDict):
 
     path: str  # Path.
     format: str  # Detected format.
-    examples: int  # Examples.
-    tokens: int  # Tokens.
-    trainedTokens: int  # Tokens that carry loss.
+    examples: int  # Usable training examples (the validation data is counted apart, under `validation`).
+    tokens: int  # Tokens of the training examples (after truncation to `seqLen`).
+    trainedTokens: int  # Labelled tokens of the training examples (what the loss trains on).
     sample: str  # One rendered example.
     problems: list["DatasetProblem"]  # Every problem found.
+    lengths: "LengthStats"  # Token counts of the training examples.
+    validation: Union["DatasetSplit", None]  # The validation data training would use without other settings: `valid.jsonl` beside a folder's `train.jsonl`; null when there is none.
+
+
+class LengthStats(TypedDict):
+    """Example lengths in tokens, after truncation to `seqLen`."""
+
+    min: int  # Shortest example (0 without examples).
+    median: float  # Median example.
+    max: int  # Longest example (at most `seqLen`).
+    overSeqLen: int  # Examples longer than `seqLen` (truncated; their problems say so).
+
+
+class DatasetSplit(TypedDict):
+    """Counts of one split of a dataset."""
+
+    path: str  # The file read.
+    examples: int  # Usable examples.
+    tokens: int  # Tokens (after truncation to `seqLen`).
+    trainedTokens: int  # Labelled tokens.
+    lengths: "LengthStats"  # Token counts of its examples.
 
 
 class OptimizerSettings(TypedDict):
@@ -1433,21 +1454,64 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  'documentation': 'Detected format.'},
                                 {'name': 'examples',
                                  'type': {'kind': 'base', 'name': 'integer'},
-                                 'documentation': 'Examples.'},
+                                 'documentation': 'Usable training examples (the validation data is counted '
+                                                  'apart, under `validation`).'},
                                 {'name': 'tokens',
                                  'type': {'kind': 'base', 'name': 'integer'},
-                                 'documentation': 'Tokens.'},
+                                 'documentation': 'Tokens of the training examples (after truncation to '
+                                                  '`seqLen`).'},
                                 {'name': 'trainedTokens',
                                  'type': {'kind': 'base', 'name': 'integer'},
-                                 'documentation': 'Tokens that carry loss.'},
+                                 'documentation': 'Labelled tokens of the training examples (what the loss '
+                                                  'trains on).'},
                                 {'name': 'sample',
                                  'type': {'kind': 'base', 'name': 'string'},
                                  'documentation': 'One rendered example.'},
                                 {'name': 'problems',
                                  'type': {'kind': 'array',
                                           'element': {'kind': 'reference', 'name': 'DatasetProblem'}},
-                                 'documentation': 'Every problem found.'}],
+                                 'documentation': 'Every problem found.'},
+                                {'name': 'lengths',
+                                 'type': {'kind': 'reference', 'name': 'LengthStats'},
+                                 'documentation': 'Token counts of the training examples.'},
+                                {'name': 'validation',
+                                 'type': {'kind': 'or',
+                                          'items': [{'kind': 'reference', 'name': 'DatasetSplit'},
+                                                    {'kind': 'base', 'name': 'null'}]},
+                                 'documentation': 'The validation data training would use without other '
+                                                  "settings: `valid.jsonl` beside a folder's `train.jsonl`; "
+                                                  'null when there is none.'}],
                  'additionalProperties': False},
+ 'LengthStats': {'properties': [{'name': 'min',
+                                 'type': {'kind': 'base', 'name': 'integer'},
+                                 'documentation': 'Shortest example (0 without examples).'},
+                                {'name': 'median',
+                                 'type': {'kind': 'base', 'name': 'number'},
+                                 'documentation': 'Median example.'},
+                                {'name': 'max',
+                                 'type': {'kind': 'base', 'name': 'integer'},
+                                 'documentation': 'Longest example (at most `seqLen`).'},
+                                {'name': 'overSeqLen',
+                                 'type': {'kind': 'base', 'name': 'integer'},
+                                 'documentation': 'Examples longer than `seqLen` (truncated; their problems '
+                                                  'say so).'}],
+                 'additionalProperties': False},
+ 'DatasetSplit': {'properties': [{'name': 'path',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'The file read.'},
+                                 {'name': 'examples',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Usable examples.'},
+                                 {'name': 'tokens',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Tokens (after truncation to `seqLen`).'},
+                                 {'name': 'trainedTokens',
+                                  'type': {'kind': 'base', 'name': 'integer'},
+                                  'documentation': 'Labelled tokens.'},
+                                 {'name': 'lengths',
+                                  'type': {'kind': 'reference', 'name': 'LengthStats'},
+                                  'documentation': 'Token counts of its examples.'}],
+                  'additionalProperties': False},
  'OptimizerSettings': {'properties': [{'name': 'kind',
                                        'type': {'kind': 'reference', 'name': 'OptimizerKind'},
                                        'documentation': 'adamw or adam8bit.',

@@ -14,6 +14,9 @@ import os
 import threading
 import time
 import traceback
+from pathlib import Path
+
+import numpy as np
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Union
 
@@ -21,7 +24,8 @@ from .. import __version__, paths
 from ..errors import LoraLabError, ModelLoadError
 from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
     check_params, with_defaults
-from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, DatasetInfo, DatasetParams, DeviceInfo, \
+from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, DatasetInfo, DatasetParams, DatasetSplit, \
+    DeviceInfo, LengthStats, \
     Empty, ExportParams, ExportResult, GenerateParams, GenerateResult, InitializeParams, InitializeResult, JobInfo, \
     JobList, JobRef, ModelInfo, ModelList, ModelLoadParams, ModelRef, PlanEstimate, PlanParams, ProgressToken, \
     ResumeParams, TrainFollowParams, TrainParams, TrainProgress, WorkDoneProgressBegin, WorkDoneProgressEnd, \
@@ -371,18 +375,34 @@ class Dispatcher:
         e = self.manager.get(p["model"])
         seq = int(_defaults("DatasetParams", p)["seqLen"])
 
+        def stats(r) -> LengthStats:
+            n = sorted(len(x) for x in r.examples)
+            return {"min": n[0] if n else 0, "median": float(np.median(n)) if n else 0.0, "max": n[-1] if n else 0,
+                    "overSeqLen": sum(1 for q in r.problems if q.kind == "too_long")}
+
         def inspect() -> DatasetInfo:
             tok = e.model.tokenizer
+            src, valid = Path(p["path"]).expanduser(), None
+            if src.is_dir() and (src / "train.jsonl").is_file():  # MLX-LM's layout: the splits apart
+                valid = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else None
+                src = src / "train.jsonl"
             try:
-                r = read_source(p["path"], tok, max_seq_len=seq)
+                r = read_source(src, tok, max_seq_len=seq)
+                v = read_source(valid, tok, max_seq_len=seq) if valid is not None else None
             except DatasetError as err:
                 raise DomainError(ErrorCode.DatasetError, str(err)) from None
             assert tok is not None  # read_source tokenized the examples with it
             sample = tok.decode(r.examples[0].ids) if r.examples else ""
+            split: DatasetSplit | None = None
+            if v is not None:
+                split = {"path": str(valid), "examples": len(v.examples), "tokens": int(sum(len(x) for x in v.examples)),
+                         "trainedTokens": int(sum(int(x.mask.sum()) for x in v.examples)), "lengths": stats(v)}
+            problems = list(r.problems) + (list(v.problems) if v is not None else [])
             return {"path": p["path"], "format": r.format, "examples": len(r.examples),
                     "tokens": int(sum(len(x) for x in r.examples)),
                     "trainedTokens": int(sum(int(x.mask.sum()) for x in r.examples)), "sample": sample[:4000],
-                    "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in r.problems]}
+                    "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in problems],
+                    "lengths": stats(r), "validation": split}
         return await self.manager.device.run(inspect)
 
     # -- training --------------------------------------------------------------------------------

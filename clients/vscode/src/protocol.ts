@@ -584,16 +584,46 @@ export interface DatasetInfo {
   path: string;
   /** Detected format. */
   format: string;
-  /** Examples. */
+  /** Usable training examples (the validation data is counted apart, under `validation`). */
   examples: number;
-  /** Tokens. */
+  /** Tokens of the training examples (after truncation to `seqLen`). */
   tokens: number;
-  /** Tokens that carry loss. */
+  /** Labelled tokens of the training examples (what the loss trains on). */
   trainedTokens: number;
   /** One rendered example. */
   sample: string;
   /** Every problem found. */
   problems: DatasetProblem[];
+  /** Token counts of the training examples. */
+  lengths: LengthStats;
+  /** The validation data training would use without other settings: `valid.jsonl` beside a folder's `train.jsonl`; null when there is none. */
+  validation: DatasetSplit | null;
+}
+
+/** Example lengths in tokens, after truncation to `seqLen`. */
+export interface LengthStats {
+  /** Shortest example (0 without examples). */
+  min: number;
+  /** Median example. */
+  median: number;
+  /** Longest example (at most `seqLen`). */
+  max: number;
+  /** Examples longer than `seqLen` (truncated; their problems say so). */
+  overSeqLen: number;
+}
+
+/** Counts of one split of a dataset. */
+export interface DatasetSplit {
+  /** The file read. */
+  path: string;
+  /** Usable examples. */
+  examples: number;
+  /** Tokens (after truncation to `seqLen`). */
+  tokens: number;
+  /** Labelled tokens. */
+  trainedTokens: number;
+  /** Token counts of its examples. */
+  lengths: LengthStats;
 }
 
 /** AdamW settings. */
