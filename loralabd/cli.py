@@ -338,6 +338,19 @@ def _chat_once(c, mid, messages, a):
     return text
 
 
+def cmd_eval(a):
+    with _client() as c:
+        mid = _ensure_model(c, a.model, a.backend)
+        params = {"model": mid, "dataset": os.path.abspath(a.data), "seqLen": a.seq}
+        if a.adapter:
+            params["adapter"] = a.adapter
+        r = c.request("evaluate", params)
+    what = f"adapter {r['adapter']} (step {r['adapterStep']})" if r["adapter"] else "base model"
+    print(f"{what} on {r['path']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+          f"({r['tokens']} labelled tokens, {r['examples']} examples)")
+    return 0
+
+
 def cmd_chat(a):
     with _client() as c:
         mid = _ensure_model(c, a.model, a.backend)
@@ -469,6 +482,13 @@ def build_parser():
     s.add_argument("--list", action="store_true", help="list jobs")
     s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")
     s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("eval", help="validation loss and perplexity of the base model or an adapter on data")
+    s.add_argument("data", help="JSONL, text file or folder (a folder's valid.jsonl when it has one)")
+    s.add_argument("--model", default="default")
+    s.add_argument("--adapter")
+    s.add_argument("--seq", type=int, default=DEFAULTS["EvaluateParams"]["seqLen"])
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("chat", help="streaming chat with the base model or an adapter")
     s.add_argument("prompt", nargs="*")

@@ -67,6 +67,17 @@ async def _session(transport, home, d, tiny_model, dataset):
         res2 = await c.request("generate", {"model": "tiny", "prompt": "the quick brown", "maxTokens": 12, "adapter": "a1"})
         assert res2["text"] == res["text"]
 
+        # evaluate: the base model and the trained adapter on the same data, without a training job
+        before = await c.request("evaluate", {"model": "tiny", "dataset": str(dataset), "seqLen": 32})
+        after = await c.request("evaluate", {"model": "tiny", "dataset": str(dataset), "seqLen": 32, "adapter": "a1"})
+        assert before["tokens"] == after["tokens"] > 0 and before["examples"] == 24
+        assert abs(before["perplexity"] - math.exp(before["loss"])) <= 1e-6 * before["perplexity"]
+        assert after["adapter"] == "a1" and after["adapterStep"] == 4 and after["loss"] != before["loss"]
+        # the adapter at scale 0 is the base model
+        zero = await c.request("evaluate", {"model": "tiny", "dataset": str(dataset), "seqLen": 32, "adapter": "a1",
+                                            "adapterScale": 0.0})
+        assert abs(zero["loss"] - before["loss"]) <= 1e-6 * before["loss"]
+
         # export: PEFT keys and shapes
         ex = await c.request("adapter/export", {"adapter": "a1", "format": "peft"})
         from safetensors.numpy import load_file

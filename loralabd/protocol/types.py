@@ -401,6 +401,30 @@ class DatasetSplit(TypedDict):
     lengths: "LengthStats"  # Token counts of its examples.
 
 
+class EvaluateParams(TypedDict):
+    """What to evaluate."""
+
+    model: str  # Model id.
+    dataset: str  # A file or folder in any training format; a folder with `valid.jsonl` is evaluated on it, else on its `train.jsonl`.
+    adapter: NotRequired[Union[str, None]]  # Adapter name or a running job's adapter; null: the base model.
+    adapterScale: NotRequired[float]  # Multiplier on the adapter's alpha/r.
+    seqLen: NotRequired[int]  # Tokens per row (longer examples are truncated).
+    batchSize: NotRequired[int]  # Rows per forward pass.
+    maxBatches: NotRequired[Union[int, None]]  # Evaluate at most this many batches (in a fixed order); null: all.
+
+
+class EvaluateResult(TypedDict):
+    """Loss of the labelled tokens."""
+
+    loss: float  # Mean cross-entropy over the labelled tokens.
+    perplexity: float  # exp(loss).
+    tokens: int  # Labelled tokens evaluated.
+    examples: int  # Examples read.
+    path: str  # The file evaluated.
+    adapter: Union[str, None]  # Adapter used.
+    adapterStep: Union[int, None]  # Training step of the adapter used.
+
+
 class OptimizerSettings(TypedDict):
     """AdamW settings."""
 
@@ -643,6 +667,9 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
  'dataset/inspect': {'params': {'kind': 'reference', 'name': 'DatasetParams'},
                      'result': {'kind': 'reference', 'name': 'DatasetInfo'},
                      'progress': None},
+ 'evaluate': {'params': {'kind': 'reference', 'name': 'EvaluateParams'},
+              'result': {'kind': 'reference', 'name': 'EvaluateResult'},
+              'progress': None},
  'train/start': {'params': {'kind': 'reference', 'name': 'TrainParams'},
                  'result': {'kind': 'reference', 'name': 'JobInfo'},
                  'progress': 'workDone'},
@@ -1512,6 +1539,82 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'type': {'kind': 'reference', 'name': 'LengthStats'},
                                   'documentation': 'Token counts of its examples.'}],
                   'additionalProperties': False},
+ 'EvaluateParams': {'properties': [{'name': 'model',
+                                    'type': {'kind': 'base', 'name': 'string'},
+                                    'documentation': 'Model id.',
+                                    'maxLength': 256},
+                                   {'name': 'dataset',
+                                    'type': {'kind': 'base', 'name': 'string'},
+                                    'documentation': 'A file or folder in any training format; a folder with '
+                                                     '`valid.jsonl` is evaluated on it, else on its '
+                                                     '`train.jsonl`.',
+                                    'maxLength': 4096},
+                                   {'name': 'adapter',
+                                    'type': {'kind': 'or',
+                                             'items': [{'kind': 'base', 'name': 'string'},
+                                                       {'kind': 'base', 'name': 'null'}]},
+                                    'documentation': "Adapter name or a running job's adapter; null: the "
+                                                     'base model.',
+                                    'optional': True,
+                                    'maxLength': 64,
+                                    'default': None},
+                                   {'name': 'adapterScale',
+                                    'type': {'kind': 'base', 'name': 'number'},
+                                    'documentation': "Multiplier on the adapter's alpha/r.",
+                                    'optional': True,
+                                    'minimum': -100,
+                                    'maximum': 100,
+                                    'default': 1.0},
+                                   {'name': 'seqLen',
+                                    'type': {'kind': 'base', 'name': 'integer'},
+                                    'documentation': 'Tokens per row (longer examples are truncated).',
+                                    'optional': True,
+                                    'minimum': 8,
+                                    'maximum': 65536,
+                                    'default': 512},
+                                   {'name': 'batchSize',
+                                    'type': {'kind': 'base', 'name': 'integer'},
+                                    'documentation': 'Rows per forward pass.',
+                                    'optional': True,
+                                    'minimum': 1,
+                                    'maximum': 4096,
+                                    'default': 4},
+                                   {'name': 'maxBatches',
+                                    'type': {'kind': 'or',
+                                             'items': [{'kind': 'base', 'name': 'integer'},
+                                                       {'kind': 'base', 'name': 'null'}]},
+                                    'documentation': 'Evaluate at most this many batches (in a fixed order); '
+                                                     'null: all.',
+                                    'optional': True,
+                                    'minimum': 1,
+                                    'default': None}],
+                    'additionalProperties': False},
+ 'EvaluateResult': {'properties': [{'name': 'loss',
+                                    'type': {'kind': 'base', 'name': 'number'},
+                                    'documentation': 'Mean cross-entropy over the labelled tokens.'},
+                                   {'name': 'perplexity',
+                                    'type': {'kind': 'base', 'name': 'number'},
+                                    'documentation': 'exp(loss).'},
+                                   {'name': 'tokens',
+                                    'type': {'kind': 'base', 'name': 'integer'},
+                                    'documentation': 'Labelled tokens evaluated.'},
+                                   {'name': 'examples',
+                                    'type': {'kind': 'base', 'name': 'integer'},
+                                    'documentation': 'Examples read.'},
+                                   {'name': 'path',
+                                    'type': {'kind': 'base', 'name': 'string'},
+                                    'documentation': 'The file evaluated.'},
+                                   {'name': 'adapter',
+                                    'type': {'kind': 'or',
+                                             'items': [{'kind': 'base', 'name': 'string'},
+                                                       {'kind': 'base', 'name': 'null'}]},
+                                    'documentation': 'Adapter used.'},
+                                   {'name': 'adapterStep',
+                                    'type': {'kind': 'or',
+                                             'items': [{'kind': 'base', 'name': 'integer'},
+                                                       {'kind': 'base', 'name': 'null'}]},
+                                    'documentation': 'Training step of the adapter used.'}],
+                    'additionalProperties': False},
  'OptimizerSettings': {'properties': [{'name': 'kind',
                                        'type': {'kind': 'reference', 'name': 'OptimizerKind'},
                                        'documentation': 'adamw or adam8bit.',
@@ -1985,6 +2088,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                 'gradAccum': 1},
  'CalibrateParams': {'refresh': False, 'clock': 'wall'},
  'DatasetParams': {'seqLen': 512},
+ 'EvaluateParams': {'adapter': None, 'adapterScale': 1.0, 'seqLen': 512, 'batchSize': 4, 'maxBatches': None},
  'OptimizerSettings': {'kind': 'adamw',
                        'lr': 0.0002,
                        'betas': [0.9, 0.999],

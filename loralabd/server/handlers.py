@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -25,7 +26,7 @@ from ..errors import LoraLabError, ModelLoadError
 from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
     check_params, with_defaults
 from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, DatasetInfo, DatasetParams, DatasetSplit, \
-    DeviceInfo, LengthStats, \
+    DeviceInfo, EvaluateParams, EvaluateResult, LengthStats, \
     Empty, ExportParams, ExportResult, GenerateParams, GenerateResult, InitializeParams, InitializeResult, JobInfo, \
     JobList, JobRef, ModelInfo, ModelList, ModelLoadParams, ModelRef, PlanEstimate, PlanParams, ProgressToken, \
     ResumeParams, TrainFollowParams, TrainParams, TrainProgress, WorkDoneProgressBegin, WorkDoneProgressEnd, \
@@ -170,7 +171,8 @@ class Dispatcher:
             "model/load": self.model_load, "model/unload": self.model_unload, "model/list": self.model_list,
             "plan/estimate": self.plan_estimate, "plan/calibrate": self.plan_calibrate, "dataset/inspect": self.dataset_inspect,
             "train/start": self.train_start, "train/resume": self.train_resume, "train/cancel": self.train_cancel,
-            "train/status": self.train_status, "train/follow": self.train_follow, "train/list": self.train_list, "generate": self.generate,
+            "train/status": self.train_status, "train/follow": self.train_follow,
+            "evaluate": self.evaluate, "train/list": self.train_list, "generate": self.generate,
             "adapter/list": self.adapter_list, "adapter/export": self.adapter_export,
         }
         missing = set(REQUESTS) ^ set(self.table)
@@ -404,6 +406,47 @@ class Dispatcher:
                     "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in problems],
                     "lengths": stats(r), "validation": split}
         return await self.manager.device.run(inspect)
+
+    async def evaluate(self, conn: Connection, p: EvaluateParams, rid: RequestId) -> EvaluateResult:
+        """Loss over a dataset's labelled tokens, in the model's turn, one device call."""
+        from ..training.data import DatasetError, read_source
+        from ..training.packing import eval_batches
+
+        e = self.manager.get(p["model"])
+        q = _defaults("EvaluateParams", p)
+        name = q.get("adapter")
+        seq, bs = int(q["seqLen"]), int(q["batchSize"])
+
+        def run(adapters: list) -> EvaluateResult:
+            tok = e.model.tokenizer
+            src = Path(q["dataset"]).expanduser()
+            if src.is_dir() and (src / "train.jsonl").is_file():
+                src = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else src / "train.jsonl"
+            try:
+                r = read_source(src, tok, max_seq_len=seq)
+            except DatasetError as err:
+                raise DomainError(ErrorCode.DatasetError, str(err)) from None
+            if not r.examples:
+                raise DomainError(ErrorCode.DatasetError, f"{src}: no usable example to evaluate on; check the file "
+                                                         "(dataset/inspect lists its problems)")
+            pad = tok.eos_id if tok is not None and tok.eos_id is not None else 0
+            total, n = 0.0, 0
+            for b in eval_batches(r.examples, seq, bs, pad, True, q.get("maxBatches")):
+                if b.n_targets:
+                    total += e.engine.loss(b.tokens, b.labels, adapters, b.segments, b.positions) * b.n_targets
+                    n += b.n_targets
+            loss = total / max(n, 1)
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "examples": len(r.examples),
+                    "path": str(src), "adapter": name, "adapterStep": None}
+
+        async with e.turn():
+            adapters, step = [], None
+            if name:
+                ad, step = await self.manager.adapter(e, name)
+                adapters = [(ad, float(q["adapterScale"]))]
+            out = await self.manager.device.run(run, adapters)
+        out["adapterStep"] = step
+        return out
 
     # -- training --------------------------------------------------------------------------------
 

@@ -626,6 +626,57 @@ export interface DatasetSplit {
   lengths: LengthStats;
 }
 
+/** What to evaluate. */
+export interface EvaluateParams {
+  /** Model id. */
+  model: string;
+  /** A file or folder in any training format; a folder with `valid.jsonl` is evaluated on it, else on its `train.jsonl`. */
+  dataset: string;
+  /**
+   * Adapter name or a running job's adapter; null: the base model.
+   * @default null
+   */
+  adapter?: string | null;
+  /**
+   * Multiplier on the adapter's alpha/r.
+   * @default 1.0
+   */
+  adapterScale?: number;
+  /**
+   * Tokens per row (longer examples are truncated).
+   * @default 512
+   */
+  seqLen?: number;
+  /**
+   * Rows per forward pass.
+   * @default 4
+   */
+  batchSize?: number;
+  /**
+   * Evaluate at most this many batches (in a fixed order); null: all.
+   * @default null
+   */
+  maxBatches?: number | null;
+}
+
+/** Loss of the labelled tokens. */
+export interface EvaluateResult {
+  /** Mean cross-entropy over the labelled tokens. */
+  loss: number;
+  /** exp(loss). */
+  perplexity: number;
+  /** Labelled tokens evaluated. */
+  tokens: number;
+  /** Examples read. */
+  examples: number;
+  /** The file evaluated. */
+  path: string;
+  /** Adapter used. */
+  adapter: string | null;
+  /** Training step of the adapter used. */
+  adapterStep: number | null;
+}
+
 /** AdamW settings. */
 export interface OptimizerSettings {
   /**
@@ -978,6 +1029,7 @@ export interface ProtocolDefaults {
   PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum">>>;
   CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
+  EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
   OptimizerSettings: Readonly<Required<Pick<OptimizerSettings, "kind" | "lr" | "betas" | "eps" | "weightDecay">>>;
   TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
@@ -993,6 +1045,7 @@ export const DEFAULTS: ProtocolDefaults = {
   PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1 },
   CalibrateParams: { refresh: false, clock: "wall" },
   DatasetParams: { seqLen: 512 },
+  EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },
   OptimizerSettings: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 },
   TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
   TrainFollowParams: { wait: true },
@@ -1011,6 +1064,7 @@ export interface Requests {
   "plan/estimate": { params: PlanParams; result: PlanEstimate };
   "plan/calibrate": { params: CalibrateParams; result: CalibrateResult };
   "dataset/inspect": { params: DatasetParams; result: DatasetInfo };
+  "evaluate": { params: EvaluateParams; result: EvaluateResult };
   "train/start": { params: TrainParams; result: JobInfo };
   "train/resume": { params: ResumeParams; result: JobInfo };
   "train/cancel": { params: JobRef; result: JobInfo };
