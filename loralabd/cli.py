@@ -387,6 +387,15 @@ def cmd_export(a):
             print(f"  {f}")
 
 
+def cmd_import(a):
+    with _client() as c:
+        mid = _ensure_model(c, a.model, a.backend)
+        r = c.request("adapter/import", {"path": os.path.abspath(a.path), "name": a.name, "model": mid,
+                                         "overwrite": a.overwrite})
+    print(f"imported {a.path} as adapter {r['name']} (r={r['r']}, targets {', '.join(r['targets'])}) for {mid}")
+    return 0
+
+
 def cmd_demo(a):
     """Plan, train on the pirate demo with a live bar, then the base model's and the adapter's answers."""
     from .training.demo import DEMO_CONFIG, demo_dir, test_prompts
@@ -499,11 +508,18 @@ def build_parser():
     s.set_defaults(fn=cmd_chat)
 
     sub.add_parser("adapters", help="saved adapters").set_defaults(fn=cmd_adapters)
-    s = sub.add_parser("export", help="write an adapter as PEFT, llama.cpp GGUF or MLX")
+    s = sub.add_parser("export", help="write an adapter as PEFT, llama.cpp GGUF or MLX, or merged into its base")
     s.add_argument("adapter")
-    s.add_argument("--format", choices=["peft", "gguf", "mlx"], default="peft")
+    s.add_argument("--format", choices=["peft", "gguf", "mlx", "merged"], default="peft")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("import", help="store a PEFT adapter directory (to chat with it, export it, train on)")
+    s.add_argument("path", help="a directory with adapter_model.safetensors and adapter_config.json")
+    s.add_argument("--name", required=True, help="name to store it under")
+    s.add_argument("--model", default="default", help="the model it belongs to (its shapes are checked)")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(fn=cmd_import)
 
     s = sub.add_parser("demo", help="plan, train the pirate demo, show base vs adapter answers")
     s.add_argument("--model", default="default")

@@ -90,6 +90,16 @@ async def _session(transport, home, d, tiny_model, dataset):
         cfg = json.loads(open([f for f in ex["files"] if f.endswith(".json")][0]).read())
         assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
         assert [a["name"] for a in (await c.request("adapter/list"))["adapters"]] == ["a1"]
+        # a PEFT directory comes back in as a stored adapter that answers as the original does
+        imp = await c.request("adapter/import", {"path": ex["path"], "name": "a1-copy", "model": "tiny"})
+        assert imp["name"] == "a1-copy" and imp["r"] == 4
+        q = {"model": "tiny", "prompt": "the quick brown", "maxTokens": 12}
+        assert (await c.request("generate", {**q, "adapter": "a1-copy"}))["text"] == res2["text"]
+        with pytest.raises(RpcError, match="exists"):
+            await c.request("adapter/import", {"path": ex["path"], "name": "a1-copy", "model": "tiny"})
+        # merged into its base: a Hugging Face directory
+        mg = await c.request("adapter/export", {"adapter": "a1", "format": "merged"})
+        assert {"model.safetensors", "config.json"} <= {f.rsplit("/", 1)[-1] for f in mg["files"]}
         gg = await c.request("adapter/export", {"adapter": "a1", "format": "gguf", "path": str(home / "out" / "a1")})
         assert gg["path"].endswith("a1.gguf") and gg["files"] == [gg["path"]]  # llama.cpp wants the extension
 

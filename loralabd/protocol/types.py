@@ -27,7 +27,7 @@ Role = Literal["system", "user", "assistant"]  # Chat role.
 
 FinishReason = Literal["stop", "length", "cancelled"]  # Why generation stopped.
 
-ExportFormat = Literal["peft", "gguf", "mlx"]  # Adapter export format.
+ExportFormat = Literal["peft", "gguf", "mlx", "merged"]  # Adapter export format: an adapter (peft, gguf, mlx) or the base model with the adapter merged in (merged: a Hugging Face directory, f16).
 
 Clock = Literal["wall", "cpu"]  # What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines).
 
@@ -586,6 +586,16 @@ class ExportParams(TypedDict):
     adapter: str  # Adapter name.
     format: "ExportFormat"  # peft, gguf or mlx.
     path: NotRequired[str]  # Output directory or file; when omitted, under the data directory's exports.
+    model: NotRequired[str]  # For `merged`: the loaded model to merge into (it must be the adapter's base); when omitted, the loaded model the adapter was trained on.
+
+
+class ImportParams(TypedDict):
+    """A PEFT adapter to import."""
+
+    path: str  # The PEFT directory.
+    name: str  # Name to store it under.
+    model: str  # Loaded model it belongs to (its shapes are checked).
+    overwrite: NotRequired[bool]  # Replace an adapter of that name.
 
 
 class ExportResult(TypedDict):
@@ -692,6 +702,9 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
  'adapter/list': {'params': None, 'result': {'kind': 'reference', 'name': 'AdapterList'}, 'progress': None},
  'adapter/export': {'params': {'kind': 'reference', 'name': 'ExportParams'},
                     'result': {'kind': 'reference', 'name': 'ExportResult'},
+                    'progress': None},
+ 'adapter/import': {'params': {'kind': 'reference', 'name': 'ImportParams'},
+                    'result': {'kind': 'reference', 'name': 'AdapterInfo'},
                     'progress': None}}
 
 NOTIFICATIONS: dict[str, dict] = {'initialized': {'params': {'kind': 'base', 'name': 'any'}, 'direction': 'clientToServer'},
@@ -2050,7 +2063,32 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Output directory or file; when omitted, under the data '
                                                    "directory's exports.",
                                   'optional': True,
-                                  'maxLength': 4096}],
+                                  'maxLength': 4096},
+                                 {'name': 'model',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'For `merged`: the loaded model to merge into (it must be '
+                                                   "the adapter's base); when omitted, the loaded model the "
+                                                   'adapter was trained on.',
+                                  'optional': True,
+                                  'maxLength': 256}],
+                  'additionalProperties': False},
+ 'ImportParams': {'properties': [{'name': 'path',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'The PEFT directory.',
+                                  'maxLength': 4096},
+                                 {'name': 'name',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'Name to store it under.',
+                                  'maxLength': 64},
+                                 {'name': 'model',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': 'Loaded model it belongs to (its shapes are checked).',
+                                  'maxLength': 256},
+                                 {'name': 'overwrite',
+                                  'type': {'kind': 'base', 'name': 'boolean'},
+                                  'documentation': 'Replace an adapter of that name.',
+                                  'optional': True,
+                                  'default': False}],
                   'additionalProperties': False},
  'ExportResult': {'properties': [{'name': 'format',
                                   'type': {'kind': 'reference', 'name': 'ExportFormat'},
@@ -2070,7 +2108,7 @@ ENUMERATIONS: dict[str, list] = {'Backend': ['auto', 'numpy', 'webgpu'],
  'JobState': ['queued', 'running', 'completed', 'cancelled', 'failed', 'interrupted'],
  'Role': ['system', 'user', 'assistant'],
  'FinishReason': ['stop', 'length', 'cancelled'],
- 'ExportFormat': ['peft', 'gguf', 'mlx'],
+ 'ExportFormat': ['peft', 'gguf', 'mlx', 'merged'],
  'Clock': ['wall', 'cpu']}
 
 ALIASES: dict[str, dict] = {'ProgressToken': {'kind': 'or',
@@ -2125,7 +2163,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                     'topK': 0,
                     'topP': 1.0,
                     'seed': 0,
-                    'stop': []}}
+                    'stop': []},
+ 'ImportParams': {'overwrite': False}}
 
 
 def with_defaults(structure: str, params: dict | None) -> dict:

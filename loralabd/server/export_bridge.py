@@ -1,16 +1,18 @@
-"""adapter/export: a saved adapter through loralabd.export (PEFT, llama.cpp GGUF LoRA, MLX)."""
+"""adapter/export and adapter/import: saved adapters through loralabd.export (PEFT, llama.cpp GGUF LoRA, MLX, a
+merged model; PEFT in)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import paths
+from ..engine.lora import LoraAdapter
 from ..errors import LoraLabError
 from ..models.args import ModelArgs
-from ..models.load import DEFAULT_MODEL_HF_ID
+from ..models.load import DEFAULT_MODEL_HF_ID, LoadedModel
 from ..protocol import ErrorCode
-from ..protocol.types import ExportParams, ExportResult
-from .adapters import adapter_meta, load_adapter
+from ..protocol.types import AdapterInfo, ExportParams, ExportResult, ImportParams
+from .adapters import adapter_info, adapter_meta, load_adapter, save_adapter
 from .errors import DomainError
 
 
@@ -46,3 +48,30 @@ def export_adapter(p: ExportParams) -> ExportResult:
     except (OSError, LoraLabError, ValueError) as e:
         raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} as {fmt} to {out}: {e}") from None
     return {"format": fmt, "path": str(out), "files": files}
+
+
+def export_merged(p: ExportParams, model: LoadedModel, adapter: LoraAdapter) -> ExportResult:
+    """The base model with the adapter merged in, as a Hugging Face directory (f16 safetensors)."""
+    from ..export.merged import save_merged
+
+    name = p["adapter"]
+    out = Path(p["path"]).expanduser() if p.get("path") else paths.exports_dir() / f"{name}-merged"
+    try:
+        d = save_merged(model, [(adapter, 1.0)], out)
+    except (OSError, LoraLabError, ValueError) as e:
+        raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} merged to {out}: {e}") from None
+    return {"format": "merged", "path": str(out), "files": sorted(str(f) for f in Path(d).iterdir())}
+
+
+def import_peft(p: ImportParams, model: LoadedModel, source: str) -> AdapterInfo:
+    """A PEFT directory into the adapter store, checked against the model's shapes."""
+    from ..export.peft import load_peft
+
+    try:
+        adapter = load_peft(Path(p["path"]).expanduser(), model.args)
+    except (OSError, LoraLabError, ValueError) as e:
+        raise DomainError(ErrorCode.InvalidSettings, f"cannot import {p['path']}: {e}") from None
+    save_adapter(p["name"], adapter, model.args, source, {"steps": 0, "importedFrom": str(p["path"])})
+    info = adapter_info(p["name"])
+    assert info is not None  # just saved
+    return info

@@ -26,14 +26,14 @@ from ..errors import LoraLabError, ModelLoadError
 from ..protocol import ERROR_HINTS, NOTIFICATIONS, PROTOCOL_VERSION, REQUESTS, ErrorCode, ValidationError, check, \
     check_params, with_defaults
 from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, DatasetInfo, DatasetParams, DatasetSplit, \
-    DeviceInfo, EvaluateParams, EvaluateResult, LengthStats, \
+    DeviceInfo, EvaluateParams, EvaluateResult, ImportParams, LengthStats, AdapterInfo, \
     Empty, ExportParams, ExportResult, GenerateParams, GenerateResult, InitializeParams, InitializeResult, JobInfo, \
     JobList, JobRef, ModelInfo, ModelList, ModelLoadParams, ModelRef, PlanEstimate, PlanParams, ProgressToken, \
     ResumeParams, TrainFollowParams, TrainParams, TrainProgress, WorkDoneProgressBegin, WorkDoneProgressEnd, \
     WorkDoneProgressReport
 from .jobs import job_info
 from .manager import Job, ModelManager
-from .adapters import adapter_info, list_adapters
+from .adapters import adapter_info, adapter_meta, list_adapters
 from .engines import available_backends, device_probe
 from .errors import DomainError
 from .generating import generation
@@ -174,6 +174,7 @@ class Dispatcher:
             "train/status": self.train_status, "train/follow": self.train_follow,
             "evaluate": self.evaluate, "train/list": self.train_list, "generate": self.generate,
             "adapter/list": self.adapter_list, "adapter/export": self.adapter_export,
+            "adapter/import": self.adapter_import,
         }
         missing = set(REQUESTS) ^ set(self.table)
         assert not missing, f"handler table and protocol.json disagree on {missing}"
@@ -559,9 +560,24 @@ class Dispatcher:
         return {"adapters": await self.manager.on_io(list_adapters)}
 
     async def adapter_export(self, conn: Connection, p: ExportParams, rid: RequestId) -> ExportResult:
-        from .export_bridge import export_adapter
+        from .export_bridge import export_adapter, export_merged
 
-        return await self.manager.device.run(export_adapter, p)
+        if p["format"] != "merged":
+            return await self.manager.device.run(export_adapter, p)
+        meta = await self.manager.on_io(adapter_meta, p["adapter"])
+        e = self.manager.get(p["model"]) if p.get("model") else self.manager.model_for_base(meta.get("base_model"))
+        async with e.turn():  # the merge reads the model's weights
+            ad, _ = await self.manager.adapter(e, p["adapter"])
+            return await self.manager.device.run(export_merged, p, e.model, ad)
+
+    async def adapter_import(self, conn: Connection, p: ImportParams, rid: RequestId) -> AdapterInfo:
+        from .export_bridge import import_peft
+
+        e = self.manager.get(p["model"])
+        if await self.manager.on_io(adapter_info, p["name"]) is not None and not p.get("overwrite"):
+            raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['name']!r} exists; choose another name "
+                                                       "or pass overwrite: true")
+        return await self.manager.on_io(import_peft, p, e.model, e.source)
 
 
 def _valid_id(x) -> bool:

@@ -168,6 +168,14 @@ class ModelManager:
             self.models.pop(model_id, None)
             await self.device.run(e.engine.close)  # WebGPU: free the device memory now, not at GC
 
+    def model_for_base(self, base: str | None) -> ModelEntry:
+        """The loaded model an adapter was trained on (its stored base source)."""
+        for e in self.models.values():
+            if base is not None and e.source == base:
+                return e
+        raise DomainError(ErrorCode.ModelNotLoaded, f"the adapter's base model ({base or 'unknown'}) is not loaded; "
+                                                    "load it with model/load, or pass model")
+
     async def ensure(self, source: str, name: str | None = None) -> ModelEntry:
         """The loaded model with this source, else load it (under `name` when that id is free)."""
         for e in self.models.values():

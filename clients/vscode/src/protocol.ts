@@ -34,9 +34,9 @@ export const RoleValues: readonly Role[] = ["system", "user", "assistant"];
 export type FinishReason = "stop" | "length" | "cancelled";
 export const FinishReasonValues: readonly FinishReason[] = ["stop", "length", "cancelled"];
 
-/** Adapter export format. */
-export type ExportFormat = "peft" | "gguf" | "mlx";
-export const ExportFormatValues: readonly ExportFormat[] = ["peft", "gguf", "mlx"];
+/** Adapter export format: an adapter (peft, gguf, mlx) or the base model with the adapter merged in (merged: a Hugging Face directory, f16). */
+export type ExportFormat = "peft" | "gguf" | "mlx" | "merged";
+export const ExportFormatValues: readonly ExportFormat[] = ["peft", "gguf", "mlx", "merged"];
 
 /** What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines). */
 export type Clock = "wall" | "cpu";
@@ -1010,6 +1010,23 @@ export interface ExportParams {
   format: ExportFormat;
   /** Output directory or file; when omitted, under the data directory's exports. */
   path?: string;
+  /** For `merged`: the loaded model to merge into (it must be the adapter's base); when omitted, the loaded model the adapter was trained on. */
+  model?: string;
+}
+
+/** A PEFT adapter to import. */
+export interface ImportParams {
+  /** The PEFT directory. */
+  path: string;
+  /** Name to store it under. */
+  name: string;
+  /** Loaded model it belongs to (its shapes are checked). */
+  model: string;
+  /**
+   * Replace an adapter of that name.
+   * @default false
+   */
+  overwrite?: boolean;
 }
 
 /** Written files. */
@@ -1035,6 +1052,7 @@ export interface ProtocolDefaults {
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
   ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
   GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
+  ImportParams: Readonly<Required<Pick<ImportParams, "overwrite">>>;
 }
 
 /** Every protocol default: structure -> property -> the value the daemon uses when the property is absent
@@ -1051,6 +1069,7 @@ export const DEFAULTS: ProtocolDefaults = {
   TrainFollowParams: { wait: true },
   ResumeParams: { wait: true },
   GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
+  ImportParams: { overwrite: false },
 };
 
 /** Request method -> params and result types. */
@@ -1074,6 +1093,7 @@ export interface Requests {
   "generate": { params: GenerateParams; result: GenerateResult };
   "adapter/list": { params: undefined; result: AdapterList };
   "adapter/export": { params: ExportParams; result: ExportResult };
+  "adapter/import": { params: ImportParams; result: AdapterInfo };
 }
 export type RequestMethod = keyof Requests;
 
