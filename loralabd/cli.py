@@ -310,7 +310,8 @@ def cmd_train(a):
             params = {"model": mid, "dataset": os.path.abspath(a.data), "adapter": a.adapter, **length,
                       "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a), "optimizer": {"lr": a.lr},
                       "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite, "pack": not a.no_pack,
-                      "validationFraction": a.valid_fraction, "minLrRatio": a.min_lr_ratio, "keepLast": a.keep_last}
+                      "validationFraction": a.valid_fraction, "minLrRatio": a.min_lr_ratio, "keepLast": a.keep_last,
+                      "evalAtStart": a.eval_at_start}
             if a.valid:
                 params["validation"] = os.path.abspath(a.valid)
             r = _train_stream(c, "train/start", params)
@@ -487,6 +488,7 @@ def build_parser():
     s.add_argument("--no-pack", action="store_true", help="one example a row (default: pack several)")
     s.add_argument("--min-lr-ratio", type=float, default=_T["minLrRatio"], help="the schedule's floor, x lr")
     s.add_argument("--keep-last", type=int, default=_T["keepLast"], help="checkpoints kept on disk")
+    s.add_argument("--eval-at-start", action="store_true", help="validation loss before the first step too")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--list", action="store_true", help="list jobs")
     s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")

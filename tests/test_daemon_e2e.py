@@ -324,14 +324,16 @@ def test_validation_packing_schedule_floor_and_kept_checkpoints_over_the_wire(ho
             s = c.stream("train/start", {"model": "m", "adapter": "v", "dataset": str(dataset), "steps": 8,
                                          "batchSize": 2, "seqLen": 32, "validationFraction": 0.25, "pack": False,
                                          "minLrRatio": 0.5, "schedule": "linear", "checkpointEvery": 1,
-                                         "keepLast": 2, "optimizer": {"lr": 1e-2}})
+                                         "keepLast": 2, "optimizer": {"lr": 1e-2}, "evalAtStart": True})
             reports = [v["train"] for v in [x async for x in s] if "train" in v]
             job = await s.result()
             await c.close()
             return job, reports
         job, reports = run(go(), timeout=300)
         assert job["state"] == "completed" and job["step"] == 8
+        assert reports[0]["step"] == 0 and reports[0]["valLoss"] is not None  # before training (evalAtStart)
         assert reports[-1]["valLoss"] is not None  # evaluated at the end on the held-out quarter
+        assert reports[-1]["valLoss"] < reports[0]["valLoss"]
         assert min(r["lr"] for r in reports) >= 0.5e-2 * (1 - 1e-6)  # the floor
         kept = sorted(home.rglob(f"{job['jobId']}/step-*"))
         assert [k.name for k in kept] == ["step-00000007", "step-00000008"], kept

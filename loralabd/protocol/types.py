@@ -446,6 +446,7 @@ class TrainParams(TypedDict):
     steps: NotRequired[int]  # Optimizer steps; when given, `epochs` is ignored.
     epochs: NotRequired[float]  # Passes over the data when `steps` is not given.
     evalEvery: NotRequired[int]  # Steps between validation losses (0: only at the end; needs a validation set, e.g. valid.jsonl beside train.jsonl).
+    evalAtStart: NotRequired[bool]  # Evaluate the untrained adapter (the base model: B starts at zero) before the first step, so that progress shows the validation loss before and after.
     validation: NotRequired[str]  # Validation data (a file or folder, any training format); omitted: `valid.jsonl` beside a `train.jsonl` folder, else `validationFraction` of the data, else none.
     validationFraction: NotRequired[float]  # Hold this fraction of the training examples out for validation (chosen with `seed`); 0: none. Ignored when `validation` is given.
     pack: NotRequired[bool]  # Pack several examples into each row of `seqLen` tokens (attention never crosses examples); false: one example a row, padded.
@@ -1702,6 +1703,13 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  'optional': True,
                                  'minimum': 0,
                                  'default': 0},
+                                {'name': 'evalAtStart',
+                                 'type': {'kind': 'base', 'name': 'boolean'},
+                                 'documentation': 'Evaluate the untrained adapter (the base model: B starts '
+                                                  'at zero) before the first step, so that progress shows '
+                                                  'the validation loss before and after.',
+                                 'optional': True,
+                                 'default': False},
                                 {'name': 'validation',
                                  'type': {'kind': 'base', 'name': 'string'},
                                  'documentation': 'Validation data (a file or folder, any training format); '
@@ -2140,6 +2148,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                                'weightDecay': 0.0},
                  'epochs': 1.0,
                  'evalEvery': 0,
+                 'evalAtStart': False,
                  'validationFraction': 0.0,
                  'pack': True,
                  'minLrRatio': 0.0,

@@ -42,6 +42,10 @@ class TrainRun:
                 raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
                                   + "; fix the data or pick another dataset")
             self.tr = Trainer(engine, ds, cfg, run_dir=self.run_dir, resume=resume)
+            if q["evalAtStart"] and self.tr.step_num == 0 and not self.tr.history:
+                ev = self.tr.evaluate()  # step 0: the base model's loss on the validation data
+                if ev:
+                    self.tr.history.append({"step": 0, "tokens_seen": 0, **ev})
         except DatasetError as e:
             raise DomainError(ErrorCode.DatasetError, str(e)) from None
         except OSError as e:

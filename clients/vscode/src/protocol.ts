@@ -736,6 +736,11 @@ export interface TrainParams {
    * @default 0
    */
   evalEvery?: number;
+  /**
+   * Evaluate the untrained adapter (the base model: B starts at zero) before the first step, so that progress shows the validation loss before and after.
+   * @default false
+   */
+  evalAtStart?: boolean;
   /** Validation data (a file or folder, any training format); omitted: `valid.jsonl` beside a `train.jsonl` folder, else `validationFraction` of the data, else none. */
   validation?: string;
   /**
@@ -1048,7 +1053,7 @@ export interface ProtocolDefaults {
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
   OptimizerSettings: Readonly<Required<Pick<OptimizerSettings, "kind" | "lr" | "betas" | "eps" | "weightDecay">>>;
-  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
+  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "evalAtStart" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
   ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
   GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
@@ -1065,7 +1070,7 @@ export const DEFAULTS: ProtocolDefaults = {
   DatasetParams: { seqLen: 512 },
   EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },
   OptimizerSettings: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 },
-  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
+  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, evalAtStart: false, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
   TrainFollowParams: { wait: true },
   ResumeParams: { wait: true },
   GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
