@@ -77,6 +77,8 @@ def md_type(t: dict) -> str:
         return md_type(t["element"]) + "[]"
     if k == "or":
         return " \\| ".join(md_type(x) for x in t["items"])
+    if k == "base" and t["name"] == "integer":
+        return "`integer`"  # the validator refuses 1.5 where the protocol says integer (TypeScript has number only)
     return f"`{ts_type(t)}`"
 
 
@@ -84,6 +86,8 @@ def constraints(p: dict) -> str:
     c = []
     if "minimum" in p:
         c.append(f">= {p['minimum']}")
+    if "exclusiveMinimum" in p:
+        c.append(f"> {p['exclusiveMinimum']}")
     if "maximum" in p:
         c.append(f"<= {p['maximum']}")
     if "maxLength" in p:
@@ -95,7 +99,8 @@ def constraints(p: dict) -> str:
 
 # -- the spec's own rules and its defaults ------------------------------------------------------------
 
-PROPERTY_KEYS = {"name", "type", "documentation", "optional", "minimum", "maximum", "maxLength", "pattern", "default"}
+PROPERTY_KEYS = {"name", "type", "documentation", "optional", "minimum", "exclusiveMinimum", "maximum", "maxLength",
+                 "pattern", "default"}
 
 
 def check_spec(spec: dict) -> None:

@@ -301,3 +301,13 @@ def test_generator_rejects_a_default_on_a_required_property_and_unknown_keys():
     s["structures"][0]["properties"][0].update(optional=True, defualt=2)
     with pytest.raises(ValueError, match="unknown key"):
         gen.check_spec(s)
+
+
+def test_lr_zero_is_refused_by_the_schema_as_by_the_trainer():
+    """The schema and the trainer agree: a learning rate must be > 0 (exclusiveMinimum), named on the wire."""
+    from loralabd.protocol import ValidationError, check_params
+
+    p = {"model": "m", "dataset": "d", "adapter": "a", "optimizer": {"lr": 0}}
+    with pytest.raises(ValidationError, match=r"optimizer\.lr: must be > 0"):
+        check_params("train/start", p)
+    check_params("train/start", {**p, "optimizer": {"lr": 1e-9}})

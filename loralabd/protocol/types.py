@@ -429,7 +429,7 @@ class OptimizerSettings(TypedDict):
     """AdamW settings."""
 
     kind: NotRequired["OptimizerKind"]  # adamw or adam8bit.
-    lr: NotRequired[float]  # Peak learning rate.
+    lr: NotRequired[float]  # Peak learning rate (> 0).
     betas: NotRequired[list[float]]  # (beta1, beta2).
     eps: NotRequired[float]  # Epsilon.
     weightDecay: NotRequired[float]  # Decoupled weight decay.
@@ -1636,11 +1636,11 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                        'default': 'adamw'},
                                       {'name': 'lr',
                                        'type': {'kind': 'base', 'name': 'number'},
-                                       'documentation': 'Peak learning rate.',
+                                       'documentation': 'Peak learning rate (> 0).',
                                        'optional': True,
-                                       'minimum': 0,
                                        'maximum': 1,
-                                       'default': 0.0002},
+                                       'default': 0.0002,
+                                       'exclusiveMinimum': 0},
                                       {'name': 'betas',
                                        'type': {'kind': 'array',
                                                 'element': {'kind': 'base', 'name': 'number'}},

@@ -115,6 +115,8 @@ def check_structure(value, name: str, path: str, depth: int = 0, required: bool 
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if "minimum" in p and v < p["minimum"]:
                 raise ValidationError(f"{where}: must be >= {p['minimum']}, got {v}")
+            if "exclusiveMinimum" in p and v <= p["exclusiveMinimum"]:
+                raise ValidationError(f"{where}: must be > {p['exclusiveMinimum']}, got {v}")
             if "maximum" in p and v > p["maximum"]:
                 raise ValidationError(f"{where}: must be <= {p['maximum']}, got {v}")
         if isinstance(v, str):

@@ -332,7 +332,7 @@ class Dispatcher:
         return None
 
     async def model_list(self, conn: Connection, p: Empty, rid: RequestId) -> ModelList:
-        return {"models": [e.info() for e in self.manager.models.values()]}
+        return {"models": self.manager.list_models()}
 
     async def plan_estimate(self, conn: Connection, p: PlanParams, rid: RequestId) -> PlanEstimate:
         e = self.manager.get(p["model"])

@@ -168,6 +168,9 @@ class ModelManager:
             self.models.pop(model_id, None)
             await self.device.run(e.engine.close)  # WebGPU: free the device memory now, not at GC
 
+    def list_models(self) -> list[ModelInfo]:
+        return [e.info() for e in self.models.values()]
+
     def model_for_base(self, base: str | None) -> ModelEntry:
         """The loaded model an adapter was trained on (its stored base source)."""
         for e in self.models.values():

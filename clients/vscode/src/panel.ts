@@ -7,7 +7,7 @@ import { describeError } from "./api";
 import type { Ctx } from "./ctx";
 import { isFromPanel } from "./messages";
 import type { FromPanel, Section, ToPanel, TrainSettings } from "./messages";
-import { ErrorCodes } from "./protocol";
+import { DEFAULTS, ErrorCodes } from "./protocol";
 import type { ChatMessage, ExportFormat, ModelInfo, PlanParams } from "./protocol";
 
 export const VIEW_TYPE = "loralab.panel";
@@ -175,7 +175,7 @@ export class Panel implements vscode.Disposable {
     try {
       const m = await this.model();
       const api = await this.ctx.daemon();
-      const result = await api.generate({ model: m.id, messages, adapter, maxTokens: 256 },
+      const result = await api.generate({ model: m.id, messages, adapter, maxTokens: DEFAULTS.GenerateParams.maxTokens },
                                         (d) => this.post({ type: "delta", chatId, text: d.text }), cts.token);
       this.post({ type: "generated", chatId, result });
     } catch (e) {

@@ -685,7 +685,7 @@ export interface OptimizerSettings {
    */
   kind?: OptimizerKind;
   /**
-   * Peak learning rate.
+   * Peak learning rate (> 0).
    * @default 0.0002
    */
   lr?: number;

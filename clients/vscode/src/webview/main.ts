@@ -2,6 +2,7 @@
 // messages; the logic (reducer, chart geometry) is in state.ts and chart.ts, tested headless.
 import { formatBytes, formatSeconds, layoutChart } from "../chart";
 import type { FromPanel, Section, ToPanel, TrainSettings } from "../messages";
+import { DEFAULTS } from "../protocol";
 import { askChat, chatHistory, initialState, reduce } from "../state";
 import type { PanelState } from "../state";
 
@@ -15,6 +16,9 @@ declare function acquireVsCodeApi(): VsCodeApi;
 const vscode = acquireVsCodeApi();
 let state: PanelState = initialState();
 let chatSeq = 0;
+
+// the protocol's defaults, stated once (protocol/protocol.json)
+const T = DEFAULTS.TrainParams, LORA = DEFAULTS.LoraSettings, OPT = DEFAULTS.OptimizerSettings;
 
 const LAYOUT = `
 <style>
@@ -38,11 +42,11 @@ const LAYOUT = `
 <div id="daemon" class="muted"></div><div id="model" class="muted"></div><div id="err-daemon" class="error"></div>
 <section><h2>Plan</h2>
   <label>adapter <input id="adapter" type="text" value="my-adapter"></label>
-  <label>rank <input id="r" type="number" min="1" max="256" value="8"></label>
+  <label>rank <input id="r" type="number" min="1" max="256" value="${LORA.r}"></label>
   <label>steps <input id="steps" type="number" min="1" value="100"></label>
-  <label>batch <input id="batch" type="number" min="1" value="4"></label>
-  <label>seq <input id="seq" type="number" min="8" value="256"></label>
-  <label>lr <input id="lr" type="number" step="0.0001" value="0.0002"></label>
+  <label>batch <input id="batch" type="number" min="1" value="${T.batchSize}"></label>
+  <label>seq <input id="seq" type="number" min="8" value="${T.seqLen}"></label>
+  <label>lr <input id="lr" type="number" step="0.0001" value="${OPT.lr}"></label>
   <div><button id="plan-btn">Estimate</button><button id="calibrate-btn">Calibrate</button>
     <span id="calibrating" class="muted"></span></div>
   <div id="plan"></div><div id="err-plan" class="error"></div>
@@ -82,8 +86,9 @@ function num(id: string, fallback: number): number {
 }
 
 function settings(): TrainSettings {
-  return { adapter: el<HTMLInputElement>("adapter").value.trim() || "my-adapter", r: num("r", 8), steps: num("steps", 100),
-           batchSize: num("batch", 4), seqLen: num("seq", 256), lr: num("lr", 2e-4) };
+  return { adapter: el<HTMLInputElement>("adapter").value.trim() || "my-adapter", r: num("r", LORA.r),
+           steps: num("steps", 100), batchSize: num("batch", T.batchSize), seqLen: num("seq", T.seqLen),
+           lr: num("lr", OPT.lr) };
 }
 
 function setOptions(sel: HTMLSelectElement, names: string[]): void {
