@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import os
 import platform
@@ -331,49 +330,30 @@ async def daemon_numbers(d: Daemon, source: str, backend: str, data: Path, shape
 
 # --- the engine, same process, no daemon ----------------------------------------------------------------
 
-# -- engine API bridge. FALLBACK blocks: the engine interface before engine/interface.py landed
-#    (engine.generate, train_session(adapter, dict), sess.accumulate + sess.step(lr, clip)); delete them then.
-
 def _decode(engine, prompt_ids, max_tokens, samp: dict, adapters):
-    if hasattr(engine, "decode"):
-        from loralabd.engine.interface import Sampling
+    from loralabd.engine.interface import Sampling
 
-        s = Sampling(temperature=samp["temperature"], top_k=0, top_p=samp.get("topP", 1.0), seed=samp["seed"])
-        return engine.decode(prompt_ids, max_tokens, s, adapters)
-    # FALLBACK (old API)
-    return engine.generate(prompt_ids, max_tokens, adapters, samp["temperature"], 0, samp.get("topP", 1.0),
-                           samp["seed"])
+    s = Sampling(temperature=samp["temperature"], top_k=0, top_p=samp.get("topP", 1.0), seed=samp["seed"])
+    return engine.decode(prompt_ids, max_tokens, s, adapters)
 
 
 def _session(engine, adapter):
-    try:
-        from loralabd.engine.interface import OptimSettings
+    from loralabd.engine.interface import OptimSettings
 
-        return engine.train_session(adapter, OptimSettings(kind="adamw", seed=0))
-    except (ImportError, AttributeError, TypeError):  # FALLBACK (old API): the optimizer as a dict
-        return engine.train_session(adapter, {"kind": "adamw", "seed": 0})
+    return engine.train_session(adapter, OptimSettings(kind="adamw", seed=0))
 
 
 def _step(sess, batch, lr: float) -> str:
-    if next(iter(inspect.signature(sess.step).parameters)) != "lr":
-        sess.step([batch], lr, 1.0)
-        return "step(batches)"
-    # FALLBACK (old API): accumulate, then step (reads the gradient norm back)
-    sess.accumulate(batch.tokens, batch.labels, batch.segments, batch.positions)
-    sess.step(lr, 1.0)
-    return "accumulate+step (old API)"
+    sess.step([batch], lr, 1.0)
+    return "step(batches)"
 
 
 def _sync(sess) -> None:
-    if hasattr(sess, "metrics"):
-        sess.metrics()
+    sess.metrics()  # waits for the device
 
 
 def _close(x) -> None:
-    if hasattr(x, "close"):
-        x.close()
-
-# -- end of the bridge
+    x.close()
 
 
 def engine_numbers(model: str, backend: str, *, data: Path, shapes, steps: int, chats, max_tokens: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import resource
 from dataclasses import dataclass
-from typing import Generator, Iterator, Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 

@@ -45,14 +45,6 @@ def _reset_peak() -> bool:
         return False
 
 
-def load(spec: str | None):
-    return load_spec(spec)
-
-
-def make(model, backend: str):
-    return make_engine(model, backend)
-
-
 def run_config(cfg: dict) -> dict:
     """In this process (which should be fresh): load, train `steps` + 1 steps, report."""
     import numpy as np
@@ -66,8 +58,8 @@ def run_config(cfg: dict) -> dict:
 
     backend = cfg.get("backend", "numpy")
     rss0 = _status().get("VmRSS", 0)
-    model = load(cfg.get("model"))
-    engine = make(model, backend)
+    model = load_spec(cfg.get("model"))
+    engine = make_engine(model, backend)
     reset = _reset_peak()
     lcfg = LoraConfig(r=int(cfg.get("r", 8)), alpha=float(cfg.get("alpha", 16)), targets=tuple(cfg.get("targets", ("all",))),
                       dropout=float(cfg.get("dropout", 0.0)))
@@ -180,7 +172,7 @@ def validate(backend: str = "numpy", model: str = "default", grid=None, clock: C
             fut.result()
         measured = list(ex.map(lambda c: measure(c, threads), cfgs))
         cal = Calibration.from_dict(fut.result())
-    m = load(model)
+    m = load_spec(model)
     device = Device(**cal.device)
     rows = []
     for c, meas in zip(cfgs, measured):

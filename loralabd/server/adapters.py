@@ -4,17 +4,10 @@ its errors as protocol errors."""
 from __future__ import annotations
 
 from .. import paths
-from ..engine.lora import LoraAdapter, LoraConfig
+from ..engine.lora import LoraAdapter
 from ..protocol import ErrorCode
 from ..protocol.types import AdapterInfo
 from .errors import DomainError
-
-
-def lora_config(s: dict | None) -> LoraConfig:
-    try:
-        return LoraConfig.from_protocol(s)
-    except ValueError as e:
-        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
 
 
 def _store():

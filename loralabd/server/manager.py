@@ -189,7 +189,7 @@ class ModelManager:
     # -- jobs ------------------------------------------------------------------------------------
 
     async def journal_update(self, jid: str, **fields) -> None:
-        await asyncio.get_running_loop().run_in_executor(self.io, lambda: self.journal.update(jid, **fields))
+        await self.on_io(lambda: self.journal.update(jid, **fields))
 
     async def on_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the I/O thread (disk work that must not stall the event loop)."""
