@@ -296,7 +296,7 @@ class Dispatcher:
         info: DeviceInfo = {"backend": "numpy", "available": ["numpy"], "adapterName": "CPU (numpy)", "adapterType": "cpu",
                 "memoryBytes": None, "notes": notes}
         try:
-            d = await self.manager.device.run(device_probe)
+            d = await self.manager.on_device(device_probe)
         except Exception as e:
             d = None
             notes.append(f"WebGPU probe failed ({type(e).__name__}: {e}); the numpy backend is used")
@@ -337,7 +337,7 @@ class Dispatcher:
     async def plan_estimate(self, conn: Connection, p: PlanParams, rid: RequestId) -> PlanEstimate:
         e = self.manager.get(p["model"])
         async with e.turn():  # a calibration, when it runs, uses the engine
-            return await self.manager.device.run(plan_estimate, e.model, e.engine, p)
+            return await self.manager.on_device(plan_estimate, e.model, e.engine, p)
 
     async def plan_calibrate(self, conn: Connection, p: CalibrateParams, rid: RequestId) -> CalibrateResult:
         """Time the model's engine on a few shapes, one device call per shape: progress after each,
@@ -347,7 +347,7 @@ class Dispatcher:
         prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
         t0 = time.perf_counter()
         async with e.turn():
-            device, cal, todo = await self.manager.device.run(calibration_start, e.engine, e.model, clock,
+            device, cal, todo = await self.manager.on_device(calibration_start, e.engine, e.model, clock,
                                                               bool(p.get("refresh")))
             if cal is None:
                 if prog:
@@ -358,12 +358,12 @@ class Dispatcher:
                         if prog:
                             prog.report_message(100 * i // len(todo), f"shape {i + 1}/{len(todo)}: batch {B} x seq {T}, "
                                                                       f"r={cfg.r}")
-                        samples.append(await self.manager.device.run(time_shape, e.engine, cfg, B, T, clock, n))
+                        samples.append(await self.manager.on_device(time_shape, e.engine, cfg, B, T, clock, n))
                 except asyncio.CancelledError:
                     if prog:
                         prog.end(f"cancelled after {len(samples)}/{len(todo)} shapes; nothing was cached")
                     raise
-                cal = await self.manager.device.run(calibration_finish, e.engine, device, clock, samples,
+                cal = await self.manager.on_device(calibration_finish, e.engine, device, clock, samples,
                                                     time.perf_counter() - t0)
                 if prog:
                     prog.end(f"calibrated in {cal.seconds:.1f} s")
@@ -406,7 +406,7 @@ class Dispatcher:
                     "trainedTokens": int(sum(int(x.mask.sum()) for x in r.examples)), "sample": sample[:4000],
                     "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in problems],
                     "lengths": stats(r), "validation": split}
-        return await self.manager.device.run(inspect)
+        return await self.manager.on_device(inspect)
 
     async def evaluate(self, conn: Connection, p: EvaluateParams, rid: RequestId) -> EvaluateResult:
         """Loss over a dataset's labelled tokens, in the model's turn, one device call."""
@@ -445,7 +445,7 @@ class Dispatcher:
             if name:
                 ad, step = await self.manager.adapter(e, name)
                 adapters = [(ad, float(q["adapterScale"]))]
-            out = await self.manager.device.run(run, adapters)
+            out = await self.manager.on_device(run, adapters)
         out["adapterStep"] = step
         return out
 
@@ -541,7 +541,7 @@ class Dispatcher:
                 return g
 
             t0 = time.monotonic()
-            inner = asyncio.ensure_future(self.manager.device.run(run))
+            inner = asyncio.ensure_future(self.manager.on_device(run))
             try:
                 g = await asyncio.shield(inner)
             except asyncio.CancelledError:
@@ -563,12 +563,12 @@ class Dispatcher:
         from .export_bridge import export_adapter, export_merged
 
         if p["format"] != "merged":
-            return await self.manager.device.run(export_adapter, p)
+            return await self.manager.on_device(export_adapter, p)
         meta = await self.manager.on_io(adapter_meta, p["adapter"])
         e = self.manager.get(p["model"]) if p.get("model") else self.manager.model_for_base(meta.get("base_model"))
         async with e.turn():  # the merge reads the model's weights
             ad, _ = await self.manager.adapter(e, p["adapter"])
-            return await self.manager.device.run(export_merged, p, e.model, ad)
+            return await self.manager.on_device(export_merged, p, e.model, ad)
 
     async def adapter_import(self, conn: Connection, p: ImportParams, rid: RequestId) -> AdapterInfo:
         from .export_bridge import import_peft

@@ -191,6 +191,10 @@ class ModelManager:
     async def journal_update(self, jid: str, **fields) -> None:
         await self.on_io(lambda: self.journal.update(jid, **fields))
 
+    async def on_device(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on the device thread (the only thread that touches engines), cancel-safe (DeviceThread.run)."""
+        return await self.device.run(fn, *args)
+
     async def on_io(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn on the I/O thread (disk work that must not stall the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
