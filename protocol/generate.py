@@ -90,17 +90,33 @@ def constraints(p: dict) -> str:
         c.append(f"> {p['exclusiveMinimum']}")
     if "maximum" in p:
         c.append(f"<= {p['maximum']}")
+    if "exclusiveMaximum" in p:
+        c.append(f"< {p['exclusiveMaximum']}")
     if "maxLength" in p:
         c.append(f"at most {p['maxLength']} chars")
     if "pattern" in p:
         c.append(f"matches `{p['pattern']}`")
+    if c and _is_array(p["type"]):  # the validator checks an array property's ranges on each element
+        c[0] = "each " + c[0]
+    lo, hi = p.get("minItems"), p.get("maxItems")
+    if lo is not None and lo == hi:
+        c.append(f"exactly {lo} items")
+    else:
+        if lo is not None:
+            c.append(f"at least {lo} item{'s' * (lo != 1)}")
+        if hi is not None:
+            c.append(f"at most {hi} items")
     return "; ".join(c)
+
+
+def _is_array(t: dict) -> bool:
+    return t["kind"] == "array" or (t["kind"] == "or" and any(x["kind"] == "array" for x in t["items"]))
 
 
 # -- the spec's own rules and its defaults ------------------------------------------------------------
 
-PROPERTY_KEYS = {"name", "type", "documentation", "optional", "minimum", "exclusiveMinimum", "maximum", "maxLength",
-                 "pattern", "default"}
+PROPERTY_KEYS = {"name", "type", "documentation", "optional", "minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum",
+                 "maxLength", "pattern", "minItems", "maxItems", "default"}
 
 
 def check_spec(spec: dict) -> None:

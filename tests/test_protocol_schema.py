@@ -311,3 +311,45 @@ def test_lr_zero_is_refused_by_the_schema_as_by_the_trainer():
     with pytest.raises(ValidationError, match=r"optimizer\.lr: must be > 0"):
         check_params("train/start", p)
     check_params("train/start", {**p, "optimizer": {"lr": 1e-9}})
+
+
+def test_array_ranges_hold_per_element_and_item_counts_are_checked():
+    """An array property's minimum/exclusiveMaximum hold for each element; minItems/maxItems bound its length
+    (betas [0.9] or [2, -1] once reached the trainer and failed the job or trained NaN)."""
+    base = {"model": "m", "dataset": "d", "adapter": "a"}
+    for betas, msg in (([0.9], r"betas: expected exactly 2 items, got 1"), ([0.9, 0.99, 0.5], "exactly 2 items, got 3"),
+                       ([0.9, 1.0], r"betas\[1\]: must be < 1, got 1"), ([-0.1, 0.9], r"betas\[0\]: must be >= 0")):
+        with pytest.raises(ValidationError, match=msg):
+            check_params("train/start", {**base, "optimizer": {"betas": betas}})
+    check_params("train/start", {**base, "optimizer": {"betas": [0.0, 0.999999]}})
+    with pytest.raises(ValidationError, match=r"layers: expected at least 1 item, got 0"):
+        check_params("plan/estimate", {"model": "m", "lora": {"layers": []}})
+    with pytest.raises(ValidationError, match=r"layers: expected at most 1024 items"):
+        check_params("plan/estimate", {"model": "m", "lora": {"layers": list(range(1025))}})
+    check_params("plan/estimate", {"model": "m", "lora": {"layers": None}})
+
+
+@pytest.mark.parametrize("opt,lora,msg", [
+    ({"eps": 0}, {}, r"optimizer\.eps: must be >= 1e-30"), ({"eps": 2}, {}, r"optimizer\.eps: must be <= 1"),
+    ({"weightDecay": 1e308}, {}, r"weightDecay: must be <= 10"), ({}, {"alpha": 1e308}, r"lora\.alpha: must be <= 10000"),
+])
+def test_optimizer_and_lora_settings_have_sane_bounds(opt, lora, msg):
+    with pytest.raises(ValidationError, match=msg):
+        check_params("train/start", {"model": "m", "dataset": "d", "adapter": "a", "optimizer": opt, "lora": lora})
+    with pytest.raises(ValidationError, match=msg):  # the CLI and the trainer read settings through the same schema
+        from loralabd.training.trainer import TrainConfig
+
+        TrainConfig.from_protocol({"optimizer": opt, "lora": lora})
+
+
+def test_every_string_field_refuses_lone_surrogates():
+    """JSON may spell a lone UTF-16 surrogate (\\ud800); it is no text, so every string field answers -32602."""
+    for params, where in (({"model": "m", "prompt": "\ud800 x"}, r"params\.prompt"),
+                          ({"model": "m\udfff", "prompt": "x"}, r"params\.model"),
+                          ({"model": "m", "messages": [{"role": "user", "content": "a\udc00b"}]},
+                           r"params\.messages\[0\]\.content"),
+                          ({"model": "m", "prompt": "x", "stop": ["\udbff"]}, r"params\.stop\[0\]"),
+                          ({"model": "m", "prompt": "x", "adapter": "\ud800"}, r"params\.adapter")):
+        with pytest.raises(ValidationError, match=where + ": not valid Unicode text: a lone surrogate"):
+            check_params("generate", params)
+    check_params("generate", {"model": "m", "prompt": "a real pair: \U0001F600, é, 中"})

@@ -195,7 +195,7 @@ class LoraSettings(TypedDict):
     dropout: NotRequired[float]  # Dropout on the LoRA input.
     useRslora: NotRequired[bool]  # alpha/sqrt(r) scaling.
     targets: NotRequired[list[str]]  # Modules: q_proj ... down_proj or q, k, v, o, gate, up, down, attn, mlp, all.
-    layers: NotRequired[Union[list[int], None]]  # Layers to adapt; null: every layer.
+    layers: NotRequired[Union[list[int], None]]  # Layers to adapt, each once, counted from 0 (below the model's layer count, checked against the loaded model); null: every layer.
 
 
 class PlanParams(TypedDict):
@@ -430,9 +430,9 @@ class OptimizerSettings(TypedDict):
 
     kind: NotRequired["OptimizerKind"]  # adamw or adam8bit.
     lr: NotRequired[float]  # Peak learning rate (> 0).
-    betas: NotRequired[list[float]]  # (beta1, beta2).
-    eps: NotRequired[float]  # Epsilon.
-    weightDecay: NotRequired[float]  # Decoupled weight decay.
+    betas: NotRequired[list[float]]  # (beta1, beta2): the moments' decay rates.
+    eps: NotRequired[float]  # Epsilon, added to the denominator (smaller than 1e-30 underflows in float32: 0/0 is NaN).
+    weightDecay: NotRequired[float]  # Decoupled weight decay (each step multiplies the weights by 1 - lr × weightDecay).
 
 
 class TrainParams(TypedDict):
@@ -1009,7 +1009,8 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Scale numerator (scale = alpha/r, or alpha/sqrt(r) with '
                                                    'rsLoRA); when omitted, 2 × r.',
                                   'optional': True,
-                                  'minimum': 0},
+                                  'minimum': 0,
+                                  'maximum': 10000},
                                  {'name': 'dropout',
                                   'type': {'kind': 'base', 'name': 'number'},
                                   'documentation': 'Dropout on the LoRA input.',
@@ -1033,8 +1034,13 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                            'items': [{'kind': 'array',
                                                       'element': {'kind': 'base', 'name': 'integer'}},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Layers to adapt; null: every layer.',
+                                  'documentation': 'Layers to adapt, each once, counted from 0 (below the '
+                                                   "model's layer count, checked against the loaded model); "
+                                                   'null: every layer.',
                                   'optional': True,
+                                  'minimum': 0,
+                                  'minItems': 1,
+                                  'maxItems': 1024,
                                   'default': None}],
                   'additionalProperties': False},
  'PlanParams': {'properties': [{'name': 'model',
@@ -1644,20 +1650,28 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                       {'name': 'betas',
                                        'type': {'kind': 'array',
                                                 'element': {'kind': 'base', 'name': 'number'}},
-                                       'documentation': '(beta1, beta2).',
+                                       'documentation': "(beta1, beta2): the moments' decay rates.",
                                        'optional': True,
+                                       'minimum': 0,
+                                       'exclusiveMaximum': 1,
+                                       'minItems': 2,
+                                       'maxItems': 2,
                                        'default': [0.9, 0.999]},
                                       {'name': 'eps',
                                        'type': {'kind': 'base', 'name': 'number'},
-                                       'documentation': 'Epsilon.',
+                                       'documentation': 'Epsilon, added to the denominator (smaller than '
+                                                        '1e-30 underflows in float32: 0/0 is NaN).',
                                        'optional': True,
-                                       'minimum': 0,
+                                       'minimum': 1e-30,
+                                       'maximum': 1,
                                        'default': 1e-08},
                                       {'name': 'weightDecay',
                                        'type': {'kind': 'base', 'name': 'number'},
-                                       'documentation': 'Decoupled weight decay.',
+                                       'documentation': 'Decoupled weight decay (each step multiplies the '
+                                                        'weights by 1 - lr × weightDecay).',
                                        'optional': True,
                                        'minimum': 0,
+                                       'maximum': 10,
                                        'default': 0.0}],
                        'additionalProperties': False},
  'TrainParams': {'properties': [{'name': 'model',

@@ -21,6 +21,18 @@ def _show(v) -> str:
     return s if len(s) <= 40 else s[:37] + "..."
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(v: str, path: str) -> None:
+    """JSON's \\u escapes can spell lone UTF-16 surrogates, which are no Unicode text: tokenizers and UTF-8
+    writers fail on them, so they are refused here, for every string field."""
+    m = _SURROGATE.search(v)
+    if m is not None:
+        raise ValidationError(f"{path}: not valid Unicode text: a lone surrogate {m.group()!r} at character "
+                              f"{m.start()}; send UTF-8 text")
+
+
 def _kind_name(t: dict) -> str:
     k = t["kind"]
     if k == "base":
@@ -55,6 +67,8 @@ def check(value, t: dict, path: str, depth: int = 0) -> None:
         }[n](value)
         if not ok:
             raise ValidationError(f"{path}: expected {n}, got {_show(value)}")
+        if n == "string":
+            _check_text(value, path)
     elif k == "stringLiteral":
         if value != t["value"]:
             raise ValidationError(f"{path}: expected {t['value']!r}, got {_show(value)}")
@@ -112,18 +126,40 @@ def check_structure(value, name: str, path: str, depth: int = 0, required: bool 
             continue
         v = value[n]
         check(v, p["type"], where, depth + 1)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if "minimum" in p and v < p["minimum"]:
-                raise ValidationError(f"{where}: must be >= {p['minimum']}, got {v}")
-            if "exclusiveMinimum" in p and v <= p["exclusiveMinimum"]:
-                raise ValidationError(f"{where}: must be > {p['exclusiveMinimum']}, got {v}")
-            if "maximum" in p and v > p["maximum"]:
-                raise ValidationError(f"{where}: must be <= {p['maximum']}, got {v}")
-        if isinstance(v, str):
-            if "maxLength" in p and len(v) > p["maxLength"]:
-                raise ValidationError(f"{where}: at most {p['maxLength']} characters, got {len(v)}")
-            if "pattern" in p and not re.fullmatch(p["pattern"], v):
-                raise ValidationError(f"{where}: {v[:40]!r} does not match {p['pattern']}")
+        if isinstance(v, list):
+            _check_items(v, p, where)
+            for i, x in enumerate(v):  # on an array, a property's ranges hold for each element
+                _check_bounds(x, p, f"{where}[{i}]")
+        else:
+            _check_bounds(v, p, where)
+
+
+def _check_items(v: list, p: dict, where: str) -> None:
+    lo, hi = p.get("minItems"), p.get("maxItems")
+    if lo is not None and lo == hi and len(v) != lo:
+        raise ValidationError(f"{where}: expected exactly {lo} items, got {len(v)}")
+    if lo is not None and len(v) < lo:
+        raise ValidationError(f"{where}: expected at least {lo} item{'s' * (lo != 1)}, got {len(v)}")
+    if hi is not None and len(v) > hi:
+        raise ValidationError(f"{where}: expected at most {hi} items, got {len(v)}")
+
+
+def _check_bounds(v, p: dict, where: str) -> None:
+    """A property's ranges (minimum, exclusiveMinimum, maximum, exclusiveMaximum) and string limits."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if "minimum" in p and v < p["minimum"]:
+            raise ValidationError(f"{where}: must be >= {p['minimum']}, got {v}")
+        if "exclusiveMinimum" in p and v <= p["exclusiveMinimum"]:
+            raise ValidationError(f"{where}: must be > {p['exclusiveMinimum']}, got {v}")
+        if "maximum" in p and v > p["maximum"]:
+            raise ValidationError(f"{where}: must be <= {p['maximum']}, got {v}")
+        if "exclusiveMaximum" in p and v >= p["exclusiveMaximum"]:
+            raise ValidationError(f"{where}: must be < {p['exclusiveMaximum']}, got {v}")
+    if isinstance(v, str):
+        if "maxLength" in p and len(v) > p["maxLength"]:
+            raise ValidationError(f"{where}: at most {p['maxLength']} characters, got {len(v)}")
+        if "pattern" in p and not re.fullmatch(p["pattern"], v):
+            raise ValidationError(f"{where}: {v[:40]!r} does not match {p['pattern']}")
 
 
 def read_settings(structure: str, value, path: str = "") -> dict:

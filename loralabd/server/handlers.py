@@ -336,6 +336,7 @@ class Dispatcher:
 
     async def plan_estimate(self, conn: Connection, p: PlanParams, rid: RequestId) -> PlanEstimate:
         e = self.manager.get(p["model"])
+        _check_layers("plan/estimate", p, e.model.args.num_hidden_layers, e.id)
         async with e.turn():  # a calibration, when it runs, uses the engine
             return await self.manager.on_device(plan_estimate, e.model, e.engine, p)
 
@@ -453,6 +454,7 @@ class Dispatcher:
 
     async def train_start(self, conn: Connection, p: TrainParams, rid: RequestId) -> JobInfo:
         e = self.manager.get(p["model"])
+        _check_layers("train/start", p, e.model.args.num_hidden_layers, e.id)
         if await self.manager.on_io(adapter_info, p["adapter"]) is not None and not p.get("overwrite"):
             raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['adapter']!r} exists; choose another name "
                                                "or pass overwrite: true")
@@ -578,6 +580,22 @@ class Dispatcher:
             raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['name']!r} exists; choose another name "
                                                        "or pass overwrite: true")
         return await self.manager.on_io(import_peft, p, e.model, e.source)
+
+
+def _check_layers(method: str, p: TrainParams | PlanParams, n_layers: int, model: str) -> None:
+    """lora.layers against the loaded model (the schema cannot know its depth): -32602 naming the valid range,
+    before any work (a layer past the end once trained every step, then failed at the save)."""
+    layers = (p.get("lora") or {}).get("layers")
+    if not layers:
+        return
+    where = f"invalid params for {method}: params.lora.layers"
+    for i, x in enumerate(layers):
+        if x >= n_layers:
+            raise RpcError(ErrorCode.InvalidParams, f"{where}[{i}]: model {model!r} has {n_layers} layers, numbered "
+                                                    f"0 to {n_layers - 1}, got {x}; pick layers in that range, or null "
+                                                    "for every layer")
+        if x in layers[:i]:
+            raise RpcError(ErrorCode.InvalidParams, f"{where}[{i}]: layer {x} is listed twice; list each layer once")
 
 
 def _valid_id(x) -> bool:

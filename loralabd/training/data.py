@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LoraLabError
-from .checkpoint import atomic_write_bytes
+from ..paths import atomic_write_bytes
 
 FORMATS = ("auto", "text", "completion", "chat")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # .json: JSONL, or one array of records (numbered from 1)

@@ -283,7 +283,7 @@ export interface LoraSettings {
    */
   targets?: string[];
   /**
-   * Layers to adapt; null: every layer.
+   * Layers to adapt, each once, counted from 0 (below the model's layer count, checked against the loaded model); null: every layer.
    * @default null
    */
   layers?: number[] | null;
@@ -690,17 +690,17 @@ export interface OptimizerSettings {
    */
   lr?: number;
   /**
-   * (beta1, beta2).
+   * (beta1, beta2): the moments' decay rates.
    * @default [0.9, 0.999]
    */
   betas?: number[];
   /**
-   * Epsilon.
+   * Epsilon, added to the denominator (smaller than 1e-30 underflows in float32: 0/0 is NaN).
    * @default 1e-08
    */
   eps?: number;
   /**
-   * Decoupled weight decay.
+   * Decoupled weight decay (each step multiplies the weights by 1 - lr × weightDecay).
    * @default 0.0
    */
   weightDecay?: number;

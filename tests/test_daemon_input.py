@@ -1,0 +1,93 @@
+"""Bounded, checked input against the real daemon (issue 12): settings out of range, layers the model does not
+have, text that is not Unicode, wrong LSP frames, non-finite training, datasets too big to read whole."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from daemon_helpers import Daemon, connect, dataset, env_for, home, run, server, tiny_model  # noqa: F401 (fixtures)
+from loralabd.client import AsyncClient, RpcError
+
+TRANSPORTS = ["stdio", "ws"]
+
+# settings that once passed validation and trained NaN adapters or failed the job late
+BAD_SETTINGS = [
+    ({"optimizer": {"betas": [0.9]}}, "params.optimizer.betas: expected exactly 2 items, got 1"),
+    ({"optimizer": {"betas": [2, -1]}}, "params.optimizer.betas[0]: must be < 1"),
+    ({"optimizer": {"eps": 0}}, "params.optimizer.eps: must be >= 1e-30"),
+    ({"optimizer": {"weightDecay": 1e308}}, "params.optimizer.weightDecay: must be <= 10"),
+    ({"lora": {"alpha": 1e308}}, "params.lora.alpha: must be <= 10000"),
+    ({"lora": {"layers": [0, 999]}}, "params.lora.layers[1]: model 'tiny' has 2 layers, numbered 0 to 1, got 999"),
+    ({"lora": {"layers": [1, 1]}}, "params.lora.layers[1]: layer 1 is listed twice"),
+    ({"lora": {"layers": [-1]}}, "params.lora.layers[0]: must be >= 0"),
+]
+
+
+async def _refused(c: AsyncClient, method: str, params: dict, reason: str) -> None:
+    with pytest.raises(RpcError) as e:
+        await c.request(method, params, timeout=30)
+    assert e.value.code == -32602 and reason in e.value.message, (method, params, e.value.message)
+
+
+async def _bad_settings(transport, home, d, tiny_model, data):
+    c = await connect(transport, home, d)
+    try:
+        await c.request("model/load", {"source": str(tiny_model), "name": "tiny"})
+        base = {"model": "tiny", "dataset": str(data), "adapter": "bad", "steps": 2, "seqLen": 32}
+        for extra, reason in BAD_SETTINGS:
+            await _refused(c, "train/start", {**base, **extra}, reason)
+            if "lora" in extra:  # plan/estimate takes the same LoRA settings
+                await _refused(c, "plan/estimate", {"model": "tiny", **extra}, reason)
+        assert (await c.request("train/list"))["jobs"] == []  # refused before any job was made
+        plan = await c.request("plan/estimate", {"model": "tiny", "lora": {"layers": [1], "r": 4}})
+        assert plan["loraParameters"] > 0
+        # lone surrogates are no text: -32602 naming the field, not an internal error
+        await _refused(c, "generate", {"model": "tiny", "prompt": "\ud800 x", "maxTokens": 2},
+                       "params.prompt: not valid Unicode text: a lone surrogate")
+        await _refused(c, "generate", {"model": "tiny", "messages": [{"role": "user", "content": "hi \udc00"}],
+                                       "maxTokens": 2}, "params.messages[0].content: not valid Unicode text")
+        out = await c.request("generate", {"model": "tiny", "prompt": "hello \U0001F600", "maxTokens": 2})
+        assert out["tokens"] >= 1
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("server", TRANSPORTS, indirect=True)
+def test_bad_settings_layers_and_surrogates_answer_invalid_params(server, tiny_model, dataset):
+    transport, home, d = server
+    run(_bad_settings(transport, home, d, tiny_model, dataset))
+
+
+def _frame(obj: dict, length: int | None = None) -> bytes:
+    body = json.dumps(obj).encode()
+    return b"Content-Length: %d\r\n\r\n" % (len(body) if length is None else length) + body
+
+
+def test_stdio_resynchronizes_after_a_wrong_content_length(home):
+    """A frame whose Content-Length is too short, too long or not a number is answered with -32700, and the
+    requests after it are answered (they were swallowed before)."""
+    async def go():
+        c = await AsyncClient.spawn_stdio(env=env_for(home))
+        try:
+            assert c.proc is not None and c.proc.stdin is not None
+            bad = {"jsonrpc": "2.0", "id": 100, "method": "model/list", "params": {"x": "y" * 10}}
+            assert len(json.dumps(bad)) > 10
+            c.proc.stdin.write(_frame(bad, 10))  # too short: the rest of the body is left in the stream
+            assert await c.request("model/list", timeout=30) == {"models": []}
+            c.proc.stdin.write(b"Content-Length: ten\r\n\r\n{}")
+            assert await c.request("model/list", timeout=30) == {"models": []}
+            # too long: the body runs into the next frame; both requests are still answered
+            nxt = _frame({"jsonrpc": "2.0", "id": 101, "method": "model/list"})
+            c.proc.stdin.write(_frame({"jsonrpc": "2.0", "id": 102, "method": "model/list"}, 60) + nxt)
+            assert await c.request("model/list", timeout=30) == {"models": []}
+            errors = [m["error"]["message"] for m in c.notifications if "error" in m]
+            assert len(errors) == 2 and "invalid JSON" in errors[0] and "bad LSP header" in errors[1], errors
+            answered = {m["id"] for m in c.notifications if "result" in m}
+            assert answered == {101, 102}, c.notifications
+            assert not any(m.get("id") == 100 for m in c.notifications)
+        finally:
+            await c.close()
+    run(go())
