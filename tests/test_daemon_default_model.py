@@ -17,6 +17,7 @@ def test_default_model_chat(home, default_model_path):
             c = await d.client()
             m = await c.request("model/load", {})
             assert m["id"] == "default" and m["numLayers"] == 30 and m["vocabSize"] == 49152
+            assert m["name"] == "SmolLM2-135M-Instruct"  # what the VS Code panel shows
             assert 60e6 < m["weightBytes"] < 140e6  # the Q4_1 file's tensors, ~98 MB
             plan = await c.request("plan/estimate", {"model": "default", "batchSize": 4, "seqLen": 256})
             assert plan["memory"]["weights"] >= m["weightBytes"] and plan["loraParameters"] > 0

@@ -79,7 +79,11 @@ def load_model(source: str | os.PathLike | None = None, *, weights: str = "q4_1"
     "q4_1" (quantized at load, the default), "f16" or "f32". GGUF blocks are kept as they are."""
     if weights not in ("q4_1", "f16", "f32"):
         raise ValueError(f"weights must be q4_1, f16 or f32, not {weights!r}")
-    path = default_model_path() if source in (None, "", "default") else Path(source).expanduser()
+    if source in (None, "", "default"):
+        m = _load_gguf(default_model_path())
+        m.name = DEFAULT_MODEL_HF_ID.rsplit("/", 1)[-1]  # the file's general.name reads "Smollm2 135M 8k Lc100K Mix1 Ep2"
+        return m
+    path = Path(source).expanduser()
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or directory; name a .gguf file or a model directory")
     if path.is_dir():

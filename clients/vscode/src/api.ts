@@ -30,7 +30,7 @@ export class DaemonApi {
   /** generate with streaming: onDelta gets the text as it comes, in order; resolves with the whole result. */
   async generate(params: Omit<GenerateParams, "partialResultToken">, onDelta: (d: GenerateDelta) => void,
                  token?: CancellationToken): Promise<GenerateResult> {
-    const t = `gen-${process.pid}-${++this.seq}`;
+    const t = this.token("gen");
     this.deltas.set(t, onDelta);
     try {
       return await this.request("generate", { ...params, partialResultToken: t }, token);
@@ -39,11 +39,21 @@ export class DaemonApi {
     }
   }
 
+  /** A token for a request's progress or stream, unique in this client. */
+  token(kind: string): string {
+    return `${kind}-${process.pid}-${++this.seq}`;
+  }
+
+  /** $/progress on token: begin, reports (coalesced, ~4/s) and end. */
+  onProgress(token: string, handler: (v: WorkDoneValue) => void): Disposable {
+    return this.conn.onProgress(workDoneProgress, token, handler);
+  }
+
   /** train/start with $/progress: onProgress gets begin, reports (coalesced, ~4/s) and end. */
   async train(params: Omit<TrainParams, "workDoneToken">, onProgress: (v: WorkDoneValue) => void,
               token?: CancellationToken): Promise<JobInfo> {
-    const t = `train-${process.pid}-${++this.seq}`;
-    const sub = this.conn.onProgress(workDoneProgress, t, onProgress);
+    const t = this.token("train");
+    const sub = this.onProgress(t, onProgress);
     try {
       return await this.request("train/start", { ...params, workDoneToken: t }, token);
     } finally {

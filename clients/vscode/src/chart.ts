@@ -1,16 +1,33 @@
 // Loss chart geometry, pure: the webview only strokes the points this returns onto a canvas.
-import type { LossPoint } from "./state";
+import type { Point } from "./jobs";
 
 export interface Tick {
   value: number;
   pos: number;  // pixel
 }
 
+export interface Plot {
+  left: number;
+  right: number;
+  top: number;
+  bottom: number;
+}
+
 export interface ChartLayout {
-  raw: Array<[number, number]>;     // (x, y) pixels of each loss point
-  smooth: Array<[number, number]>;  // EMA-smoothed loss
-  xTicks: Tick[];
-  yTicks: Tick[];
+  plot: Plot;                       // the drawing area inside the axes
+  raw: Array<[number, number]>;     // (x, y) pixels of each training loss point
+  smooth: Array<[number, number]>;  // EMA-smoothed training loss
+  val: Array<[number, number]>;     // validation losses (same axis as the loss)
+  lr: Array<[number, number]>;      // learning rate, on the right axis
+  xTicks: Tick[];                   // steps: integers only
+  yTicks: Tick[];                   // loss
+  lrTicks: Tick[];                  // learning rate (empty without lr points)
+}
+
+export interface Series {
+  loss: Point[];
+  val: Point[];
+  lr: Point[];
 }
 
 /** Exponential moving average with TensorBoard's debiasing (the first values are not pulled to 0). */
@@ -32,10 +49,10 @@ export function downsample<T>(xs: T[], n: number): T[] {
   return out;
 }
 
-/** Round tick values (1, 2, 5 times a power of ten) covering [lo, hi]. */
-export function niceTicks(lo: number, hi: number, count: number): number[] {
+/** Round tick values (1, 2, 5 times a power of ten, at least minStep apart) covering [lo, hi]. */
+export function niceTicks(lo: number, hi: number, count: number, minStep = 0): number[] {
   if (!(hi > lo)) return [lo];
-  const raw = (hi - lo) / Math.max(count, 1);
+  const raw = Math.max((hi - lo) / Math.max(count, 1), minStep);
   const mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = [1, 2, 5, 10].map((k) => k * mag).find((s) => s >= raw) ?? 10 * mag;
   const out: number[] = [];
@@ -43,22 +60,37 @@ export function niceTicks(lo: number, hi: number, count: number): number[] {
   return out;
 }
 
-export function layoutChart(points: LossPoint[], width: number, height: number, pad = 32, maxPoints = 400): ChartLayout {
-  const pts = downsample(points, maxPoints);
-  if (pts.length === 0) return { raw: [], smooth: [], xTicks: [], yTicks: [] };
-  const x0 = pts[0].step, x1 = Math.max(pts[pts.length - 1].step, x0 + 1);
-  let lo = Math.min(...pts.map((p) => p.loss)), hi = Math.max(...pts.map((p) => p.loss));
-  if (hi - lo < 1e-6) { lo -= 0.5; hi += 0.5; }
-  const margin = (hi - lo) * 0.05;
-  lo -= margin; hi += margin;
-  const px = (s: number): number => pad + ((s - x0) / (x1 - x0)) * (width - 2 * pad);
-  const py = (l: number): number => height - pad - ((l - lo) / (hi - lo)) * (height - 2 * pad);
-  const sm = ema(pts.map((p) => p.loss), 0.6);
+function span(values: number[], pad: number): [number, number] {
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (hi - lo < 1e-12 * Math.max(1, Math.abs(hi))) { const d = Math.abs(hi) * 0.1 || 0.5; lo -= d; hi += d; }
+  const m = (hi - lo) * pad;
+  return [lo - m, hi + m];
+}
+
+export function layoutChart(s: Series, width: number, height: number, maxPoints = 400): ChartLayout {
+  const loss = downsample(s.loss, maxPoints), val = s.val, lr = downsample(s.lr, maxPoints);
+  const hasLr = lr.length > 0;
+  const plot: Plot = { left: 48, right: width - (hasLr ? 56 : 12), top: 10, bottom: height - 34 };
+  const empty: ChartLayout = { plot, raw: [], smooth: [], val: [], lr: [], xTicks: [], yTicks: [], lrTicks: [] };
+  const losses = [...loss, ...val];
+  if (losses.length === 0 && !hasLr) return empty;
+  const steps = [...losses, ...lr].map((p) => p.step);
+  const x0 = Math.min(...steps), x1 = Math.max(Math.max(...steps), x0 + 1);
+  const [lo, hi] = losses.length ? span(losses.map((p) => p.value), 0.05) : [0, 1];
+  const [lrLo, lrHi] = hasLr ? span(lr.map((p) => p.value), 0.05) : [0, 1];
+  const px = (step: number): number => plot.left + ((step - x0) / (x1 - x0)) * (plot.right - plot.left);
+  const py = (v: number, a: number, b: number): number => plot.bottom - ((v - a) / (b - a)) * (plot.bottom - plot.top);
+  const sm = ema(loss.map((p) => p.value), 0.6);
+  const xt = niceTicks(x0, x1, Math.max(2, Math.floor((plot.right - plot.left) / 70)), 1);  // steps are whole
   return {
-    raw: pts.map((p) => [px(p.step), py(p.loss)]),
-    smooth: pts.map((p, i) => [px(p.step), py(sm[i])]),
-    xTicks: niceTicks(x0, x1, 5).map((v) => ({ value: v, pos: px(v) })),
-    yTicks: niceTicks(lo, hi, 4).map((v) => ({ value: v, pos: py(v) })),
+    plot,
+    raw: loss.map((p) => [px(p.step), py(p.value, lo, hi)]),
+    smooth: loss.map((p, i) => [px(p.step), py(sm[i], lo, hi)]),
+    val: val.map((p) => [px(p.step), py(p.value, lo, hi)]),
+    lr: lr.map((p) => [px(p.step), py(p.value, lrLo, lrHi)]),
+    xTicks: xt.map((v) => ({ value: v, pos: px(v) })),
+    yTicks: losses.length ? niceTicks(lo, hi, 4).map((v) => ({ value: v, pos: py(v, lo, hi) })) : [],
+    lrTicks: hasLr ? niceTicks(lrLo, lrHi, 3).map((v) => ({ value: v, pos: py(v, lrLo, lrHi) })) : [],
   };
 }
 
@@ -70,9 +102,12 @@ export function formatBytes(n: number | null): string {
   return `${v.toFixed(i === 0 ? 0 : 1)} ${units[i]}`;
 }
 
+/** 42 s, 2 min 5 s, 1 h 3 min: rounded once, then split (never "2 min 60 s"). */
 export function formatSeconds(s: number | null): string {
   if (s === null || !Number.isFinite(s)) return "-";
-  if (s < 60) return `${Math.round(s)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
+  const t = Math.round(Math.max(0, s));
+  if (t < 60) return `${t} s`;
+  if (t < 3600) return t % 60 ? `${Math.floor(t / 60)} min ${t % 60} s` : `${t / 60} min`;
+  const m = Math.round(t / 60);
+  return m % 60 ? `${Math.floor(m / 60)} h ${m % 60} min` : `${m / 60} h`;
 }

@@ -1,12 +1,13 @@
 // Messages between the extension and the panel's webview. Both sides import these types; what comes
 // from the webview is checked with isFromPanel before it is acted on.
-import type { WorkDoneValue } from "./lsp_ext";
+import type { JobView } from "./jobs";
 import type {
-  AdapterInfo, ChatMessage, DatasetInfo, ExportFormat, ExportResult, GenerateResult, JobInfo, ModelInfo, PlanEstimate,
+  AdapterInfo, ChatMessage, DatasetInfo, ExportFormat, ExportResult, GenerateResult, ModelInfo, PlanEstimate,
 } from "./protocol";
 import { ExportFormatValues } from "./protocol";
 
 export type Section = "daemon" | "plan" | "dataset" | "train" | "chat" | "export";
+export type DaemonState = "stopped" | "starting" | "ready" | "failed";
 
 export interface TrainSettings {
   adapter: string;
@@ -15,23 +16,29 @@ export interface TrainSettings {
   lr: number;
   batchSize: number;
   seqLen: number;
+  evalEvery: number;      // steps between validation losses (0: only at the end)
+  valPercent: number;     // held-out share of the data when it has no valid.jsonl (0: none)
+  budgetMinutes: number;  // the plan's time budget: it advises settings that meet it
 }
 
 /** extension -> webview */
 export type ToPanel =
-  | { type: "daemon"; state: "starting" | "ready" | "stopped"; text: string }
-  | { type: "model"; model: ModelInfo }
+  | { type: "daemon"; state: DaemonState; text: string }
+  | { type: "model"; model: ModelInfo | null }
   | { type: "plan"; plan: PlanEstimate }
-  | { type: "calibrating"; on: boolean }
+  | { type: "planning"; on: boolean }
+  | { type: "calibration"; running: boolean; percentage: number | null; message: string }
   | { type: "dataset"; dataset: DatasetInfo }
-  | { type: "progress"; value: WorkDoneValue }
-  | { type: "trainDone"; job: JobInfo }
-  | { type: "trainCancelled" }
+  | { type: "settings"; settings: Partial<TrainSettings> }
+  | { type: "job"; job: JobView }
   | { type: "adapters"; adapters: AdapterInfo[] }
   | { type: "delta"; chatId: number; text: string }
   | { type: "generated"; chatId: number; result: GenerateResult }
   | { type: "chatStopped"; chatId: number }
+  | { type: "ask"; prompt: string }
   | { type: "exported"; result: ExportResult }
+  | { type: "focus"; section: Section }
+  | { type: "run"; what: "plan" | "train"; fit?: boolean }  // fit: take the dataset's suggested seq first
   | { type: "error"; section: Section; message: string };
 
 /** webview -> extension */
@@ -39,23 +46,27 @@ export type FromPanel =
   | { type: "ready" }
   | { type: "plan"; settings: TrainSettings }
   | { type: "calibrate"; settings: TrainSettings }
+  | { type: "calibrateCancel" }
   | { type: "pickDataset" }
   | { type: "trainStart"; settings: TrainSettings }
-  | { type: "trainCancel" }
-  | { type: "chat"; chatId: number; messages: ChatMessage[]; adapter: string | null }
+  | { type: "trainCancel"; jobId: string }
+  | { type: "trainResume"; jobId: string }
+  | { type: "chat"; chatId: number; messages: ChatMessage[]; adapter: string | null; scale: number }
   | { type: "chatStop" }
-  | { type: "export"; adapter: string; format: ExportFormat };
+  | { type: "export"; adapter: string; format: ExportFormat }
+  | { type: "openSettings"; setting: string };
 
 const isObj = (x: unknown): x is Record<string, unknown> => typeof x === "object" && x !== null && !Array.isArray(x);
 const isNum = (x: unknown): x is number => typeof x === "number" && Number.isFinite(x);
+const isStr = (x: unknown): x is string => typeof x === "string";
 
-function isSettings(x: unknown): x is TrainSettings {
-  return isObj(x) && typeof x.adapter === "string" && isNum(x.steps) && isNum(x.r) && isNum(x.lr) &&
-    isNum(x.batchSize) && isNum(x.seqLen);
+export function isSettings(x: unknown): x is TrainSettings {
+  return isObj(x) && isStr(x.adapter) && isNum(x.steps) && isNum(x.r) && isNum(x.lr) && isNum(x.batchSize) &&
+    isNum(x.seqLen) && isNum(x.evalEvery) && isNum(x.valPercent) && isNum(x.budgetMinutes);
 }
 
 function isChat(x: unknown): x is ChatMessage[] {
-  return Array.isArray(x) && x.every((m) => isObj(m) && typeof m.content === "string" &&
+  return Array.isArray(x) && x.every((m) => isObj(m) && isStr(m.content) &&
     (m.role === "system" || m.role === "user" || m.role === "assistant"));
 }
 
@@ -63,11 +74,12 @@ function isChat(x: unknown): x is ChatMessage[] {
 export function isFromPanel(x: unknown): x is FromPanel {
   if (!isObj(x)) return false;
   switch (x.type) {
-    case "ready": case "pickDataset": case "trainCancel": case "chatStop": return true;
+    case "ready": case "pickDataset": case "chatStop": case "calibrateCancel": return true;
     case "plan": case "calibrate": case "trainStart": return isSettings(x.settings);
-    case "chat": return isNum(x.chatId) && isChat(x.messages) && (x.adapter === null || typeof x.adapter === "string");
-    case "export": return typeof x.adapter === "string" &&
-      (ExportFormatValues as readonly unknown[]).includes(x.format);
+    case "trainCancel": case "trainResume": return isStr(x.jobId);
+    case "chat": return isNum(x.chatId) && isChat(x.messages) && (x.adapter === null || isStr(x.adapter)) && isNum(x.scale);
+    case "export": return isStr(x.adapter) && (ExportFormatValues as readonly unknown[]).includes(x.format);
+    case "openSettings": return isStr(x.setting) && x.setting.startsWith("loralab.");
     default: return false;
   }
 }

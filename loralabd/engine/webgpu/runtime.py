@@ -184,10 +184,20 @@ def _native_encoder():
 _NATIVE = None if os.environ.get("LORALAB_WGPU_NATIVE_ENCODE") == "0" else _native_encoder()
 
 
+def _headless_device_select() -> None:
+    """Mesa's Vulkan device-select layer connects to the display server to find the GPU that drives the screen; a
+    daemon without a display has none, and libwayland then prints `error: XDG_RUNTIME_DIR is invalid or not set in
+    the environment.` to stderr, twice. wgpu picks its adapter by power preference itself, so the layer is switched
+    off (NODEVICE_SELECT, its own switch) when no display is there; a value the user set wins."""
+    if not os.environ.get("WAYLAND_DISPLAY") and not os.environ.get("DISPLAY"):
+        os.environ.setdefault("NODEVICE_SELECT", "1")
+
+
 class Runtime:
     """Adapter, device, caches. Use `get_runtime()`; one per process (wgpu-py leaks on re-creation)."""
 
     def __init__(self):
+        _headless_device_select()  # before wgpu creates its Vulkan instance
         import wgpu
 
         self.wgpu = wgpu
