@@ -8,7 +8,7 @@
     loralab train  --list | --resume ID
     loralab chat   [PROMPT] [--adapter NAME]   streaming chat (no PROMPT: interactive)
     loralab adapters                    saved adapters
-    loralab export NAME --format peft|gguf|mlx [--out PATH]
+    loralab export NAME --format peft|gguf|mlx [--out PATH] [--overwrite]
     loralab demo                        plan, train the pirate demo, compare base and adapter answers
 """
 
@@ -115,7 +115,8 @@ def _train_stream(c: Client, method: str, params: dict) -> dict | None:
 
 def cmd_serve(a):
     args = [*(["--stdio"] if a.stdio else []), *(["--port", str(a.port)] if a.port else []),
-            *(["--host", a.host] if a.host else []), *(["--allow-remote"] if a.allow_remote else [])]
+            *(["--host", a.host] if a.host else []), *(["--allow-remote"] if a.allow_remote else []),
+            *[x for d in a.allow_path for x in ("--allow-path", os.path.abspath(os.path.expanduser(d)))]]
     if a.detach:
         info = paths.read_connection()
         if info:
@@ -382,7 +383,8 @@ def cmd_adapters(a):
 
 def cmd_export(a):
     with _client() as c:
-        r = c.request("adapter/export", {"adapter": a.adapter, "format": a.format, **({"path": a.out} if a.out else {})})
+        r = c.request("adapter/export", {"adapter": a.adapter, "format": a.format, "overwrite": a.overwrite,
+                                         **({"path": os.path.abspath(os.path.expanduser(a.out))} if a.out else {})})
         print(f"{r['format']} export of {a.adapter}:")
         for f in r["files"]:
             print(f"  {f}")
@@ -437,7 +439,10 @@ def build_parser():
     s.add_argument("--stdio", action="store_true", help="serve over stdin/stdout (LSP framing), for editors")
     s.add_argument("--port", type=int, default=0)
     s.add_argument("--host", default=None)
-    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host")
+    s.add_argument("--allow-remote", action="store_true", help="allow a non-loopback --host (datasets and exports "
+                   "then stay inside the data directory and the --allow-path folders)")
+    s.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="with --allow-remote: a folder clients may read datasets from and export to (repeatable)")
     s.set_defaults(fn=cmd_serve)
     sub.add_parser("status", help="is a daemon running, what does it hold").set_defaults(fn=cmd_status)
     sub.add_parser("stop", help="stop the daemon (running jobs checkpoint first)").set_defaults(fn=cmd_stop)
@@ -513,7 +518,9 @@ def build_parser():
     s = sub.add_parser("export", help="write an adapter as PEFT, llama.cpp GGUF or MLX, or merged into its base")
     s.add_argument("adapter")
     s.add_argument("--format", choices=["peft", "gguf", "mlx", "merged"], default="peft")
-    s.add_argument("--out")
+    s.add_argument("--out", help="file (gguf) or folder to write; default: the data directory's exports")
+    s.add_argument("--overwrite", action="store_true", help="replace an earlier export at that path (a regular file, "
+                   "or a folder of only that format's files)")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("import", help="store a PEFT adapter directory (to chat with it, export it, train on)")

@@ -26,7 +26,7 @@ def data_dir() -> Path:
         p = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "LoRALab"
     else:
         p = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / APP
-    p.mkdir(parents=True, exist_ok=True)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)  # private: the daemon keeps it 0700 (server/datadir.py)
     return p.resolve()
 
 
@@ -64,7 +64,7 @@ def logs_dir() -> Path:
 
 def _sub(name: str) -> Path:
     p = data_dir() / name
-    p.mkdir(parents=True, exist_ok=True)
+    p.mkdir(parents=True, exist_ok=True, mode=0o700)
     return p
 
 

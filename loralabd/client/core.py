@@ -282,7 +282,7 @@ class AsyncClient:
 
 def start_daemon(timeout: float = 60.0, extra_args=()) -> dict:
     """Start a detached websocket daemon for this data dir; wait for its connection file."""
-    log = open(paths.logs_dir() / "loralabd.out", "ab")
+    log = open(os.open(paths.logs_dir() / "loralabd.out", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
     proc = subprocess.Popen([sys.executable, "-m", "loralabd.server.main", *extra_args], stdin=subprocess.DEVNULL,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=os.environ.copy())
     t0 = time.monotonic()

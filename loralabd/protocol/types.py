@@ -586,8 +586,9 @@ class ExportParams(TypedDict):
 
     adapter: str  # Adapter name.
     format: "ExportFormat"  # peft, gguf or mlx.
-    path: NotRequired[str]  # Output directory or file; when omitted, under the data directory's exports.
+    path: NotRequired[str]  # Output directory or file (gguf: a file; into an existing folder as `<adapter>.gguf`); when omitted, under the data directory's exports. A daemon started with --allow-remote writes only under its data directory and its --allow-path roots.
     model: NotRequired[str]  # For `merged`: the loaded model to merge into (it must be the adapter's base); when omitted, the loaded model the adapter was trained on.
+    overwrite: NotRequired[bool]  # Replace what is at `path` (or the default path): a regular file, or a folder holding only what this format writes. Without it an existing file or a non-empty folder is refused (-32602); links, devices, FIFOs and sockets are refused always.
 
 
 class ImportParams(TypedDict):
@@ -2082,8 +2083,11 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'peft, gguf or mlx.'},
                                  {'name': 'path',
                                   'type': {'kind': 'base', 'name': 'string'},
-                                  'documentation': 'Output directory or file; when omitted, under the data '
-                                                   "directory's exports.",
+                                  'documentation': 'Output directory or file (gguf: a file; into an existing '
+                                                   'folder as `<adapter>.gguf`); when omitted, under the '
+                                                   "data directory's exports. A daemon started with "
+                                                   '--allow-remote writes only under its data directory and '
+                                                   'its --allow-path roots.',
                                   'optional': True,
                                   'maxLength': 4096},
                                  {'name': 'model',
@@ -2092,7 +2096,16 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                                    "the adapter's base); when omitted, the loaded model the "
                                                    'adapter was trained on.',
                                   'optional': True,
-                                  'maxLength': 256}],
+                                  'maxLength': 256},
+                                 {'name': 'overwrite',
+                                  'type': {'kind': 'base', 'name': 'boolean'},
+                                  'documentation': 'Replace what is at `path` (or the default path): a '
+                                                   'regular file, or a folder holding only what this format '
+                                                   'writes. Without it an existing file or a non-empty '
+                                                   'folder is refused (-32602); links, devices, FIFOs and '
+                                                   'sockets are refused always.',
+                                  'optional': True,
+                                  'default': False}],
                   'additionalProperties': False},
  'ImportParams': {'properties': [{'name': 'path',
                                   'type': {'kind': 'base', 'name': 'string'},
@@ -2187,6 +2200,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                     'topP': 1.0,
                     'seed': 0,
                     'stop': []},
+ 'ExportParams': {'overwrite': False},
  'ImportParams': {'overwrite': False}}
 
 

@@ -31,6 +31,7 @@ from ..protocol.types import AdapterList, CalibrateParams, CalibrateResult, Data
     JobList, JobRef, ModelInfo, ModelList, ModelLoadParams, ModelRef, PlanEstimate, PlanParams, ProgressToken, \
     ResumeParams, TrainFollowParams, TrainParams, TrainProgress, WorkDoneProgressBegin, WorkDoneProgressEnd, \
     WorkDoneProgressReport
+from . import access
 from .jobs import job_info
 from .manager import Job, ModelManager
 from .adapters import adapter_info, adapter_meta, list_adapters
@@ -386,7 +387,7 @@ class Dispatcher:
 
         def inspect() -> DatasetInfo:
             tok = e.model.tokenizer
-            src, valid = Path(p["path"]).expanduser(), None
+            src, valid = access.readable(p["path"]), None
             if src.is_dir() and (src / "train.jsonl").is_file():  # MLX-LM's layout: the splits apart
                 valid = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else None
                 src = src / "train.jsonl"
@@ -397,6 +398,9 @@ class Dispatcher:
                 raise DomainError(ErrorCode.DatasetError, str(err)) from None
             assert tok is not None  # read_source tokenized the examples with it
             sample = tok.decode(r.examples[0].ids) if r.examples else ""
+            if _control_chars(sample):  # text data only: a binary file's bytes are never sent back
+                sample = ""
+                r.problems.append(_no_sample(r.examples[0].file))
             split: DatasetSplit | None = None
             if v is not None:
                 split = {"path": str(valid), "examples": len(v.examples), "tokens": int(sum(len(x) for x in v.examples)),
@@ -421,7 +425,7 @@ class Dispatcher:
 
         def run(adapters: list) -> EvaluateResult:
             tok = e.model.tokenizer
-            src = Path(q["dataset"]).expanduser()
+            src = access.readable(q["dataset"])
             if src.is_dir() and (src / "train.jsonl").is_file():
                 src = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else src / "train.jsonl"
             try:
@@ -460,6 +464,7 @@ class Dispatcher:
                                                "or pass overwrite: true")
         if self.manager.running_job_for_adapter(p["adapter"]):
             raise DomainError(ErrorCode.AdapterExists, f"a running job already trains {p['adapter']!r}; choose another name")
+        await self._check_reads(p)
         params = {k: v for k, v in p.items() if k not in ("workDoneToken", "wait")}
         job = await self.manager.start_job(e, params)
         return await self._follow(conn, job, p)
@@ -473,10 +478,17 @@ class Dispatcher:
         import json
 
         params = json.loads(row["params"])
+        await self._check_reads(params)  # this daemon's rule, which may differ from the one that started the job
         e = await self.manager.ensure(row["model"], params.get("model"))
         params["model"] = e.id
         job = await self.manager.start_job(e, params, jid=row["id"])
         return await self._follow(conn, job, p)
+
+    async def _check_reads(self, p: Mapping[str, Any]) -> None:
+        """A training job's data, where this daemon may read it (access.py: confined under --allow-remote)."""
+        for key in ("dataset", "validation"):
+            if p.get(key):
+                await self.manager.on_io(access.readable, p[key], key)
 
     async def _follow(self, conn: Connection, job: Job, p: TrainParams | ResumeParams) -> JobInfo:
         if "workDoneToken" in p:
@@ -596,6 +608,18 @@ def _check_layers(method: str, p: TrainParams | PlanParams, n_layers: int, model
                                                     "for every layer")
         if x in layers[:i]:
             raise RpcError(ErrorCode.InvalidParams, f"{where}[{i}]: layer {x} is listed twice; list each layer once")
+
+
+def _control_chars(text: str) -> bool:
+    """Control characters other than whitespace: what text data does not hold and binary files do."""
+    return any(ord(ch) < 32 and ch not in "\t\n\r\f\v" or 0x7f <= ord(ch) < 0xa0 for ch in text)
+
+
+def _no_sample(file: str):
+    from ..training.data import Problem
+
+    return Problem(file, None, "not_text", "holds control characters, so it looks like binary data rather than text; "
+                                           "its sample is left out — check the file")
 
 
 def _valid_id(x) -> bool:

@@ -33,12 +33,18 @@ def parse_args(argv=None):
                     help="allow a non-loopback --host (anyone who can reach it and has the token can use your GPU)")
     ap.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                     help="an extra browser Origin allowed to connect (repeatable)")
+    ap.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                    help="with --allow-remote: a folder clients may read datasets from and export to, besides the "
+                         "data directory (repeatable)")
     ap.add_argument("--max-message-mb", type=float, default=8.0, help="largest accepted message (default 8 MB)")
     ap.add_argument("--log-level", default=os.environ.get("LORALAB_LOG", "INFO"))
     ap.add_argument("--version", action="version", version=f"loralabd {__version__}")
     a = ap.parse_args(argv)
     if a.host not in ("127.0.0.1", "localhost", "::1") and not a.allow_remote:
         ap.error(f"--host {a.host} is not loopback; add --allow-remote if you really mean to expose the daemon")
+    for d in a.allow_path:
+        if not os.path.isdir(os.path.expanduser(d)):
+            ap.error(f"--allow-path {d}: no such folder; create it or fix the path")
     return a
 
 
@@ -146,6 +152,7 @@ async def serve(a) -> int:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    os.umask(0o077)  # what the daemon writes (data dir, journal, logs, checkpoints, exports) is its user's alone
     setup_logging(a.log_level)
     fd, other = acquire_lock()
     if fd is None:
@@ -153,6 +160,11 @@ def main(argv=None) -> None:
               "use it (`loralab status`), stop it (`loralab stop`), or set LORALAB_HOME to another directory",
               file=sys.stderr)
         sys.exit(EXIT_LOCKED)
+    from . import access, datadir
+
+    datadir.make_private()  # an older daemon's 0755/0644 data dir
+    datadir.clean_leftovers()  # ours alone now (the lock): temp files of a daemon that was killed
+    access.configure(a.allow_remote, a.allow_path)
     # Not asyncio.run: it joins the default executor, where the stdio reader may sit in a blocking read of
     # a stdin that stays open, and the daemon would never exit (holding the data-directory lock).
     loop = asyncio.new_event_loop()

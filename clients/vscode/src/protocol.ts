@@ -1013,10 +1013,15 @@ export interface ExportParams {
   adapter: string;
   /** peft, gguf or mlx. */
   format: ExportFormat;
-  /** Output directory or file; when omitted, under the data directory's exports. */
+  /** Output directory or file (gguf: a file; into an existing folder as `<adapter>.gguf`); when omitted, under the data directory's exports. A daemon started with --allow-remote writes only under its data directory and its --allow-path roots. */
   path?: string;
   /** For `merged`: the loaded model to merge into (it must be the adapter's base); when omitted, the loaded model the adapter was trained on. */
   model?: string;
+  /**
+   * Replace what is at `path` (or the default path): a regular file, or a folder holding only what this format writes. Without it an existing file or a non-empty folder is refused (-32602); links, devices, FIFOs and sockets are refused always.
+   * @default false
+   */
+  overwrite?: boolean;
 }
 
 /** A PEFT adapter to import. */
@@ -1057,6 +1062,7 @@ export interface ProtocolDefaults {
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
   ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
   GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
+  ExportParams: Readonly<Required<Pick<ExportParams, "overwrite">>>;
   ImportParams: Readonly<Required<Pick<ImportParams, "overwrite">>>;
 }
 
@@ -1074,6 +1080,7 @@ export const DEFAULTS: ProtocolDefaults = {
   TrainFollowParams: { wait: true },
   ResumeParams: { wait: true },
   GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
+  ExportParams: { overwrite: false },
   ImportParams: { overwrite: false },
 };
 
