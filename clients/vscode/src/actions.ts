@@ -45,7 +45,8 @@ export async function exportAdapter(ctx: Ctx, adapter?: string, format?: ExportF
     ...(format === "gguf" ? { filters: { GGUF: ["gguf"] } } : {}),
   });
   if (!uri) return undefined;
-  const result = await api.request("adapter/export", { adapter, format, path: uri.fsPath });
+  // the save dialog asked before replacing; the daemon still refuses a link, a device, or a folder of other files
+  const result = await api.request("adapter/export", { adapter, format, path: uri.fsPath, overwrite: true });
   void announce(adapter, label, result);
   return result;
 }
