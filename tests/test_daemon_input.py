@@ -91,3 +91,52 @@ def test_stdio_resynchronizes_after_a_wrong_content_length(home):
         finally:
             await c.close()
     run(go())
+
+
+async def _big_data(home, d, tiny_model, tmp):
+    c = await d.client()
+    try:
+        await c.request("model/load", {"source": str(tiny_model), "name": "tiny"})
+        # one 5 MB line: refused as a problem naming the line and the limit, without tokenizing it
+        huge = tmp / "huge.jsonl"
+        huge.write_text(json.dumps({"text": "word " * (1 << 20)}) + "\n" + json.dumps({"text": "hello world"}) + "\n")
+        info = await c.request("dataset/inspect", {"model": "tiny", "path": str(huge)}, timeout=30)
+        assert info["examples"] == 1 and [q["line"] for q in info["problems"]] == [1], info["problems"]
+        assert "too_big: a line of 5.0 MiB is over the limit of 1.0 MiB" in info["problems"][0]["message"]
+        only = tmp / "only.jsonl"
+        only.write_text(json.dumps({"text": "word " * (1 << 20)}) + "\n")
+        with pytest.raises(RpcError) as e:
+            await c.request("train/start", {"model": "tiny", "dataset": str(only), "adapter": "x", "steps": 1}, timeout=30)
+        assert e.value.code == -32057 and "over the limit of 1.0 MiB" in e.value.message, e.value.message
+        # a long read runs off the model's queue: a generate sent while it runs is answered before it ends
+        big = tmp / "big.jsonl"
+        row = json.dumps({"text": "the quick brown fox jumps over the lazy dog. hello world, this is a tiny tokenizer " * 8})
+        with open(big, "w") as f:
+            for _ in range(12000):
+                f.write(row + "\n")
+        reports = []
+        c.on_notification = lambda m: reports.append(m) if m["method"] == "$/progress" else None
+        reading = asyncio.ensure_future(c.request("dataset/inspect", {"model": "tiny", "path": str(big),
+                                                                      "workDoneToken": "read-1"}, timeout=120))
+        while not any(r["params"]["value"]["kind"] == "report" for r in reports):  # the read is under way
+            await asyncio.sleep(0.02)
+            assert not reading.done(), reading.result()
+        out = await c.request("generate", {"model": "tiny", "prompt": "hello", "maxTokens": 2}, timeout=60)
+        assert out["tokens"] >= 1 and not reading.done()
+        info = await reading
+        assert info["examples"] == 12000 and not info["problems"]
+        kinds = [r["params"]["value"]["kind"] for r in reports]
+        assert kinds[0] == "begin" and kinds[-1] == "end" and "MiB" in reports[1]["params"]["value"]["message"]
+    finally:
+        await c.close()
+
+
+def test_big_data_is_bounded_and_read_off_the_model_queue(home, tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the daemon's token cache: this test's own
+    d = Daemon(home)
+    try:
+        run(_big_data(home, d, tiny_model, tmp_path), timeout=300)
+    finally:
+        d.stop()
+        d.log.close()
+    assert any((tmp_path / "cache" / "loralab" / "tokens").iterdir())  # the cache was this test's (a hit: no long read)

@@ -227,3 +227,78 @@ def test_json_array_file(tiny, tmp_path):
     (tmp_path / "bad.json").write_text('[{"text": "a"},\n {"text": }]')
     r = read_source(tmp_path / "bad.json", tok, cache_dir=False)
     assert [(p.line, p.kind) for p in r.problems] == [(2, "bad_json")]
+
+
+# -- bounded reading (issue 12): streamed line by line, with stated limits ------------------------------------
+
+def test_a_line_over_the_record_limit_is_skipped_without_tokenizing_it(tiny, tmp_path):
+    from loralabd.training import data
+
+    tok = tiny.tokenizer
+    huge = "w" * (5 * data.MIB)  # one word: the slowest thing to tokenize
+    f = write_jsonl(tmp_path / "d.jsonl", [{"text": "hello world"}, {"text": huge}, {"text": "the lazy dog"}])
+    seen = []
+    r = read_source(f, tok, cache_dir=False, progress=lambda done, total: seen.append((done, total)))
+    assert [e.line for e in r.examples] == [1, 3]
+    assert [(p.line, p.kind) for p in r.problems] == [(2, "too_big")]
+    assert "a line of 5.0 MiB is over the limit of 1.0 MiB" in r.problems[0].message
+    size = f.stat().st_size
+    assert seen and all(t == size for _, t in seen) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    # a text file with such a line is skipped whole, with its line number
+    t = tmp_path / "notes.txt"
+    t.write_text("first line\n" + huge + "\nlast line\n")
+    r = read_source(t, tok, cache_dir=False)
+    assert not r.examples and [(p.line, p.kind) for p in r.problems] == [(2, "too_big")]
+
+
+def test_files_over_the_size_limits_are_refused_before_reading(tiny, tmp_path):
+    from loralabd.training import data
+
+    tok = tiny.tokenizer
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as f:  # sparse: the size is all that is looked at
+        f.truncate(data.MAX_FILE_BYTES + 1)
+    r = read_source(big, tok, cache_dir=False)
+    assert not r.examples and r.problems[0].kind == "too_big" and "limit of 256.0 MiB" in r.problems[0].message
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(5):
+        with open(folder / f"part{i}.txt", "wb") as f:
+            f.truncate(data.MAX_TOTAL_BYTES // 4)
+    with pytest.raises(DatasetError, match=r"hold 1280\.0 MiB, over the limit of 1024\.0 MiB"):
+        read_source(folder, tok, cache_dir=False)
+    arr = tmp_path / "array.json"
+    with open(arr, "wb") as f:
+        f.write(b'[{"text": "a"}')
+        f.truncate(data.MAX_ARRAY_BYTES + 1)
+    r = read_source(arr, tok, cache_dir=False)
+    assert r.problems[0].kind == "too_big" and "write it as JSONL" in r.problems[0].message
+
+
+def test_big_text_files_are_tokenized_in_blocks_of_whole_lines(tiny, tmp_path, monkeypatch):
+    """A text file over TEXT_BLOCK is tokenized a block of lines at a time (memory bounded) into the same tokens as
+    at once, for a byte-level tokenizer; a smaller one is tokenized whole, as always."""
+    from loralabd.training import data
+
+    tok = tiny.tokenizer
+    lines = [f"the quick brown fox {i} jumps over the lazy dog.\n\n  hello world, {i * 7}\n" for i in range(300)]
+    t = tmp_path / "doc.txt"
+    t.write_text("".join(lines))
+    whole = read_source(t, tok, cache_dir=False, max_seq_len=64)
+    monkeypatch.setattr(data, "TEXT_BLOCK", 1000)
+    blocks = read_source(t, tok, cache_dir=False, max_seq_len=64)
+    assert len(blocks.examples) == len(whole.examples) > 10
+    for a, b in zip(whole.examples, blocks.examples):
+        assert a.ids.tolist() == b.ids.tolist() and a.mask.tolist() == b.mask.tolist()
+
+
+def test_records_that_are_no_text_are_reported(tiny, tmp_path):
+    f = write_jsonl(tmp_path / "s.jsonl", ['{"text": "lone \\ud800 surrogate"}', {"text": "fine"}])
+    r = read_source(f, tiny.tokenizer, cache_dir=False)
+    assert [e.line for e in r.examples] == [2]
+    assert [(p.line, p.kind) for p in r.problems] == [(1, "bad_field")] and "not valid Unicode" in r.problems[0].message
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    r = read_source(bad, tiny.tokenizer, cache_dir=False)
+    assert not r.examples and [(p.line, p.kind) for p in r.problems] == [(None, "not_text")]
+    assert "line 2" in r.problems[0].message

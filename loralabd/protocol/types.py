@@ -358,6 +358,7 @@ class DatasetParams(TypedDict):
     path: str  # Text file, folder, or JSONL (text, prompt/completion, messages).
     model: str  # Model id whose tokenizer counts tokens.
     seqLen: NotRequired[int]  # Sequence length for packing.
+    workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress` (reports of the bytes read, about one per MiB, at most 4 a second).
 
 
 class DatasetProblem(TypedDict):
@@ -678,7 +679,7 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
                     'progress': 'workDone'},
  'dataset/inspect': {'params': {'kind': 'reference', 'name': 'DatasetParams'},
                      'result': {'kind': 'reference', 'name': 'DatasetInfo'},
-                     'progress': None},
+                     'progress': 'workDone'},
  'evaluate': {'params': {'kind': 'reference', 'name': 'EvaluateParams'},
               'result': {'kind': 'reference', 'name': 'EvaluateResult'},
               'progress': None},
@@ -1480,7 +1481,12 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                    'optional': True,
                                    'minimum': 8,
                                    'maximum': 131072,
-                                   'default': 512}],
+                                   'default': 512},
+                                  {'name': 'workDoneToken',
+                                   'type': {'kind': 'reference', 'name': 'ProgressToken'},
+                                   'documentation': 'Token for `$/progress` (reports of the bytes read, '
+                                                    'about one per MiB, at most 4 a second).',
+                                   'optional': True}],
                    'additionalProperties': False},
  'DatasetProblem': {'properties': [{'name': 'line',
                                     'type': {'kind': 'or',

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Union
+from typing import Any, TypeVar, Union
 
 from .. import __version__, paths
 from ..errors import LoraLabError, ModelLoadError
@@ -41,6 +41,7 @@ from .generating import generation
 from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, time_shape
 
 log = logging.getLogger("loralabd.rpc")
+T = TypeVar("T")
 # Tests (and developers) set LORALAB_CHECK_RESULTS=1: every result and notification is checked against
 # protocol.json before it is sent, and a mismatch is an internal error instead of a silent drift.
 CHECK_RESULTS = os.environ.get("LORALAB_CHECK_RESULTS") == "1"
@@ -385,6 +386,9 @@ class Dispatcher:
             return {"min": n[0] if n else 0, "median": float(np.median(n)) if n else 0.0, "max": n[-1] if n else 0,
                     "overSeqLen": sum(1 for q in r.problems if q.kind == "too_long")}
 
+        prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
+        told = _ReadReports(prog, p["path"], asyncio.get_running_loop())
+
         def inspect() -> DatasetInfo:
             tok = e.model.tokenizer
             src, valid = access.readable(p["path"]), None
@@ -392,8 +396,8 @@ class Dispatcher:
                 valid = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else None
                 src = src / "train.jsonl"
             try:
-                r = read_source(src, tok, max_seq_len=seq)
-                v = read_source(valid, tok, max_seq_len=seq) if valid is not None else None
+                r = read_source(src, tok, max_seq_len=seq, progress=told)
+                v = read_source(valid, tok, max_seq_len=seq, progress=told) if valid is not None else None
             except DatasetError as err:
                 raise DomainError(ErrorCode.DatasetError, str(err)) from None
             assert tok is not None  # read_source tokenized the examples with it
@@ -411,11 +415,12 @@ class Dispatcher:
                     "trainedTokens": int(sum(int(x.mask.sum()) for x in r.examples)), "sample": sample[:4000],
                     "problems": [{"line": q.line, "file": q.file, "message": f"{q.kind}: {q.message}"} for q in problems],
                     "lengths": stats(r), "validation": split}
-        return await self.manager.on_device(inspect)
+        # a data thread, not the device thread: the model's queue (generation, training steps) goes on meanwhile
+        return await _with_progress(prog, f"Reading {p['path']}", told, self.manager.on_data(inspect))
 
     async def evaluate(self, conn: Connection, p: EvaluateParams, rid: RequestId) -> EvaluateResult:
         """Loss over a dataset's labelled tokens, in the model's turn, one device call."""
-        from ..training.data import DatasetError, read_source
+        from ..training.data import DatasetError, FileResult, read_source
         from ..training.packing import eval_batches
 
         e = self.manager.get(p["model"])
@@ -423,18 +428,21 @@ class Dispatcher:
         name = q.get("adapter")
         seq, bs = int(q["seqLen"]), int(q["batchSize"])
 
-        def run(adapters: list) -> EvaluateResult:
-            tok = e.model.tokenizer
+        def read() -> tuple[Path, FileResult]:
             src = access.readable(q["dataset"])
             if src.is_dir() and (src / "train.jsonl").is_file():
                 src = src / "valid.jsonl" if (src / "valid.jsonl").is_file() else src / "train.jsonl"
             try:
-                r = read_source(src, tok, max_seq_len=seq)
+                r = read_source(src, e.model.tokenizer, max_seq_len=seq, progress=_ReadReports(None, str(src), None))
             except DatasetError as err:
                 raise DomainError(ErrorCode.DatasetError, str(err)) from None
             if not r.examples:
                 raise DomainError(ErrorCode.DatasetError, f"{src}: no usable example to evaluate on; check the file "
                                                          "(dataset/inspect lists its problems)")
+            return src, r
+
+        def run(adapters: list, src: Path, r: FileResult) -> EvaluateResult:
+            tok = e.model.tokenizer
             pad = tok.eos_id if tok is not None and tok.eos_id is not None else 0
             total, n = 0.0, 0
             for b in eval_batches(r.examples, seq, bs, pad, True, q.get("maxBatches")):
@@ -445,12 +453,13 @@ class Dispatcher:
             return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": n, "examples": len(r.examples),
                     "path": str(src), "adapter": name, "adapterStep": None}
 
+        src, data = await self.manager.on_data(read)  # tokenizing: off the model's queue
         async with e.turn():
             adapters, step = [], None
             if name:
                 ad, step = await self.manager.adapter(e, name)
                 adapters = [(ad, float(q["adapterScale"]))]
-            out = await self.manager.on_device(run, adapters)
+            out = await self.manager.on_device(run, adapters, src, data)
         out["adapterStep"] = step
         return out
 
@@ -592,6 +601,43 @@ class Dispatcher:
             raise DomainError(ErrorCode.AdapterExists, f"an adapter named {p['name']!r} exists; choose another name "
                                                        "or pass overwrite: true")
         return await self.manager.on_io(import_peft, p, e.model, e.source)
+
+
+class _ReadReports:
+    """A dataset read's progress(done, total), called on the reading thread about once per MiB: to `$/progress`
+    when the request has a token, to the log every few seconds; once the request is cancelled it raises there,
+    so the read stops at its next report instead of running on."""
+
+    def __init__(self, prog: Progress | None, what: str, loop: asyncio.AbstractEventLoop | None):
+        self.prog, self.what, self.loop = prog, what, loop
+        self.cancelled = threading.Event()
+        self.logged = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.cancelled.is_set():
+            raise asyncio.CancelledError()
+        msg = f"read {done / 2**20:.0f} of {total / 2**20:.0f} MiB"
+        if self.prog is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.prog.report_message, 100 * done // max(total, 1), msg)
+        if time.monotonic() - self.logged >= 5.0:
+            self.logged = time.monotonic()
+            log.info("%s: %s", self.what, msg)
+
+
+async def _with_progress(prog: Progress | None, title: str, reports: _ReadReports, work: Awaitable[T]) -> T:
+    """Await work (a read on a data thread) between `$/progress` begin and end; a cancel stops the read too."""
+    if prog is not None:
+        prog.begin(title)
+    try:
+        out = await work
+    except BaseException:
+        reports.cancelled.set()
+        if prog is not None:
+            prog.end("stopped")
+        raise
+    if prog is not None:
+        prog.end("read")
+    return out
 
 
 def _check_layers(method: str, p: TrainParams | PlanParams, n_layers: int, model: str) -> None:

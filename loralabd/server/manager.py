@@ -25,7 +25,7 @@ from ..protocol import ErrorCode
 from .adapters import adapter_stamp, load_adapter
 from .engines import engine_for
 from .errors import DomainError
-from .training import TrainRun
+from .training import TrainRun, load_dataset
 
 if TYPE_CHECKING:
     from ..engine.interface import Engine
@@ -103,6 +103,8 @@ class ModelManager:
         self.device = DeviceThread()
         # disk work (the journal's fsync'd writes, the adapter store) runs here, in order, off the event loop
         self.io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="io")
+        # reading and tokenizing datasets (seconds to minutes) runs here: off the model's queue and the journal's
+        self.data = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="data")
         self.models: dict[str, ModelEntry] = {}
         self.jobs: dict[str, Job] = {}
         self._loading: dict[str, asyncio.Future] = {}
@@ -199,6 +201,10 @@ class ModelManager:
         """Run fn on the I/O thread (disk work that must not stall the event loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.io, fn, *args)
 
+    async def on_data(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn on a data thread (dataset reading and tokenizing): generation and training steps go on meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.data, fn, *args)
+
     def job_row(self, jid: str) -> dict:
         row = self.journal.get(jid)
         if row is None:
@@ -223,8 +229,9 @@ class ModelManager:
         self.jobs[jid] = job
         entry.jobs.add(jid)
         try:
+            ds = await self.on_data(load_dataset, entry.model, params)  # tokenizing: off the model's queue
             async with entry.turn():
-                job.run = await self.device.run(lambda: TrainRun(entry.engine, entry.model, jid, params, resume))
+                job.run = await self.device.run(lambda: TrainRun(entry.engine, entry.model, jid, params, resume, ds))
         except BaseException as e:
             self.jobs.pop(jid, None)
             entry.jobs.discard(jid)

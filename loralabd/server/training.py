@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,7 @@ from .errors import DomainError, finite
 if TYPE_CHECKING:
     from ..engine.interface import Engine
     from ..models.load import LoadedModel
+    from ..training.packing import Dataset
 
 
 class TrainRun:
@@ -25,9 +27,10 @@ class TrainRun:
     checkpointEvery steps and at the end (LoRA weights, optimizer and schedule state, data position).
     """
 
-    def __init__(self, engine: Engine, model: LoadedModel, job_id: str, p: dict, resume: bool = False):
+    def __init__(self, engine: Engine, model: LoadedModel, job_id: str, p: dict, resume: bool = False,
+                 ds: Dataset | None = None):
+        """ds: the job's data, tokenized (load_dataset, off the device thread), else read here."""
         from ..training.data import DatasetError
-        from ..training.packing import Dataset
         from ..training.trainer import TrainConfig, TrainError, Trainer
 
         self.engine, self.model, self.job_id, self.p = engine, model, job_id, p
@@ -35,12 +38,7 @@ class TrainRun:
         try:
             cfg = TrainConfig.from_protocol(p)
             q = with_defaults("TrainParams", dict(p))
-            ds = Dataset.load(p["dataset"], model.tokenizer, valid=q.get("validation"),
-                              valid_fraction=float(q["validationFraction"]), seed=cfg.seed, max_seq_len=cfg.seq_len)
-            if not ds.train:
-                lines = "; ".join(str(x) for x in ds.problems[:5])
-                raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
-                                  + "; fix the data or pick another dataset")
+            ds = ds if ds is not None else load_dataset(model, p)
             self.tr = Trainer(engine, ds, cfg, run_dir=self.run_dir, resume=resume)
             if q["evalAtStart"] and self.tr.step_num == 0 and not self.tr.history:
                 ev = self.tr.evaluate()  # step 0: the base model's loss on the validation data
@@ -112,3 +110,39 @@ class TrainRun:
         return save_adapter(self.p["adapter"], self.snapshot(), self.model.args, base_source,
                             {"steps": self.step_count, "jobId": self.job_id, "loss": self.last_loss,
                              "baseName": self.model.name})
+
+
+def load_dataset(model: LoadedModel, p: dict) -> Dataset:
+    """A job's data (train/start params), read and tokenized: the slow part of starting a job, so the manager runs
+    it on a data thread, off the model's queue. Progress goes to the log."""
+    import logging
+
+    from ..training.data import DatasetError
+    from ..training.packing import Dataset
+    from ..training.trainer import TrainConfig, TrainError
+
+    log = logging.getLogger("loralabd.training")
+    said = [0.0]
+
+    def told(done: int, total: int) -> None:
+        if time.monotonic() - said[0] >= 5.0:
+            said[0] = time.monotonic()
+            log.info("%s: read %.0f of %.0f MiB", p["dataset"], done / 2**20, total / 2**20)
+
+    try:
+        cfg = TrainConfig.from_protocol(p)
+        q = with_defaults("TrainParams", dict(p))
+        ds = Dataset.load(p["dataset"], model.tokenizer, valid=q.get("validation"),
+                          valid_fraction=float(q["validationFraction"]), seed=cfg.seed, max_seq_len=cfg.seq_len,
+                          progress=told)
+    except DatasetError as e:
+        raise DomainError(ErrorCode.DatasetError, str(e)) from None
+    except OSError as e:
+        raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: {e}; check the path") from None
+    except (TrainError, ValueError) as e:
+        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
+    if not ds.train:
+        lines = "; ".join(str(x) for x in ds.problems[:5])
+        raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
+                          + "; fix the data or pick another dataset")
+    return ds

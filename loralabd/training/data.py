@@ -4,17 +4,24 @@ on-disk tokenization cache, inspection with line-numbered problems.
 Every example becomes (ids, mask): mask[t] says whether predicting ids[t] counts in the loss
 (completion / assistant tokens only, where the format has them). Packing is in packing.py.
 Nothing is dropped silently: every line that is skipped or truncated is a Problem with its line number.
+
+Files are streamed, never read whole: line by line, each line at most MAX_RECORD_BYTES (a longer one is
+skipped in chunks, without holding it, and reported), within MAX_FILE_BYTES a file and MAX_TOTAL_BYTES a
+folder (docs/training.md states these limits).
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import json
 import os
 import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,6 +31,13 @@ from ..paths import atomic_write_bytes
 FORMATS = ("auto", "text", "completion", "chat")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")  # .json: JSONL, or one array of records (numbered from 1)
 CACHE_VERSION = 1
+MIB = 1 << 20
+MAX_FILE_BYTES = 256 * MIB  # one dataset file
+MAX_TOTAL_BYTES = 1024 * MIB  # every file of a dataset folder together
+MAX_RECORD_BYTES = 1 * MIB  # one line: a JSONL record, or a line of a text file
+MAX_ARRAY_BYTES = 32 * MIB  # a .json file holding one JSON array is parsed whole
+TEXT_BLOCK = 4 * MIB  # a text file is tokenized in blocks of about this many characters (whole when smaller)
+REPORT_BYTES = 1 * MIB  # progress is told at most once per this many bytes read
 
 
 class DatasetError(LoraLabError):
@@ -34,7 +48,7 @@ class DatasetError(LoraLabError):
 class Problem:
     file: str
     line: int | None  # 1-based; None for a whole file
-    kind: str  # bad_json | missing_field | bad_field | empty | too_long | no_target | template | not_text | blank_line
+    kind: str  # bad_json | missing_field | bad_field | empty | too_long | too_big | no_target | template | not_text | blank_line
     message: str
 
     def __str__(self):
@@ -63,6 +77,24 @@ class FileResult:
     format: str = "text"
 
 
+class ReadProgress:
+    """Bytes read of a dataset so far, told to report(done, total) at most once per REPORT_BYTES."""
+
+    def __init__(self, total: int, report: Callable[[int, int], None] | None = None):
+        self.total, self.report = total, report
+        self.done = self.told = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.report is not None and self.done - self.told >= REPORT_BYTES:
+            self.told = self.done
+            self.report(self.done, self.total)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MIB:.1f} MiB"
+
+
 # -- tokenizer fingerprint and the cache -------------------------------------------------------------
 
 _FP: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -82,8 +114,12 @@ def default_cache_dir() -> Path:
     return Path(base) / "loralab" / "tokens"
 
 
-def _cache_key(data: bytes, tok, fmt: str, max_seq_len: int) -> str:
-    h = hashlib.sha256(data)
+def _cache_key(path: Path, tok, fmt: str, max_seq_len: int) -> str:
+    """The file's contents (hashed in chunks, never held whole) and how they are tokenized."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(MIB):
+            h.update(chunk)
     h.update(f"|{tokenizer_fingerprint(tok)}|{fmt}|{max_seq_len}|v{CACHE_VERSION}".encode())
     return h.hexdigest()[:32]
 
@@ -185,26 +221,81 @@ def detect_format(obj: dict) -> str | None:
     return None
 
 
-def read_jsonl(data: bytes, name: str, tok, fmt: str, max_seq_len: int) -> FileResult:
-    res = FileResult(format=fmt)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        res.problems.append(Problem(name, None, "not_text", f"not UTF-8 ({e}); save the file as UTF-8"))
-        return res
-    if text.lstrip().startswith("["):  # a JSON array of records: "line" numbers count records
+def _lines(f: BinaryIO, prog: ReadProgress) -> Iterator[tuple[int, bytes | None, int]]:
+    """(line number from 1, the line's bytes with its newline, its length). A line over MAX_RECORD_BYTES comes as
+    None: it is read past in chunks, never held."""
+    ln = 0
+    while b := f.readline(MAX_RECORD_BYTES + 1):
+        ln += 1
+        n = len(b)
+        if len(b) > MAX_RECORD_BYTES and not b.endswith(b"\n"):
+            while more := f.readline(MIB):
+                n += len(more)
+                if more.endswith(b"\n"):
+                    break
+            prog.add(n)
+            yield ln, None, n
+            continue
+        prog.add(n)
+        yield ln, b, n
+
+
+def _too_big_line(n: int) -> str:
+    return (f"a line of {_mib(n)} is over the limit of {_mib(MAX_RECORD_BYTES)} for one line; it is skipped — "
+            "split it into shorter records")
+
+
+def _starts_array(f: BinaryIO) -> bool:
+    head = f.read(4096)
+    f.seek(0)
+    return head.removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
+
+
+def _json_records(f: BinaryIO, size: int, name: str, res: FileResult,
+                  prog: ReadProgress) -> Iterator[tuple[int, str | None, int]]:
+    """(line number, the record's JSON text, its length) of a JSONL file, or of a file holding one JSON array
+    (numbered by record from 1, parsed whole: at most MAX_ARRAY_BYTES). Whole-file problems go to res."""
+    if _starts_array(f):
+        if size > MAX_ARRAY_BYTES:
+            res.problems.append(Problem(name, None, "too_big", f"a JSON array of {_mib(size)} is over the limit of "
+                                        f"{_mib(MAX_ARRAY_BYTES)}; write it as JSONL (one record per line), which "
+                                        "is read line by line"))
+            return
+        data = f.read()
+        prog.add(len(data))
         try:
-            arr = json.loads(text)
+            arr = json.loads(data.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            res.problems.append(Problem(name, None, "not_text", f"not UTF-8 ({e}); save the file as UTF-8"))
+            return
         except json.JSONDecodeError as e:
             res.problems.append(Problem(name, e.lineno, "bad_json", f"not valid JSON ({e.msg} at column {e.colno}); "
                                         "fix it, or write one JSON object per line (JSONL)"))
-            return res
-        text = "\n".join(json.dumps(x) for x in arr) if isinstance(arr, list) else text
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    for ln, raw in enumerate(lines, 1):
+            return
+        for i, x in enumerate(arr, 1):  # a list: the text starts with "["
+            yield i, json.dumps(x), 0
+        return
+    for ln, raw, n in _lines(f, prog):
+        if raw is None:
+            yield ln, None, n
+            continue
+        try:
+            text = raw.decode("utf-8-sig" if ln == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            res.examples.clear()
+            res.problems[:] = [Problem(name, None, "not_text", f"not UTF-8 (line {ln}: {e}); save the file as UTF-8")]
+            return
+        yield ln, text.removesuffix("\n"), n
+
+
+def read_jsonl(records: Iterable[tuple[int, str | None, int]], res: FileResult, name: str, tok, fmt: str,
+               max_seq_len: int) -> FileResult:
+    """Examples of JSON records (line number, text or None for a line too long to read, its length) into res."""
+    for ln, raw, nbytes in records:
         P = lambda kind, msg: res.problems.append(Problem(name, ln, kind, msg))  # noqa: E731
+        if raw is None:
+            P("too_big", _too_big_line(nbytes))
+            continue
         if not raw.strip():
             P("blank_line", "blank line skipped")
             continue
@@ -212,6 +303,9 @@ def read_jsonl(data: bytes, name: str, tok, fmt: str, max_seq_len: int) -> FileR
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             P("bad_json", f"not valid JSON ({e.msg} at column {e.colno}); fix or remove this line")
+            continue
+        except RecursionError:
+            P("bad_json", "nested too deeply to read; fix or remove this line")
             continue
         if not isinstance(obj, dict):
             P("bad_json", f"expected a JSON object, got {type(obj).__name__}")
@@ -263,6 +357,9 @@ def read_jsonl(data: bytes, name: str, tok, fmt: str, max_seq_len: int) -> FileR
                     P("empty", "an assistant message is empty")
                     continue
                 ids, mask = encode_chat(tok, msgs)
+        except TypeError:  # the tokenizer takes Unicode text only; JSON's \u escapes can spell lone surrogates
+            P("bad_field", "holds text that is not valid Unicode (a lone surrogate such as \\ud800); fix the record")
+            continue
         except ValueError as e:
             P("template", str(e))
             continue
@@ -282,21 +379,43 @@ def read_jsonl(data: bytes, name: str, tok, fmt: str, max_seq_len: int) -> FileR
     return res
 
 
-def read_text(data: bytes, name: str, tok, max_seq_len: int) -> FileResult:
-    """A plain-text document, cut into chunks of max_seq_len tokens (each chunk one example)."""
+def read_text(f: BinaryIO, size: int, name: str, tok, max_seq_len: int, prog: ReadProgress) -> FileResult:
+    """A plain-text document, cut into chunks of max_seq_len tokens (each chunk one example). Read line by line;
+    a file up to TEXT_BLOCK is tokenized whole, a bigger one in blocks of whole lines."""
     res = FileResult(format="text")
-    if b"\x00" in data[:8192]:
+    if b"\x00" in f.read(8192):
         res.problems.append(Problem(name, None, "not_text", "binary file skipped; narrow the glob to text files"))
         return res
+    f.seek(0)
+    dec = codecs.getincrementaldecoder("utf-8-sig")()
+    parts: list[list[int]] = []
+    block: list[str] = []
+    chars, blank = 0, True
     try:
-        text = data.decode("utf-8-sig")
+        for ln, raw, n in _lines(f, prog):
+            if raw is None:
+                res.problems.append(Problem(name, ln, "too_big", _too_big_line(n) + "; the file is skipped"))
+                return res
+            line = dec.decode(raw)
+            blank = blank and not line.strip()
+            block.append(line)
+            chars += len(line)
+            if chars >= TEXT_BLOCK and size > TEXT_BLOCK:
+                parts.append(tok.encode("".join(block), add_bos=None if not parts else False))
+                block, chars = [], 0
+        block.append(dec.decode(b"", final=True))
     except UnicodeDecodeError as e:
         res.problems.append(Problem(name, None, "not_text", f"not UTF-8 ({e}); skipped — save it as UTF-8"))
         return res
-    if not text.strip():
+    if blank:
         res.problems.append(Problem(name, None, "empty", "empty file skipped"))
         return res
-    ids, mask = encode_text(tok, text)
+    if parts:  # blocks: the last one, then the end of text
+        parts.append(tok.encode("".join(block), add_bos=False) + _eos(tok))
+        ids = np.asarray([i for p in parts for i in p], np.int32)
+        mask = np.ones(len(ids), bool)
+    else:
+        ids, mask = encode_text(tok, "".join(block))
     for s in range(0, len(ids), max_seq_len):
         if len(ids) - s >= 2:
             res.examples.append(Example(ids[s:s + max_seq_len], mask[s:s + max_seq_len], name, None))
@@ -304,21 +423,33 @@ def read_text(data: bytes, name: str, tok, max_seq_len: int) -> FileResult:
 
 
 def read_file(path: Path, tok, fmt: str = "auto", max_seq_len: int = 512, cache_dir=None,
-              name: str | None = None) -> FileResult:
+              name: str | None = None, progress: ReadProgress | None = None) -> FileResult:
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    data = path.read_bytes()
     name = name or str(path)
+    prog = progress or ReadProgress(0)
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        prog.add(size)
+        return FileResult(problems=[Problem(name, None, "too_big", f"{_mib(size)} is over the limit of "
+                                            f"{_mib(MAX_FILE_BYTES)} for one dataset file; split it into several "
+                                            "files in a folder, or train on a part of it")])
     jsonl = path.suffix.lower() in JSONL_SUFFIXES or fmt != "auto"
     key_fmt = fmt if jsonl else "plain"
     cpath = None
     if cache_dir is not False:
-        cpath = Path(cache_dir or default_cache_dir()) / f"{_cache_key(data, tok, key_fmt, max_seq_len)}.npz"
+        cpath = Path(cache_dir or default_cache_dir()) / f"{_cache_key(path, tok, key_fmt, max_seq_len)}.npz"
         if cpath.exists():
             hit = _cache_load(cpath, name)
             if hit is not None:
+                prog.add(size)
                 return hit
-    res = read_jsonl(data, name, tok, fmt, max_seq_len) if jsonl else read_text(data, name, tok, max_seq_len)
+    with open(path, "rb") as f:
+        if jsonl:
+            res = FileResult(format=fmt)
+            res = read_jsonl(_json_records(f, size, name, res, prog), res, name, tok, fmt, max_seq_len)
+        else:
+            res = read_text(f, size, name, tok, max_seq_len, prog)
     if cpath is not None:
         _cache_save(cpath, res)
     return res
@@ -336,20 +467,28 @@ def list_files(root: Path, glob: str | None) -> list[Path]:
     return sorted(out)
 
 
-def read_source(source, tok, fmt="auto", glob=None, max_seq_len=512, cache_dir=None) -> FileResult:
-    """A file (JSONL by suffix, else plain text) or a folder of files (each a document)."""
+def read_source(source, tok, fmt="auto", glob=None, max_seq_len=512, cache_dir=None,
+                progress: Callable[[int, int], None] | None = None) -> FileResult:
+    """A file (JSONL by suffix, else plain text) or a folder of files (each a document). progress(done, total)
+    hears the bytes read so far, about once per REPORT_BYTES."""
     p = Path(source).expanduser()
     if not p.exists():
         raise DatasetError(f"{p}: no such file or folder; give a .jsonl file, a text file or a folder")
     if p.is_file():
-        return read_file(p, tok, fmt, max_seq_len, cache_dir)
+        return read_file(p, tok, fmt, max_seq_len, cache_dir, progress=ReadProgress(p.stat().st_size, progress))
     files = list_files(p, glob)
     if not files:
         raise DatasetError(f"{p}: no files match {glob or '**/*'}; check the folder or the glob")
+    total = sum(f.stat().st_size for f in files)
+    if total > MAX_TOTAL_BYTES:
+        raise DatasetError(f"{p}: the {len(files)} files matching {glob or '**/*'} hold {_mib(total)}, over the limit "
+                           f"of {_mib(MAX_TOTAL_BYTES)} for one dataset; narrow the glob or train on a part")
+    prog = ReadProgress(total, progress)
     out = FileResult(format="text")
     fmts = set()
     for f in files:
-        r = read_file(f, tok, fmt if f.suffix.lower() in JSONL_SUFFIXES else "auto", max_seq_len, cache_dir)
+        r = read_file(f, tok, fmt if f.suffix.lower() in JSONL_SUFFIXES else "auto", max_seq_len, cache_dir,
+                      progress=prog)
         out.examples += r.examples
         out.problems += r.problems
         fmts.add(r.format)

@@ -8,6 +8,7 @@ each epoch is a pure function of (seed, epoch).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -109,15 +110,17 @@ class Dataset:
 
     @classmethod
     def load(cls, train, tokenizer, *, valid=None, valid_fraction: float = 0.0, seed: int = 0, fmt: str = "auto",
-             glob: str | None = None, max_seq_len: int = 512, cache_dir=None) -> "Dataset":
+             glob: str | None = None, max_seq_len: int = 512, cache_dir=None,
+             progress: Callable[[int, int], None] | None = None) -> "Dataset":
         """train: a .jsonl file, a text file, or a folder. A folder with train.jsonl (and valid.jsonl) is read
-        as MLX-LM's layout. valid: a file/folder, or valid_fraction of the examples held out with seed."""
+        as MLX-LM's layout. valid: a file/folder, or valid_fraction of the examples held out with seed.
+        progress(done, total): the bytes read of each source (read_source)."""
         p = Path(train).expanduser()
         if p.is_dir() and (p / "train.jsonl").is_file():
             if valid is None and (p / "valid.jsonl").is_file() and valid_fraction == 0.0:
                 valid = p / "valid.jsonl"
             p = p / "train.jsonl"
-        kw = dict(fmt=fmt, glob=glob, max_seq_len=max_seq_len, cache_dir=cache_dir)
+        kw = dict(fmt=fmt, glob=glob, max_seq_len=max_seq_len, cache_dir=cache_dir, progress=progress)
         tr = read_source(p, tokenizer, **kw)
         problems = list(tr.problems)
         train_ex, valid_ex = tr.examples, []

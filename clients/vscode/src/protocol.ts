@@ -566,6 +566,8 @@ export interface DatasetParams {
    * @default 512
    */
   seqLen?: number;
+  /** Token for `$/progress` (reports of the bytes read, about one per MiB, at most 4 a second). */
+  workDoneToken?: ProgressToken;
 }
 
 /** A problem in the data. */
