@@ -302,14 +302,15 @@ def cmd_train(a):
                       f"{'  (resumable)' if j['resumable'] else ''}")
             return
         if a.resume:
-            r = _train_stream(c, "train/resume", {"jobId": a.resume})
+            r = _train_stream(c, "train/resume", {"jobId": a.resume, **({"lr": a.lr} if a.lr is not None else {})})
         else:
             if not a.data or not a.adapter:
                 sys.exit("loralab train: give DATA and --adapter NAME (or --list / --resume ID)")
             mid = _ensure_model(c, a.model, a.backend)
             length = {"epochs": a.epochs} if a.epochs else {"steps": a.steps}
             params = {"model": mid, "dataset": os.path.abspath(a.data), "adapter": a.adapter, **length,
-                      "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a), "optimizer": {"lr": a.lr},
+                      "batchSize": a.batch, "seqLen": a.seq, "lora": _lora(a),
+                      "optimizer": {"lr": _T["optimizer"]["lr"] if a.lr is None else a.lr},
                       "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite, "pack": not a.no_pack,
                       "validationFraction": a.valid_fraction, "minLrRatio": a.min_lr_ratio, "keepLast": a.keep_last,
                       "evalAtStart": a.eval_at_start}
@@ -484,7 +485,8 @@ def build_parser():
     s.add_argument("--adapter", help="name to save the adapter under")
     lora_args(s)
     s.add_argument("--epochs", type=float, default=None, help="passes over the data (instead of --steps)")
-    s.add_argument("--lr", type=float, default=_T["optimizer"]["lr"])
+    s.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {_T['optimizer']['lr']}); with "
+                   "--resume: a new one for the rest of the run (lower, after it diverged)")
     s.add_argument("--warmup", type=int, default=_T["warmupSteps"])
     s.add_argument("--seed", type=int, default=_T["seed"])
     s.add_argument("--valid", metavar="PATH", help="validation data (default: valid.jsonl beside train.jsonl)")
@@ -496,7 +498,7 @@ def build_parser():
     s.add_argument("--eval-at-start", action="store_true", help="validation loss before the first step too")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--list", action="store_true", help="list jobs")
-    s.add_argument("--resume", metavar="JOB", help="continue an interrupted job")
+    s.add_argument("--resume", metavar="JOB", help="continue an interrupted job (or a diverged one, with a lower --lr)")
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("eval", help="validation loss and perplexity of the base model or an adapter on data")

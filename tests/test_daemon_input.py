@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
+import numpy as np
 import pytest
 
 from daemon_helpers import Daemon, connect, dataset, env_for, home, run, server, tiny_model  # noqa: F401 (fixtures)
@@ -91,6 +93,53 @@ def test_stdio_resynchronizes_after_a_wrong_content_length(home):
         finally:
             await c.close()
     run(go())
+
+
+def _adapter_files(home) -> dict[str, bytes]:
+    d = home / "adapters" / "mine"
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+async def _diverges(home, d, tiny_model, data):
+    from safetensors.numpy import load_file
+
+    c = await d.client()
+    try:
+        await c.request("model/load", {"source": str(tiny_model), "name": "tiny"})
+        base = {"model": "tiny", "dataset": str(data), "adapter": "mine", "seqLen": 32}
+        good = await c.request("train/start", {**base, "steps": 3}, timeout=120)
+        assert good["state"] == "completed"
+        before = _adapter_files(home)
+        # in range, yet each step multiplies the weights by 1 - lr x weightDecay = -9: the loss overflows
+        wild = {**base, "steps": 20, "overwrite": True, "optimizer": {"lr": 1.0, "weightDecay": 10},
+                "maxGradNorm": None, "schedule": "constant", "checkpointEvery": 5}
+        job = await c.request("train/start", wild, timeout=120)
+        assert job["state"] == "failed", job
+        m = re.match(r"diverged at step (\d+): the (loss|gradient norm) is (nan|inf|-inf);", job["error"])
+        assert m is not None and "resume it with a lower learning rate" in job["error"], job["error"]
+        at = int(m.group(1))
+        assert job["resumable"] and 0 < job["step"] < at - 1 and job["step"] % 5 == 0, job
+        assert _adapter_files(home) == before  # overwrite: true, yet the good adapter is still there, unchanged
+        run_dir = home / "checkpoints" / job["jobId"]
+        kept = sorted(p for p in run_dir.iterdir() if p.name.startswith("step-") and "." not in p.name)
+        assert kept and kept[-1].name == f"step-{job['step']:08d}"
+        for ck in kept:  # whatever is resumable is finite
+            assert all(np.isfinite(a).all() for a in load_file(str(ck / "state.safetensors")).values() if a.dtype.kind == "f")
+        listed = {j["jobId"]: j for j in (await c.request("train/list"))["jobs"]}
+        assert listed[job["jobId"]]["resumable"] and listed[job["jobId"]]["error"] == job["error"]
+        # resumed from that checkpoint with a lower lr, the run completes and writes the adapter
+        done = await c.request("train/resume", {"jobId": job["jobId"], "lr": 1e-3}, timeout=120)
+        assert done["state"] == "completed" and done["step"] == 20 and done["error"] is None, done
+        after = load_file(str(home / "adapters" / "mine" / "adapter_model.safetensors"))
+        assert all(np.isfinite(a).all() for a in after.values())
+    finally:
+        await c.close()
+
+
+@pytest.mark.parametrize("server", ["ws"], indirect=True)
+def test_a_diverging_run_fails_with_its_step_and_never_overwrites_the_adapter(server, tiny_model, dataset):
+    transport, home, d = server
+    run(_diverges(home, d, tiny_model, dataset), timeout=300)
 
 
 async def _big_data(home, d, tiny_model, tmp):

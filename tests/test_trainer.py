@@ -2,6 +2,7 @@
 schedules, stop conditions, checkpoint checks."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -222,13 +223,54 @@ def test_resume_refuses_other_settings(setup, tmp_path):
     d, _, data = setup
     tr = make_trainer(d, data, tmp_path / "r", max_steps=3)
     tr.run()
-    with pytest.raises(TrainError, match="lr=0.005"):
-        make_trainer(d, data, tmp_path / "r", resume=True, max_steps=3, lr=1e-3)
+    with pytest.raises(TrainError, match="seed=7"):
+        make_trainer(d, data, tmp_path / "r", resume=True, max_steps=3, seed=8)
     other = write_data(tmp_path / "other.jsonl", seed=9)
     with pytest.raises(TrainError, match="training data differ"):
         make_trainer(d, other, tmp_path / "r", resume=True, max_steps=3)
     # settings that do not change the arithmetic may differ
     make_trainer(d, data, tmp_path / "r", resume=True, max_steps=3, eval_every=1, save_every=1)
+
+
+def test_resume_with_a_new_peak_lr_keeps_the_schedule_s_shape(setup, tmp_path):
+    """A resume may lower the peak lr (after a run diverged): the rest of the run follows the same schedule, scaled."""
+    d, _, data = setup
+    tr = make_trainer(d, data, tmp_path / "r", max_steps=8, save_every=4)
+    tr.step(), tr.step(), tr.step(), tr.step()
+    again = make_trainer(d, data, tmp_path / "r", resume=True, max_steps=8, save_every=4, lr=1e-3)
+    assert again.step_num == 4 and again.schedule.lr == 1e-3
+    assert again.schedule(5) == pytest.approx(tr.schedule(5) * 1e-3 / 5e-3)
+    rep = again.step()
+    assert rep is not None and rep.lr == pytest.approx(tr.schedule(4) / 5)
+
+
+def test_a_non_finite_loss_stops_the_run_and_sets_its_checkpoint_aside(setup, tmp_path):
+    """lr 1 with weight decay 10 multiplies the weights by -9 a step: the loss overflows. The run stops with the step
+    and the value; no checkpoint or adapter with non-finite weights is written; the checkpoint whose weights gave the
+    NaN is renamed out of the way, so a resume (with a lower lr) starts from the one before and completes."""
+    import warnings
+
+    from loralabd.training.trainer import DivergedError
+
+    d, _, data = setup
+    wild = dict(max_steps=30, lr=1.0, weight_decay=10.0, max_grad_norm=None, lr_schedule="constant", warmup_steps=0,
+                save_every=3, eval_every=0, keep_last=10)
+    tr = make_trainer(d, data, tmp_path / "r", **wild)
+    with warnings.catch_warnings(), pytest.raises(DivergedError) as e:
+        warnings.simplefilter("ignore", RuntimeWarning)  # numpy's overflow warnings: the point of this test
+        tr.run()
+    at = e.value.step
+    assert str(e.value).startswith(f"diverged at step {at}: the ") and not math.isfinite(e.value.value)
+    kept = list_checkpoints(tmp_path / "r")
+    assert kept and all(int(p.name[5:]) < at - 1 for p in kept) and tr.last_checkpoint == kept[-1]
+    assert sorted(p.name for p in (tmp_path / "r").glob("*.diverged")) == \
+        [f"step-{s:08d}.diverged" for s in range(3, 31, 3) if at - 1 <= s < at]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        again = make_trainer(d, data, tmp_path / "r", resume=True, **{**wild, "lr": 1e-3})
+        assert again.step_num == int(kept[-1].name[5:])
+        again.run()
+    assert again.done and all(np.isfinite(a).all() for a in again.adapter().A.values())
 
 
 def test_stop_by_tokens_and_epochs(setup):

@@ -484,6 +484,7 @@ class ResumeParams(TypedDict):
     """Resume an interrupted job from its last checkpoint."""
 
     jobId: str  # Job id.
+    lr: NotRequired[float]  # A new peak learning rate for the rest of the run (the schedule keeps its shape), e.g. a lower one after the job diverged; when omitted, the job's own.
     wait: NotRequired[bool]  # As in train/start.
     workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress`.
 
@@ -1862,6 +1863,14 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'type': {'kind': 'base', 'name': 'string'},
                                   'documentation': 'Job id.',
                                   'maxLength': 64},
+                                 {'name': 'lr',
+                                  'type': {'kind': 'base', 'name': 'number'},
+                                  'documentation': 'A new peak learning rate for the rest of the run (the '
+                                                   'schedule keeps its shape), e.g. a lower one after the '
+                                                   "job diverged; when omitted, the job's own.",
+                                  'optional': True,
+                                  'maximum': 1,
+                                  'exclusiveMinimum': 0},
                                  {'name': 'wait',
                                   'type': {'kind': 'base', 'name': 'boolean'},
                                   'documentation': 'As in train/start.',

@@ -482,11 +482,14 @@ class Dispatcher:
         row = self.manager.job_row(p["jobId"])
         if not self.manager.resumable(row):
             raise DomainError(ErrorCode.JobNotResumable, f"job {row['id']} is {row['state']} at step {row['step']}/"
-                                                 f"{row['total_steps']}; only interrupted or cancelled jobs resume — "
-                                                 "start a new job instead")
+                                                 f"{row['total_steps']}; only interrupted or cancelled jobs resume (and "
+                                                 "diverged ones with a checkpoint) — start a new job instead")
         import json
 
         params = json.loads(row["params"])
+        if "lr" in p:  # the journal keeps the job's lr from now on: a later resume continues with it too
+            params["optimizer"] = {**(params.get("optimizer") or {}), "lr": p["lr"]}
+            await self.manager.journal_update(row["id"], params=json.dumps(params))
         await self._check_reads(params)  # this daemon's rule, which may differ from the one that started the job
         e = await self.manager.ensure(row["model"], params.get("model"))
         params["model"] = e.id

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 RESUMABLE = ("interrupted", "cancelled")
-FIELDS = ("state", "step", "total_steps", "loss", "tokens_seen", "checkpoint", "error")
+DIVERGED = "diverged"  # how the error of a job whose loss stopped being finite starts (trainer.DivergedError)
+FIELDS = ("state", "step", "total_steps", "loss", "tokens_seen", "checkpoint", "error", "params")
 
 
 class JobJournal:
@@ -82,12 +83,20 @@ class JobJournal:
         self.db.close()
 
 
+def resumable(row: dict) -> bool:
+    """Interrupted or cancelled before the end; `failed` by diverging (a non-finite loss) when a checkpoint of before
+    was kept: resumed with a lower lr."""
+    if row["state"] == "failed":
+        return (row["error"] or "").startswith(DIVERGED) and bool(row["checkpoint"])
+    return row["state"] in RESUMABLE and int(row["step"]) < int(row["total_steps"])
+
+
 def job_info(row: dict) -> JobInfo:
     """A journal row as the protocol's JobInfo."""
     return {
         "jobId": row["id"], "kind": row["kind"], "state": row["state"], "model": row["model"],
         "adapter": row["adapter"], "step": int(row["step"]), "totalSteps": int(row["total_steps"]),
         "loss": None if row["loss"] is None else float(row["loss"]), "tokensSeen": int(row["tokens_seen"]),
-        "resumable": row["state"] in RESUMABLE and int(row["step"]) < int(row["total_steps"]),
+        "resumable": resumable(row),
         "error": row["error"], "createdAt": float(row["created"]), "updatedAt": float(row["updated"]),
     }

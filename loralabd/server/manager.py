@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import paths
-from .jobs import RESUMABLE, JobJournal, job_info
+from .jobs import JobJournal, job_info, resumable
 from ..protocol import ErrorCode
 from .adapters import adapter_stamp, load_adapter
 from .engines import engine_for
 from .errors import DomainError
+from ..training.trainer import DivergedError
 from .training import TrainRun, load_dataset
 
 if TYPE_CHECKING:
@@ -238,7 +239,7 @@ class ModelManager:
             if not resume:
                 self.journal.update(jid, state="failed", error=str(e))
             raise
-        await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total)
+        await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total, error=None)
         job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")
         return job
 
@@ -271,6 +272,11 @@ class ModelManager:
         except asyncio.CancelledError:
             j.update(job.id, state="interrupted", error="daemon stopped")
             raise
+        except DivergedError as e:  # nothing non-finite was written: the last checkpoint resumes, with a lower lr
+            log.warning("job %s: %s", job.id, e)
+            state, error = "failed", run.diverged(e)
+            lc = run.last_checkpoint
+            j.update(job.id, state=state, error=error, step=run.saved_step, checkpoint=None if lc is None else str(lc))
         except Exception as e:
             log.exception("job %s failed", job.id)
             state, error = "failed", f"{type(e).__name__}: {e}"
@@ -358,4 +364,4 @@ class ModelManager:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def resumable(self, row: dict) -> bool:
-        return row["state"] in RESUMABLE and row["step"] < row["total_steps"]
+        return resumable(row)

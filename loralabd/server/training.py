@@ -10,7 +10,7 @@ from .. import paths
 from ..engine.lora import LoraAdapter
 from ..protocol import ErrorCode, with_defaults
 from ..protocol.types import TrainProgress
-from ..training.trainer import StepReport
+from ..training.trainer import DivergedError, StepReport, first_nonfinite
 from .adapters import save_adapter
 from .errors import DomainError, finite
 
@@ -103,11 +103,32 @@ class TrainRun:
     def last_checkpoint(self):
         return self.tr.last_checkpoint
 
+    @property
+    def saved_step(self) -> int:
+        """The step of the last whole checkpoint (0: none yet): where a resume continues."""
+        lc = self.tr.last_checkpoint
+        return 0 if lc is None else int(lc.name.split("-")[1])
+
     def snapshot(self) -> LoraAdapter:
         return self.tr.adapter()
 
+    def diverged(self, e: DivergedError) -> str:
+        """The failed job's error: where the run diverged, with what value, and what to do next."""
+        lr = self.tr.cfg.lr
+        if self.tr.last_checkpoint is None:
+            return (f"{e}; no checkpoint was written before it, so start again with a lower learning rate "
+                    f"(optimizer.lr, {lr:g} now), a lower weightDecay, or maxGradNorm")
+        return (f"{e}; the checkpoint of step {self.saved_step} is kept: resume it with a lower learning rate "
+                f"(train/resume with lr below {lr:g}; loralab train --resume {self.job_id} --lr ...), or start again "
+                "with other settings")
+
     def save_adapter(self, base_source: str) -> Path:
-        return save_adapter(self.p["adapter"], self.snapshot(), self.model.args, base_source,
+        ad = self.snapshot()
+        bad = first_nonfinite({**{f"{k}.lora_A": a for k, a in ad.A.items()}, **{f"{k}.lora_B": b for k, b in ad.B.items()}})
+        if bad is not None:  # a saved adapter (overwrite: true) is never replaced by a broken one
+            raise DivergedError(self.step_count, f"the LoRA weights ({bad[0]})", bad[1])
+        return save_adapter(self.p["adapter"], ad, self.model.args, base_source,
+
                             {"steps": self.step_count, "jobId": self.job_id, "loss": self.last_loss,
                              "baseName": self.model.name})
 

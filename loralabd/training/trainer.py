@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,41 @@ from ..engine.interface import Engine, OptimSettings
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..errors import LoraLabError
 from ..models.args import LINEAR_NAMES
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .packing import Dataset, DataStream, eval_batches
 from .schedule import Schedule
 
 # fields a resumed run may change without changing the run's arithmetic
 RESUME_FREE = ("eval_every", "eval_batches", "save_every", "keep_last", "log_every")
+# ... and the peak learning rate, which a resume may lower on purpose (after a run diverged): the schedule keeps its shape
+RESUME_NEW_LR = ("lr",)
+
 
 
 class TrainError(LoraLabError):
     """Training cannot start or resume as asked; the message says what to change."""
+
+
+class DivergedError(TrainError):
+    """The loss, the gradient norm or the LoRA weights stopped being finite: the run cannot go on, and nothing
+    non-finite is written (no checkpoint, no adapter). str() starts with DIVERGED and names the step and the value."""
+
+    def __init__(self, step: int, what: str, value: float):
+        super().__init__(f"{DIVERGED} at step {step}: {what} is {value}")
+        self.step, self.what, self.value = step, what, value
+
+
+DIVERGED = "diverged"
+
+
+def first_nonfinite(arrays: dict[str, np.ndarray]) -> tuple[str, float] | None:
+    """(name, a value) of the first float array holding NaN or inf, else None."""
+    for k, a in arrays.items():
+        a = np.asarray(a)
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            return k, float(a[~np.isfinite(a)].flat[0])
+    return None
+
 
 
 @dataclass
@@ -294,17 +320,37 @@ class Trainer:
         return rep
 
     def read_metrics(self) -> None:
-        """Read the device's losses and gradient norms into the history (a sync on GPU engines)."""
+        """Read the device's losses and gradient norms into the history (a sync on GPU engines). DivergedError when
+        one is not finite: the run stops there, before its next checkpoint."""
         got = self.sess.metrics()
         now = time.perf_counter()
         self._last_read = now
         # got covers the last len(got) steps, oldest first
         for h, m in zip(self.history[len(self.history) - len(got):], got):
             h["loss"], h["grad_norm"] = m.loss, m.grad_norm
+        for h in self.history[len(self.history) - len(got):]:
+            for key, what in (("loss", "the loss"), ("grad_norm", "the gradient norm")):
+                if not math.isfinite(h[key]):
+                    self._set_aside_from(h["step"] - 1)
+                    raise DivergedError(h["step"], what, h[key])
         start, tokens0 = self._window
         if now > start and self.tokens_seen > tokens0:
             self._rate = (self.tokens_seen - tokens0) / (now - start)
         self._window = (now, self.tokens_seen)
+
+    def _set_aside_from(self, step: int) -> None:
+        """Checkpoints of `step` and later gave the non-finite loss (a resume from them would compute it again, at
+        any lr): renamed out of the run's list (step-*.diverged), so a resume starts from the one before."""
+        if self.run_dir is None:
+            return
+        for p in list_checkpoints(self.run_dir):
+            if int(p.name.split("-")[1]) >= step:
+                try:
+                    os.replace(p, p.with_name(p.name + ".diverged"))
+                except OSError:
+                    pass  # still listed: a resume diverges again, and says so
+        left = list_checkpoints(self.run_dir)
+        self.last_checkpoint = left[-1] if left else None
 
     def _eta(self) -> float | None:
         if self._rate <= 0 or not self.step_num:
@@ -367,21 +413,26 @@ class Trainer:
                 "config": self.cfg.to_dict(), "lora": self.cfg.lora.to_dict(), "exhausted": self.exhausted,
                 "history": self.history, "model": self.engine.model.name,
                 "backend": self.engine.backend}
-        self.last_checkpoint = save_checkpoint(self.run_dir, self.step_num, self.sess.state_dict(), meta,
-                                               self.cfg.keep_last)
+        arrays = self.sess.state_dict()
+        bad = first_nonfinite(arrays)  # never a checkpoint that cannot be resumed: the last good one stays newest
+        if bad is not None:
+            raise DivergedError(self.step_num, f"the optimizer state ({bad[0]})", bad[1])
+        self.last_checkpoint = save_checkpoint(self.run_dir, self.step_num, arrays, meta, self.cfg.keep_last)
+
         return self.last_checkpoint
 
     def load(self, path) -> None:
         arrays, meta = load_checkpoint(path)
         mine, theirs = self.cfg.to_dict(), meta["config"]
-        diff = sorted(k for k in set(mine) | set(theirs) if k not in RESUME_FREE and mine.get(k) != theirs.get(k))
+        diff = sorted(k for k in set(mine) | set(theirs)
+                      if k not in RESUME_FREE + RESUME_NEW_LR and mine.get(k) != theirs.get(k))
         if diff:
             raise TrainError(f"{path}: the checkpoint's run used other settings ({', '.join(f'{k}={theirs.get(k)!r}' for k in diff)}); "
                              "resume with the run's own settings, or start a new run directory")
         if meta["data_hash"] != self.data_hash:
             raise TrainError(f"{path}: the training data differ from the checkpoint's run (tokens hash "
                              f"{meta['data_hash']} vs {self.data_hash}); resume with the same dataset and model")
-        if Schedule.from_state(meta["schedule"]) != self.schedule:
+        if replace(Schedule.from_state(meta["schedule"]), lr=self.schedule.lr) != self.schedule:
             raise TrainError(f"{path}: the planned schedule differs ({meta['schedule']} vs "
                              f"{self.schedule.state_dict()}); resume with the same stop settings")
         self.sess.load_state_dict(arrays)

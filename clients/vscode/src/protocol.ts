@@ -842,6 +842,8 @@ export interface TrainFollowParams {
 export interface ResumeParams {
   /** Job id. */
   jobId: string;
+  /** A new peak learning rate for the rest of the run (the schedule keeps its shape), e.g. a lower one after the job diverged; when omitted, the job's own. */
+  lr?: number;
   /**
    * As in train/start.
    * @default true
