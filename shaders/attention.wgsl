@@ -287,13 +287,15 @@ fn decode_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
+override SPLITS: u32 = 32u;  // decode_merge's split count (kernels.DECODE_SPLITS)
+
 @compute @workgroup_size(HD)
 fn decode_merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
                 @builtin(num_workgroups) nw: vec3<u32>) {
     let t = lid.x;
     let idx = wid.x + wid.y * nw.x;
     if (idx >= p.B * p.H * p.T) { return; }
-    let S = p.pad;  // splits
+    let S = SPLITS;  // a pipeline constant: the loops over the splits unroll, their loads in flight together
     var mx = -3.0e38;
     for (var s = 0u; s < S; s++) { mx = max(mx, pml[(idx * S + s) * 2u]); }
     var l = 0.0;

@@ -16,7 +16,7 @@ struct P {
     has_bias: u32, has_res: u32, beta: f32, alpha: f32,
     lscale: f32, drop_mode: u32, drop_thr: u32, drop_salt: u32,
     drop_ld: u32, drop_scale: f32, lp_ld: u32, seg1: u32,
-    seg2: u32,
+    seg2: u32, eps: f32,
 }
 @group(0) @binding(0) var<uniform> p: P;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -27,6 +27,7 @@ struct P {
 @group(0) @binding(7) var<storage, read> res: array<f32>;
 @group(0) @binding(8) var<storage, read_write> c: array<f32>;
 @group(0) @binding(9) var<storage, read> dyn: array<u32>;  // [dropout seed, step, micro-batch]
+@group(0) @binding(10) var<storage, read> lnw: array<f32>;  // XNORM: the RMSNorm weight (K,)
 
 fn pcg(v: u32) -> u32 {
     let s = v * 747796405u + 2891336453u;
@@ -59,18 +60,22 @@ fn xrow4(m: u32, k: u32) -> vec4<f32> {  // X[m, k..k+3], zero past K
 
 fn store(m: u32, n: u32, v: f32) {
     if (m >= p.M || n >= p.N) { return; }
-    var y = p.alpha * v;
-    if (p.has_bias != 0u) { y += bias[n]; }
+    var s = 0.0;
     if (p.R > 0u) {
-        var s = 0.0;
         // fused q/k/v or gate/up: output columns past seg1 / seg2 take the next R columns of LP
         let lo = m * p.lp_ld + (select(0u, 1u, n >= p.seg1) + select(0u, 1u, n >= p.seg2)) * p.R;
         for (var r = 0u; r < p.R; r++) {
             s += lp[lo + r] * lq[n * p.q_sn + r * p.q_sr];
         }
         if (p.drop_mode == 3u) { s *= keep(m, n); }
-        y += p.lscale * s;
     }
+    store_lora(m, n, v, s);
+}
+
+fn store_lora(m: u32, n: u32, v: f32, s: f32) {  // s: the LoRA sum of output (m, n), before lscale
+    var y = p.alpha * v;
+    if (p.has_bias != 0u) { y += bias[n]; }
+    if (p.R > 0u) { y += p.lscale * s; }
     let ci = p.c_off + m * p.ldc + n;
     if (p.has_res != 0u) { y += res[ci]; }
     if (p.beta != 0.0) { y += p.beta * c[ci]; }
@@ -128,8 +133,9 @@ fn wdot_block(row: u32, blk: u32, xo: u32) -> f32 {
         let word = wq[bi * 4u + w];
         let lo = vec4<f32>(vec4<u32>(word, word >> 8u, word >> 16u, word >> 24u) & vec4<u32>(15u));
         let hi = vec4<f32>(vec4<u32>(word >> 4u, word >> 12u, word >> 20u, word >> 28u) & vec4<u32>(15u));
-        let xl = vec4<f32>(x[xo + 4u * w], x[xo + 4u * w + 1u], x[xo + 4u * w + 2u], x[xo + 4u * w + 3u]);
-        let xh = vec4<f32>(x[xo + 16u + 4u * w], x[xo + 17u + 4u * w], x[xo + 18u + 4u * w], x[xo + 19u + 4u * w]);
+        let xl = vec4<f32>(xin(xo + 4u * w), xin(xo + 4u * w + 1u), xin(xo + 4u * w + 2u), xin(xo + 4u * w + 3u));
+        let xh = vec4<f32>(xin(xo + 16u + 4u * w), xin(xo + 17u + 4u * w), xin(xo + 18u + 4u * w),
+                           xin(xo + 19u + 4u * w));
         sq += dot(lo, xl) + dot(hi, xh);
         sx += xl.x + xl.y + xl.z + xl.w + xh.x + xh.y + xh.z + xh.w;
     }
@@ -143,7 +149,7 @@ fn wdot_block(row: u32, blk: u32, xo: u32) -> f32 {
         let v = bitcast<i32>(wq[bi * 8u + w]);
         let q = vec4<f32>(vec4<i32>(extractBits(v, 0u, 8u), extractBits(v, 8u, 8u), extractBits(v, 16u, 8u),
                                     extractBits(v, 24u, 8u)));
-        sq += dot(q, vec4<f32>(x[xo + 4u * w], x[xo + 4u * w + 1u], x[xo + 4u * w + 2u], x[xo + 4u * w + 3u]));
+        sq += dot(q, vec4<f32>(xin(xo + 4u * w), xin(xo + 4u * w + 1u), xin(xo + 4u * w + 2u), xin(xo + 4u * w + 3u)));
     }
     return d * sq;
 //#else
@@ -160,9 +166,52 @@ fn wdot_block(row: u32, blk: u32, xo: u32) -> f32 {
 fn xrow4_at(b: u32, k: u32) -> vec4<f32> {  // X at flat index b holding column k, zero past K
     var r = vec4<f32>(0.0);
     for (var l = 0u; l < 4u; l++) {
-        if (k + l < p.K) { r[l] = x[b + l]; }
+        if (k + l < p.K) { r[l] = xin(b + l); }
     }
     return r;
+}
+
+// The decode kernels (gemv_wg, gemv_lanes, gemv_wg_lora) read X through xin, which can apply the op that
+// produced X on the fly, saving its dispatch: XSWIGLU: X is the fused [gate | up] projection (rows of 2K,
+// lda = 2K) and xin = silu(gate) * up, as swiglu.wgsl's forward_fused; XNORM: xin = RMSNorm(X row) * lnw
+// with the row's rstd from xnorm_prep, summed in rmsnorm.wgsl's forward_wg order.
+var<workgroup> xnr: f32;
+var<workgroup> nred: array<f32, 64>;
+
+fn xin(i: u32) -> f32 {
+//#if XSWIGLU
+    let a = x[i];
+    return a / (1.0 + exp(-a)) * x[i + p.K];
+//#else
+//#if XNORM
+    return (x[i] * xnr) * lnw[(i - p.a_off) % p.lda];
+//#else
+    return x[i];
+//#endif
+//#endif
+}
+
+fn xnorm_prep(m: u32, t: u32) {  // XNORM: xnr = rstd of X row m; all 64 invocations call it
+//#if XNORM
+    let b = p.a_off + m * p.lda;
+    var ss = 0.0;
+    if (p.K % 4u == 0u) {
+        for (var i = 4u * t; i < p.K; i += 256u) {
+            let v = vec4<f32>(x[b + i], x[b + i + 1u], x[b + i + 2u], x[b + i + 3u]);
+            ss += dot(v, v);
+        }
+    } else {
+        for (var i = t; i < p.K; i += 64u) { ss += x[b + i] * x[b + i]; }
+    }
+    nred[t] = ss;
+    workgroupBarrier();
+    for (var w = 32u; w > 0u; w >>= 1u) {
+        if (t < w) { nred[t] += nred[t + w]; }
+        workgroupBarrier();
+    }
+    if (t == 0u) { xnr = 1.0 / sqrt(nred[0] / f32(p.K) + p.eps); }
+    workgroupBarrier();
+//#endif
 }
 
 // Decode (small M) on lavapipe: one invocation per 4 outputs, all M rows (measured faster there than
@@ -325,6 +374,7 @@ fn gemv_wg(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) 
     let row = min(n, p.N - 1u);
     let nb = (p.K + 31u) / 32u;
     for (var m = 0u; m < p.M; m++) {
+        xnorm_prep(m, lid.x);
         var acc = 0.0;
         let xo = p.a_off + m * p.lda;
         for (var b = lane; b < nb; b += 8u) { acc += wdot_block(p.w_row0 + row, b, xo + b * 32u); }
@@ -349,9 +399,15 @@ fn gemv_lanes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     let row = min(n, p.N - 1u);
     let nb = (p.K + 31u) / 32u;
     for (var m = 0u; m < p.M; m++) {
+        xnorm_prep(m, lid.x);
         var acc = 0.0;
         let xo = p.a_off + m * p.lda;
+//#if F32
+        // a dense row (a LoRA A): vec4 steps over the 64 lanes, 3 dependent loads a lane at K = 576 (not 8)
+        for (var k = 4u * lid.x; k < p.K; k += 256u) { acc += dot(w4(p.w_row0 + row, k, p.K), xrow4_at(xo + k, k)); }
+//#else
         for (var b = lid.x; b < nb; b += 64u) { acc += wdot_block(p.w_row0 + row, b, xo + b * 32u); }
+//#endif
         red[lid.x] = acc;
         workgroupBarrier();
         for (var w = 32u; w > 0u; w >>= 1u) {

@@ -123,6 +123,10 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
             list(ne.decode(prompt, 10, Sampling(), [(ad, 1.0)]))
         kernels = {k.split(":")[1].split("[")[0] for k in decode_kernels(hw, [(ad, 1.0)])}
         assert {"gemv_wg", "gemv_lanes", "decode_part", "decode_merge", "forward" + mm} <= kernels
+        # the token program reads the norms and SwiGLU in the projections' prologues: one RMSNorm (the final)
+        token = [o.kernel for o in list(hw._arena.programs.values())[-1][1].ops]
+        assert sum("rmsnorm" in k for k in token) == 1 and not any("swiglu" in k for k in token)
+        assert any("XNORM=1" in k for k in token) and any("XSWIGLU=1" in k for k in token)
     finally:
         hw.close()
 

@@ -160,6 +160,45 @@ def test_tiled_and_workgroup_variants(rt, monkeypatch, tile, kind, M, N, Kd):
     assert rel(get(rt, yv, (2, N)), x[5:7] @ Wd.T) <= TOL
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "f32"])
+@pytest.mark.parametrize("pro", ["norm", "swiglu"])
+@pytest.mark.parametrize("M,N,Kd", [(1, 70, 96), (2, 45, 288), (1, 20, 1056)])
+def test_gemv_prologues(rt, monkeypatch, kind, pro, M, N, Kd):
+    """Decode on hardware GPUs reads X through the op that made it (RMSNorm, or SwiGLU of the fused
+    [gate | up]) in gemv_wg (N > 64) and gemv_lanes (the LoRA A: N <= 64) instead of dispatching that op;
+    K not a multiple of the 64 lanes nor of 256."""
+    if kind != "f32" and Kd % 32:
+        pytest.skip("quantized rows are whole blocks of 32")
+    monkeypatch.setattr(rt, "tiled", True)
+    rng = np.random.default_rng(N * Kd)
+    W = QUANT[kind](rng.standard_normal((N, Kd)).astype(np.float32))
+    r = 8
+    A = rng.standard_normal((r, Kd)).astype(np.float32) * 0.1
+    Bm = rng.standard_normal((N, r)).astype(np.float32) * 0.1
+    if pro == "norm":
+        x = rng.standard_normal((M, Kd)).astype(np.float32) * 3
+        lnw = (1 + 0.1 * rng.standard_normal(Kd)).astype(np.float32)
+        xin, prologue = R.rmsnorm(x, lnw, 1e-5)[0], ("norm", up(rt, lnw), 1e-5)
+    else:
+        x = rng.standard_normal((M, 2 * Kd)).astype(np.float32)  # [gate | up]
+        xin, prologue = R.swiglu(x[:, :Kd], x[:, Kd:]), ("swiglu",)
+    gw, xb, Ab, Bb = K.upload_weight(rt, W, "w"), up(rt, x), up(rt, A), up(rt, Bm)
+    y, xa, yl = out(rt, M * N), out(rt, M * r), out(rt, M * N)
+    ops = [K.matmul(rt, xb, gw, y, M, N, Kd, mode="gemv", prologue=prologue),
+           K.matmul(rt, xb, K.dense_weight(Ab, r, Kd), xa, M, r, Kd, mode="gemv", prologue=prologue)]
+    xab = up(rt, (xin @ A.T).astype(np.float32))  # the LoRA epilogue with the prologue (fused q/k/v, gate/up)
+    ops.append(K.matmul(rt, xb, gw, yl, M, N, Kd, mode="gemv", lora=(xab, Bb, r, r, 1, 0.5), prologue=prologue))
+    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == \
+        ["gemv_lanes" if N <= 64 else "gemv_wg", "gemv_lanes", "gemv_lanes" if N <= 64 else "gemv_wg"]
+    rt.run(ops)
+    Wd = W.dequantize()
+    assert rel(get(rt, y, (M, N)), xin @ Wd.T) <= TOL
+    assert rel(get(rt, xa, (M, r)), xin @ A.T) <= TOL
+    assert rel(get(rt, yl, (M, N)), xin @ Wd.T + 0.5 * (xin @ A.T) @ Bm.T) <= TOL
+    with pytest.raises(wgpu_rt.WebGPUError, match="prologue"):
+        K.matmul(rt, xb, gw, y, M, N, Kd, mode="forward", prologue=prologue)
+
+
 @pytest.mark.parametrize("kind", ["q4_1", "f32"])
 @pytest.mark.parametrize("M,N,Kd", [(100, 8, 96), (64, 3, 160), (77, 13, 64), (130, 16, 44)])
 def test_skinny_products(rt, monkeypatch, kind, M, N, Kd):

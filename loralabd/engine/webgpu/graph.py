@@ -7,6 +7,7 @@ row ranges of one fused weight where the parts share a format.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -159,9 +160,11 @@ class ModelGraph:
         lim = min(budget, self.rt.limits.get("max-storage-buffer-binding-size", 1 << 27) // 4)
         return int(max(1, min(N, lim // self.args.vocab_size, 65535)))
 
-    def linear(self, ops, i, name, x, y, M, loras, S, *, res=None, gemv=False, skip_base=False, drop=None):
+    def linear(self, ops, i, name, x, y, M, loras, S, *, res=None, gemv=False, skip_base=False, drop=None,
+               pro=None):
         """y (M, out) = x (M, in)·Wᵀ + b + Σ_j s_j·(x·A_jᵀ)·B_jᵀ (+ res); xa_j kept in S for backward.
-        drop = (dyn buffer, p): LoRA dropout on the first adapter's input (training)."""
+        drop = (dyn buffer, p): LoRA dropout on the first adapter's input (training). pro: the prologue of the
+        x·Wᵀ and x·Aᵀ reads (decode on hardware GPUs, see kernels.matmul)."""
         rt = self.rt
         W, row0, out_f = self.layers[i].W[name]
         in_f = W.cols
@@ -174,7 +177,7 @@ class ModelGraph:
             A, Bv, r, s = e
             xa = S.xa(j, name, r)
             dr = None if drop is None or j else (1, drop[0], drop[1], drop_salt(i, name), in_f)
-            ops.append(K.matmul(rt, x, K.dense_weight(A, r, in_f), xa, M, r, in_f, mode=mode, drop=dr))
+            ops.append(K.matmul(rt, x, K.dense_weight(A, r, in_f), xa, M, r, in_f, mode=mode, drop=dr, prologue=pro))
             if fused is None:
                 fused = (xa, Bv, r, r, 1, s)
             else:
@@ -182,7 +185,7 @@ class ModelGraph:
         if skip_base:
             return
         ops.append(K.matmul(rt, x, W, y, M, out_f, in_f, mode=mode, bias=self.layers[i].bias.get(name),
-                            lora=fused, res=res, w_row0=row0))
+                            lora=fused, res=res, w_row0=row0, prologue=pro))
         for xa, Bv, r, s in extra:
             ops.append(K.matmul(rt, xa, K.dense_weight(Bv, out_f, r), y, M, out_f, r, mode=mode, beta=1.0, alpha=s))
 
@@ -194,10 +197,10 @@ class ModelGraph:
         D, F, H, KV, hd = a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
         gemv = cache is not None and N <= 4
         lin = lambda name, x, y, **kw: self.linear(ops, i, name, x, y, N, loras, S, gemv=gemv, drop=drop, **kw)  # noqa
-        ops.append(K.rmsnorm(rt, x_in, L.ln1, S.h, S.r1, N, D, a.rms_norm_eps))
         if cache is not None and drop is None and len(loras) <= 1 and set(L.fused) == set(GROUPS) \
                 and all(p.has_fused for p in loras):
             return self._layer_decode_fused(ops, i, S, loras, x_in, x_out, cache, gemv)
+        ops.append(K.rmsnorm(rt, x_in, L.ln1, S.h, S.r1, N, D, a.rms_norm_eps))
         lin("q_proj", S.h, S.q)
         lin("k_proj", S.h, S.k)
         lin("v_proj", S.h, S.v)
@@ -231,7 +234,7 @@ class ModelGraph:
                           hd, split=split)
         ops.extend(att if isinstance(att, list) else [att])
 
-    def _fused_linear(self, ops, i, group, x, y, M, loras, S, gemv):
+    def _fused_linear(self, ops, i, group, x, y, M, loras, S, gemv, pro=None):
         """y (M, rows of the group) = x·W_groupᵀ + bias + s·(x·A_groupᵀ)·B_groupᵀ in one matmul (+1 for x·Aᵀ)."""
         rt, L = self.rt, self.layers[i]
         w, fb, bounds = L.fused[group]
@@ -242,24 +245,36 @@ class ModelGraph:
             A, Bv, r, s = e
             parts = len(GROUPS[group])
             xa = S.xa(0, group, parts * r)
-            ops.append(K.matmul(rt, x, K.dense_weight(A, parts * r, w.cols), xa, M, parts * r, w.cols, mode=mode))
+            ops.append(K.matmul(rt, x, K.dense_weight(A, parts * r, w.cols), xa, M, parts * r, w.cols, mode=mode,
+                                prologue=pro))
             seg = list(bounds) + [0xFFFFFFFF] * (2 - len(bounds))
             lora = (xa, Bv, r, r, 1, s, parts * r, seg[0], seg[1])
-        ops.append(K.matmul(rt, x, w, y, M, w.rows, w.cols, mode=mode, bias=fb, lora=lora))
+        ops.append(K.matmul(rt, x, w, y, M, w.rows, w.cols, mode=mode, bias=fb, lora=lora, prologue=pro))
 
     def _layer_decode_fused(self, ops, i, S, loras, x_in, x_out, cache, gemv):
-        """The decode/prefill block with q/k/v and gate/up fused: 9 dispatches a layer without an adapter."""
+        """The decode/prefill block with q/k/v and gate/up fused: 9 dispatches a layer without an adapter; 6
+        when decoding on hardware GPUs, the norms and SwiGLU read in the next projection's prologue."""
         rt, a, L = self.rt, self.args, self.layers[i]
         B, T, N = S.B, S.T, S.N
         D, F, H, KV, hd = a.hidden_size, a.intermediate_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        pro = gemv and rt.tiled and os.environ.get("LORALAB_WGPU_DECODE_PROLOGUE", "1") == "1"
+        eps = a.rms_norm_eps
         qkv = S.lazy("qkv", N * (H + 2 * KV) * hd)
-        self._fused_linear(ops, i, "qkv", S.h, qkv, N, loras, S, gemv)
+        if pro:
+            self._fused_linear(ops, i, "qkv", x_in, qkv, N, loras, S, gemv, pro=("norm", L.ln1, eps))
+        else:
+            ops.append(K.rmsnorm(rt, x_in, L.ln1, S.h, S.r1, N, D, eps))
+            self._fused_linear(ops, i, "qkv", S.h, qkv, N, loras, S, gemv)
         ops.append(K.rope_decode_qkv(rt, qkv, S.q, cache.k[i], cache.v[i], S.pos, self.rope_tab, cache.dyn, B, T,
                                      cache.max_len, H, KV, hd, self.max_pos))
         self._cache_attention(ops, S, cache, i)
         self.linear(ops, i, "o_proj", S.att, S.x1, N, loras, S, res=x_in, gemv=gemv)
-        ops.append(K.rmsnorm(rt, S.x1, L.ln2, S.h2, S.r2, N, D, a.rms_norm_eps))
         gu = S.lazy("gu", N * 2 * F)
+        if pro:
+            self._fused_linear(ops, i, "gu", S.x1, gu, N, loras, S, gemv, pro=("norm", L.ln2, eps))
+            self.linear(ops, i, "down_proj", gu, x_out, N, loras, S, res=S.x1, gemv=gemv, pro=("swiglu",))
+            return
+        ops.append(K.rmsnorm(rt, S.x1, L.ln2, S.h2, S.r2, N, D, eps))
         self._fused_linear(ops, i, "gu", S.h2, gu, N, loras, S, gemv)
         ops.append(K.swiglu_fused(rt, gu, S.act, N, F))
         self.linear(ops, i, "down_proj", S.act, x_out, N, loras, S, res=S.x1, gemv=gemv)
