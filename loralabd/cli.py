@@ -92,6 +92,8 @@ def _train_stream(c: Client, method: str, params: dict) -> dict | None:
     last = None
     try:
         for ev in c.stream(method, params):
+            if ev["kind"] == "begin" and ev.get("message"):  # e.g. a resume that passed over damaged checkpoints
+                print(ev["message"], file=sys.stderr)
             if ev.get("train"):
                 last = ev["train"]
                 bar.show(last, final=ev["kind"] == "end")

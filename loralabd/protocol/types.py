@@ -502,7 +502,8 @@ class JobInfo(TypedDict):
     loss: Union[float, None]  # Last loss.
     tokensSeen: int  # Trained tokens.
     resumable: bool  # Whether `train/resume` can continue it.
-    error: Union[str, None]  # Why it failed.
+    error: Union[str, None]  # Why it failed, or why it stopped (`interrupted`: e.g. a full disk).
+    note: Union[str, None]  # What the daemon did about damage the job met: a resume that passed over damaged checkpoints (which, and the step it continued from), a job rebuilt from its checkpoints after the journal was set aside.
     createdAt: float  # Unix time.
     updatedAt: float  # Unix time.
 
@@ -633,6 +634,7 @@ class ErrorCode(IntEnum):
     FeatureUnavailable = -32060  # This build lacks the feature; update LoRA Lab.
     ExportFailed = -32061  # The message says why; check the output path is writable.
     ShuttingDown = -32062  # The daemon is stopping; start it again with `loralab serve`.
+    StorageError = -32063  # A write failed or would not fit: the disk is full (the message names the path, its mount, the free space and about how much is needed) or the write failed (I/O error, read-only disk). Free space there and retry; a job stopped this way is `interrupted` and continues with `train/resume`.
 
 
 # What to do next, per error code (the daemon appends it to messages that lack one).
@@ -657,7 +659,10 @@ ERROR_HINTS: dict[int, str] = {-32700: 'The message is not JSON. Send one JSON-R
  -32059: 'The backend cannot start here; use backend `numpy` or `auto`.',
  -32060: 'This build lacks the feature; update LoRA Lab.',
  -32061: 'The message says why; check the output path is writable.',
- -32062: 'The daemon is stopping; start it again with `loralab serve`.'}
+ -32062: 'The daemon is stopping; start it again with `loralab serve`.',
+ -32063: 'A write failed or would not fit: the disk is full (the message names the path, its mount, the free '
+         'space and about how much is needed) or the write failed (I/O error, read-only disk). Free space '
+         'there and retry; a job stopped this way is `interrupted` and continues with `train/resume`.'}
 
 # Method tables and the schema the validator walks (loralabd/protocol/validate.py).
 REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'name': 'InitializeParams'},
@@ -1918,7 +1923,16 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                              'type': {'kind': 'or',
                                       'items': [{'kind': 'base', 'name': 'string'},
                                                 {'kind': 'base', 'name': 'null'}]},
-                             'documentation': 'Why it failed.'},
+                             'documentation': 'Why it failed, or why it stopped (`interrupted`: e.g. a full '
+                                              'disk).'},
+                            {'name': 'note',
+                             'type': {'kind': 'or',
+                                      'items': [{'kind': 'base', 'name': 'string'},
+                                                {'kind': 'base', 'name': 'null'}]},
+                             'documentation': 'What the daemon did about damage the job met: a resume that '
+                                              'passed over damaged checkpoints (which, and the step it '
+                                              'continued from), a job rebuilt from its checkpoints after the '
+                                              'journal was set aside.'},
                             {'name': 'createdAt',
                              'type': {'kind': 'base', 'name': 'number'},
                              'documentation': 'Unix time.'},

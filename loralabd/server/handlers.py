@@ -38,6 +38,7 @@ from .adapters import adapter_info, adapter_meta, list_adapters
 from .engines import available_backends, device_probe
 from .errors import DomainError
 from .generating import generation
+from .storage import check_space, dir_bytes, is_write_fault, write_failed
 from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, time_shape
 
 log = logging.getLogger("loralabd.rpc")
@@ -110,10 +111,12 @@ class Progress:
     def _send(self, value: ProgressValue) -> None:
         self.conn.notify("$/progress", {"token": self.token, "value": value})
 
-    def begin(self, title: str, train: TrainProgress | None = None) -> None:
+    def begin(self, title: str, train: TrainProgress | None = None, message: str | None = None) -> None:
         v: WorkDoneProgressBegin = {"kind": "begin", "title": title, "cancellable": True}
         if train:
             v["train"] = train
+        if message:
+            v["message"] = message
         self._send(v)
         self.last_sent = time.monotonic()
 
@@ -254,9 +257,14 @@ class Dispatcher:
             reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, str(e), {"hint": ERROR_HINTS[code]})}
         except Exception as e:
             log.error("%s failed:\n%s", method, traceback.format_exc())
-            reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(
-                ErrorCode.InternalError, f"internal error in {method}: {type(e).__name__}: {e} (the daemon keeps "
-                f"running; please report this with the log in {paths.logs_dir()})")}
+            if is_write_fault(e):  # a full disk, an I/O error: the user's to fix, not a bug
+                code = ErrorCode.StorageError
+                reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(code, write_failed(e, paths.data_dir(), method)
+                                                                         + ", then retry", {"hint": ERROR_HINTS[code]})}
+            else:
+                reply = {"jsonrpc": "2.0", "id": rid, "error": error_obj(
+                    ErrorCode.InternalError, f"internal error in {method}: {type(e).__name__}: {e} (the daemon keeps "
+                    f"running; please report this with the log in {paths.logs_dir()})")}
         finally:
             conn.inflight.pop(rid, None)
         if not conn.closed:
@@ -294,7 +302,7 @@ class Dispatcher:
         return None
 
     async def device_info(self, conn: Connection, p: Empty, rid: RequestId) -> DeviceInfo:
-        notes: list[str] = []
+        notes: list[str] = list(self.manager.notes)  # e.g. a damaged job journal set aside at start
         info: DeviceInfo = {"backend": "numpy", "available": ["numpy"], "adapterName": "CPU (numpy)", "adapterType": "cpu",
                 "memoryBytes": None, "notes": notes}
         try:
@@ -588,10 +596,14 @@ class Dispatcher:
     async def adapter_export(self, conn: Connection, p: ExportParams, rid: RequestId) -> ExportResult:
         from .export_bridge import export_adapter, export_merged
 
+        out = Path(p["path"]).expanduser() if p.get("path") else paths.exports_dir()
         if p["format"] != "merged":
+            need = await self.manager.on_io(dir_bytes, paths.adapters_dir() / p["adapter"])  # about the adapter's size
+            check_space(out, need, f"exporting {p['adapter']!r} as {p['format']}")
             return await self.manager.on_device(export_adapter, p)
         meta = await self.manager.on_io(adapter_meta, p["adapter"])
         e = self.manager.get(p["model"]) if p.get("model") else self.manager.model_for_base(meta.get("base_model"))
+        check_space(out, 2 * e.info()["numParameters"], f"exporting {p['adapter']!r} merged into {e.id} (f16 weights)")
         async with e.turn():  # the merge reads the model's weights
             ad, _ = await self.manager.adapter(e, p["adapter"])
             return await self.manager.on_device(export_merged, p, e.model, ad)

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import paths
-from .jobs import JobJournal, job_info, resumable
+from .jobs import job_info, open_journal, resumable
 from ..protocol import ErrorCode
 from .adapters import adapter_stamp, load_adapter
 from .engines import engine_for
 from .errors import DomainError
+from .storage import check_space, storage_error, write_failed
 from ..training.trainer import DivergedError
-from .training import TrainRun, load_dataset
+from .training import TrainRun, disk_need, load_dataset
 
 if TYPE_CHECKING:
     from ..engine.interface import Engine
@@ -109,10 +111,9 @@ class ModelManager:
         self.models: dict[str, ModelEntry] = {}
         self.jobs: dict[str, Job] = {}
         self._loading: dict[str, asyncio.Future] = {}
-        self.journal = JobJournal(paths.data_dir() / "jobs.sqlite")
-        n = self.journal.recover()
-        if n:
-            log.info("%d job(s) from an earlier daemon are interrupted and resumable", n)
+        # a damaged journal is set aside and rebuilt from the checkpoints; the note goes to device/info
+        self.journal, note = open_journal(paths.data_dir() / "jobs.sqlite", paths.checkpoints_dir())
+        self.notes: list[str] = [note] if note else []
         self.shutting_down = False
 
     # -- models ----------------------------------------------------------------------------------
@@ -222,24 +223,39 @@ class ModelManager:
         if self.shutting_down:
             raise DomainError(ErrorCode.ShuttingDown, "the daemon is stopping; start it again with `loralab serve`")
         resume = jid is not None
-        if jid is None:
-            jid = self.journal.create("train", entry.source, params["adapter"], params, params.get("steps", 0))
-        elif jid in self.jobs:
+        if jid is not None and jid in self.jobs:
             raise DomainError(ErrorCode.JobNotResumable, f"job {jid} is running now; follow it with train/status")
+        check_space(paths.checkpoints_dir(), disk_need(params, entry.model.args, resume),
+                    f"training {params['adapter']!r} (checkpoints of the adapter and its optimizer state, then the adapter)")
+        if jid is None:
+            try:
+                jid = self.journal.create("train", entry.source, params["adapter"], params, params.get("steps", 0))
+            except sqlite3.Error as e:
+                raise storage_error(e, Path(self.journal.path), "recording the job in the job journal") from None
+        row = self.job_row(jid)
+        # the job as each checkpoint records it (the journal can be rebuilt from it); a job that got past step 0
+        # resumes from a whole checkpoint or not at all
+        meta = {"id": jid, "model": entry.source, "adapter": params["adapter"], "params": params, "created": row["created"]}
+        need_checkpoint = resume and (int(row["step"]) > 0 or bool(row["checkpoint"]))
         job = Job(jid, entry, params)
         self.jobs[jid] = job
         entry.jobs.add(jid)
         try:
             ds = await self.on_data(load_dataset, entry.model, params)  # tokenizing: off the model's queue
             async with entry.turn():
-                job.run = await self.device.run(lambda: TrainRun(entry.engine, entry.model, jid, params, resume, ds))
+                job.run = await self.device.run(lambda: TrainRun(entry.engine, entry.model, jid, params, resume, meta,
+                                                                 need_checkpoint, ds))
         except BaseException as e:
             self.jobs.pop(jid, None)
             entry.jobs.discard(jid)
             if not resume:
                 self.journal.update(jid, state="failed", error=str(e))
             raise
-        await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total, error=None)
+        note = job.run.note
+        if note is not None:
+            log.warning("job %s: %s", jid, note)
+        await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total, error=None,
+                                  **({"note": note} if note is not None else {}))
         job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")
         return job
 
@@ -272,6 +288,11 @@ class ModelManager:
         except asyncio.CancelledError:
             j.update(job.id, state="interrupted", error="daemon stopped")
             raise
+        except OSError as e:  # a checkpoint or the adapter could not be written: resumable from the last whole one
+            log.warning("job %s stopped: %s", job.id, e)
+            state, error = "interrupted", self._write_failed(job, e)
+            lc = run.last_checkpoint
+            j.update(job.id, state=state, error=error, step=run.saved_step, checkpoint=None if lc is None else str(lc))
         except DivergedError as e:  # nothing non-finite was written: the last checkpoint resumes, with a lower lr
             log.warning("job %s: %s", job.id, e)
             state, error = "failed", run.diverged(e)
@@ -309,7 +330,7 @@ class ModelManager:
         if job is None or job.run is None:
             raise DomainError(ErrorCode.JobNotFound, f"job {jid!r} is not running; see train/list")
         job.sinks.append(sink)
-        sink.begin(f"Training {job.params['adapter']}", job.run.progress())
+        sink.begin(f"Training {job.params['adapter']}", job.run.progress(), job.run.note)
 
     async def adapter(self, entry: ModelEntry, name: str) -> tuple[LoraAdapter, int | None]:
         """(adapter, its training step) for a request on entry's model: a running job's adapter is a snapshot
@@ -365,3 +386,12 @@ class ModelManager:
 
     def resumable(self, row: dict) -> bool:
         return resumable(row)
+
+    def _write_failed(self, job: Job, e: OSError) -> str:
+        """A job's error when saving it failed: the disk, what it needs, and how to continue."""
+        run = job.run
+        assert run is not None  # only a started run saves
+        msg = write_failed(e, run.run_dir, f"saving job {job.id} at step {run.step_count}",
+                           disk_need(job.params, job.entry.model.args, resume=True))
+        return (f"{msg}, then resume it with train/resume (`loralab train --resume {job.id}`); it continues from "
+                f"step {run.saved_step}, its last whole checkpoint")

@@ -16,6 +16,7 @@ from .errors import DomainError, finite
 
 if TYPE_CHECKING:
     from ..engine.interface import Engine
+    from ..models.args import ModelArgs
     from ..models.load import LoadedModel
     from ..training.packing import Dataset
 
@@ -28,8 +29,11 @@ class TrainRun:
     """
 
     def __init__(self, engine: Engine, model: LoadedModel, job_id: str, p: dict, resume: bool = False,
-                 ds: Dataset | None = None):
-        """ds: the job's data, tokenized (load_dataset, off the device thread), else read here."""
+                 job: dict | None = None, need_checkpoint: bool = False, ds: Dataset | None = None):
+        """job: what each checkpoint records of the job (to rebuild a lost journal); need_checkpoint: the job got
+        past step 0, so a resume without a whole checkpoint left is refused rather than started over; ds: the job's
+        data, tokenized (load_dataset, off the device thread), else read here."""
+        from ..training.checkpoint import CheckpointError
         from ..training.data import DatasetError
         from ..training.trainer import TrainConfig, TrainError, Trainer
 
@@ -40,6 +44,9 @@ class TrainRun:
             q = with_defaults("TrainParams", dict(p))
             ds = ds if ds is not None else load_dataset(model, p)
             self.tr = Trainer(engine, ds, cfg, run_dir=self.run_dir, resume=resume)
+            if need_checkpoint and self.tr.last_checkpoint is None:
+                raise CheckpointError(f"{self.run_dir}: no checkpoint left")
+            self.tr.job = None if job is None else {**job, "totalSteps": self.tr.total_steps}
             if q["evalAtStart"] and self.tr.step_num == 0 and not self.tr.history:
                 ev = self.tr.evaluate()  # step 0: the base model's loss on the validation data
                 if ev:
@@ -48,11 +55,23 @@ class TrainRun:
             raise DomainError(ErrorCode.DatasetError, str(e)) from None
         except OSError as e:
             raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: {e}; check the path") from None
+        except CheckpointError as e:
+            raise DomainError(ErrorCode.JobNotResumable, f"job {job_id} cannot resume: {e}; its progress is lost, so "
+                                                         "start a new job (train/start) with the same settings") from None
         except (TrainError, ValueError) as e:
             raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
         self.total = self.tr.total_steps
         self.schedule = self.tr.schedule
         self.last: StepReport | None = None  # the newest step report
+
+    @property
+    def note(self) -> str | None:
+        """What the resume passed over: the damaged checkpoints (set aside) and the step it continued from."""
+        if not self.tr.passed_over:
+            return None
+        lc = self.tr.last_checkpoint
+        gone = "; ".join(f"{why} (set aside as {where.name})" for where, why in self.tr.passed_over)
+        return f"resumed from {lc.name if lc else 'step 0'} (step {self.tr.step_num}), the newest whole checkpoint: {gone}"
 
     @property
     def done(self) -> bool:
@@ -128,7 +147,6 @@ class TrainRun:
         if bad is not None:  # a saved adapter (overwrite: true) is never replaced by a broken one
             raise DivergedError(self.step_count, f"the LoRA weights ({bad[0]})", bad[1])
         return save_adapter(self.p["adapter"], ad, self.model.args, base_source,
-
                             {"steps": self.step_count, "jobId": self.job_id, "loss": self.last_loss,
                              "baseName": self.model.name})
 
@@ -167,3 +185,19 @@ def load_dataset(model: LoadedModel, p: dict) -> Dataset:
         raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
                           + "; fix the data or pick another dataset")
     return ds
+
+
+def disk_need(p: dict, args: ModelArgs, resume: bool = False) -> int:
+    """About the bytes a job of these settings writes: keepLast checkpoints (one more while the newest is written;
+    a resume has its older ones already) of LoRA A and B, two optimizer moments (f32) and the metrics history,
+    then the adapter. 0 when the settings do not parse (the job's own checks say why)."""
+    from ..training.trainer import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_protocol(p)
+        lora = cfg.lora
+        n = sum(lora.r * sum(args.linear_shape(t)) for _ in lora.layer_ids(args.num_hidden_layers) for t in lora.targets)
+    except Exception:
+        return 0
+    checkpoint = 12 * n + 200 * (cfg.max_steps or 1000) + 8192
+    return (1 if resume else max(cfg.keep_last, 1) + 1) * checkpoint + 4 * n

@@ -23,7 +23,8 @@ from ..engine.interface import Engine, OptimSettings
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..errors import LoraLabError
 from ..models.args import LINEAR_NAMES
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, newest_good_checkpoint, read_checkpoint, \
+    save_checkpoint, set_aside
 from .packing import Dataset, DataStream, eval_batches
 from .schedule import Schedule
 
@@ -31,7 +32,6 @@ from .schedule import Schedule
 RESUME_FREE = ("eval_every", "eval_batches", "save_every", "keep_last", "log_every")
 # ... and the peak learning rate, which a resume may lower on purpose (after a run diverged): the schedule keeps its shape
 RESUME_NEW_LR = ("lr",)
-
 
 
 class TrainError(LoraLabError):
@@ -57,7 +57,6 @@ def first_nonfinite(arrays: dict[str, np.ndarray]) -> tuple[str, float] | None:
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             return k, float(a[~np.isfinite(a)].flat[0])
     return None
-
 
 
 @dataclass
@@ -234,6 +233,8 @@ class Trainer:
         self.stop_requested = False
         self._clock = _Clock()
         self.last_checkpoint: Path | None = None
+        self.job: dict | None = None  # the daemon's job (id, params, ...), kept in each checkpoint to rebuild its journal
+        self.passed_over: list[tuple[Path, str]] = []  # damaged checkpoints a resume set aside: (where now, why)
         if resume:
             src = resume if isinstance(resume, (str, Path)) else self.run_dir
             if src is None:
@@ -413,16 +414,26 @@ class Trainer:
                 "config": self.cfg.to_dict(), "lora": self.cfg.lora.to_dict(), "exhausted": self.exhausted,
                 "history": self.history, "model": self.engine.model.name,
                 "backend": self.engine.backend}
+        if self.job is not None:
+            meta["job"] = self.job
         arrays = self.sess.state_dict()
         bad = first_nonfinite(arrays)  # never a checkpoint that cannot be resumed: the last good one stays newest
         if bad is not None:
             raise DivergedError(self.step_num, f"the optimizer state ({bad[0]})", bad[1])
         self.last_checkpoint = save_checkpoint(self.run_dir, self.step_num, arrays, meta, self.cfg.keep_last)
-
         return self.last_checkpoint
 
     def load(self, path) -> None:
-        arrays, meta = load_checkpoint(path)
+        """Restore a checkpoint: the one at path, or a run directory's newest whole one (damaged newer ones are
+        set aside and listed in passed_over). CheckpointError when there is none to restore."""
+        path, damaged = Path(path), []
+        if (path / "trainer.json").exists():
+            arrays, meta = read_checkpoint(path)
+        else:
+            found = newest_good_checkpoint(path)
+            if found.path is None or found.arrays is None or found.meta is None:
+                raise CheckpointError(found.why_none(path))
+            path, arrays, meta, damaged = found.path, found.arrays, found.meta, found.damaged
         mine, theirs = self.cfg.to_dict(), meta["config"]
         diff = sorted(k for k in set(mine) | set(theirs)
                       if k not in RESUME_FREE + RESUME_NEW_LR and mine.get(k) != theirs.get(k))
@@ -443,4 +454,5 @@ class Trainer:
         self._window = (time.perf_counter(), self.tokens_seen)
         self.exhausted = bool(meta.get("exhausted", False))
         self.history = list(meta.get("history", []))
-        self.last_checkpoint = Path(path)
+        self.last_checkpoint = path
+        self.passed_over = [(set_aside(p), why) for p, why in damaged]

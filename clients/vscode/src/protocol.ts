@@ -875,8 +875,10 @@ export interface JobInfo {
   tokensSeen: number;
   /** Whether `train/resume` can continue it. */
   resumable: boolean;
-  /** Why it failed. */
+  /** Why it failed, or why it stopped (`interrupted`: e.g. a full disk). */
   error: string | null;
+  /** What the daemon did about damage the job met: a resume that passed over damaged checkpoints (which, and the step it continued from), a job rebuilt from its checkpoints after the journal was set aside. */
+  note: string | null;
   /** Unix time. */
   createdAt: number;
   /** Unix time. */
@@ -1145,5 +1147,6 @@ export const ErrorCodes = {
   FeatureUnavailable: -32060,
   ExportFailed: -32061,
   ShuttingDown: -32062,
+  StorageError: -32063,
 } as const;
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
