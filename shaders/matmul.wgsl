@@ -478,15 +478,18 @@ fn split_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     c[i] = y;
 }
 
-// Skinny products on hardware GPUs (N <= 16 outputs: the LoRA x·Aᵀ and dY·B): a workgroup of 64 = 8 rows x
-// 8 lanes; the lanes of a row split K in vec4 steps and reduce through workgroup memory, so 4096 rows make
-// 512 workgroups, where a 64x64 tile leaves 7/8 of its lanes idle at N = 8.
+// Skinny products on hardware GPUs (N <= 16 outputs: the LoRA x·Aᵀ and dY·B): a workgroup of 64 = SKR rows x
+// SKL lanes; the lanes of a row split K in vec4 steps and reduce through workgroup memory, where a 64x64
+// tile leaves 7/8 of its lanes idle at N = 8. Few rows (a small batch) take more lanes a row (kernels.py):
+// the K loop is a chain of dependent loads, and 512 rows of 8 lanes were 64 workgroups of 18 steps each.
+override SKR: u32 = 8u;
+override SKL: u32 = 64u / SKR;
 var<workgroup> skr: array<vec4<f32>, 256>;  // [row][lane][column group]
 
 fn skinny_finish(l: u32, m: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3: vec4<f32>) {
-    let row = l / 8u;
-    let lane = l % 8u;
-    let o = (row * 8u + lane) * 4u;
+    let row = l / SKL;
+    let lane = l % SKL;
+    let o = (row * SKL + lane) * 4u;
     skr[o] = a0;
     skr[o + 1u] = a1;
     skr[o + 2u] = a2;
@@ -494,7 +497,7 @@ fn skinny_finish(l: u32, m: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3
     workgroupBarrier();
     if (lane < 4u && lane * 4u < p.N && m < p.M) {
         var v = vec4<f32>(0.0);
-        for (var j = 0u; j < 8u; j++) { v += skr[(row * 8u + j) * 4u + lane]; }
+        for (var j = 0u; j < SKL; j++) { v += skr[(row * SKL + j) * 4u + lane]; }
         store4(m, lane * 4u, v);
     }
 }
@@ -502,7 +505,7 @@ fn skinny_finish(l: u32, m: u32, a0: vec4<f32>, a1: vec4<f32>, a2: vec4<f32>, a3
 @compute @workgroup_size(64)
 fn forward_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32,
                   @builtin(num_workgroups) nw: vec3<u32>) {
-    let m = (wid.x + wid.y * nw.x) * 8u + l / 8u;
+    let m = (wid.x + wid.y * nw.x) * SKR + l / SKL;
     let mc = min(m, p.M - 1u);
     let nn = p.N - 1u;
     let r0 = p.w_row0;
@@ -510,7 +513,7 @@ fn forward_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
-    for (var k = (l % 8u) * 4u; k < p.K; k += 32u) {
+    for (var k = (l % SKL) * 4u; k < p.K; k += 4u * SKL) {
         let xv = xrow4(mc, k);
         a0 += vec4<f32>(dot(xv, w4(r0, k, p.K)), dot(xv, w4(r0 + min(1u, nn), k, p.K)),
                         dot(xv, w4(r0 + min(2u, nn), k, p.K)), dot(xv, w4(r0 + min(3u, nn), k, p.K)));
@@ -533,13 +536,13 @@ fn forward_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocati
 @compute @workgroup_size(64)
 fn backward_dx_skinny(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) l: u32,
                       @builtin(num_workgroups) nw: vec3<u32>) {
-    let m = (wid.x + wid.y * nw.x) * 8u + l / 8u;
+    let m = (wid.x + wid.y * nw.x) * SKR + l / SKL;
     let mc = min(m, p.M - 1u);
     var a0 = vec4<f32>(0.0);
     var a1 = vec4<f32>(0.0);
     var a2 = vec4<f32>(0.0);
     var a3 = vec4<f32>(0.0);
-    for (var k4 = (l % 8u) * 4u; k4 < p.K; k4 += 32u) {
+    for (var k4 = (l % SKL) * 4u; k4 < p.K; k4 += 4u * SKL) {
         let xv = xrow4(mc, k4);  // zero past K
         for (var i = 0u; i < 4u; i++) {
             let wr = p.w_row0 + min(k4 + i, p.K - 1u);

@@ -201,12 +201,14 @@ def test_gemv_prologues(rt, monkeypatch, kind, pro, M, N, Kd):
 
 @pytest.mark.parametrize("kind", ["q4_1", "f32"])
 @pytest.mark.parametrize("M,N,Kd", [(100, 8, 96), (64, 3, 160), (77, 13, 64), (130, 16, 44)])
-def test_skinny_products(rt, monkeypatch, kind, M, N, Kd):
+@pytest.mark.parametrize("rows", ["1", "2", "8"])
+def test_skinny_products(rt, monkeypatch, kind, M, N, Kd, rows):
     """N <= 16 outputs on hardware GPUs (the LoRA products x·Aᵀ, dY·B): forward_skinny / backward_dx_skinny,
-    8 lanes per row splitting K, with the LoRA / residual epilogue."""
+    64 / rows lanes per row splitting K, with the LoRA / residual epilogue."""
     if kind != "f32" and Kd % 32:
         pytest.skip("quantized rows are whole blocks of 32")
     monkeypatch.setattr(rt, "tiled", True)
+    monkeypatch.setenv("LORALAB_WGPU_SKINNY_ROWS", rows)
     rng = np.random.default_rng(M + N)
     W = QUANT[kind](rng.standard_normal((N, Kd)).astype(np.float32))
     Bd = rng.standard_normal((Kd, N)).astype(np.float32)  # dense (out, r) operand of backward_dx
