@@ -322,13 +322,35 @@ fn load_x_tile(m0: u32, k0: u32, t: u32) {  // X[m0 + t/4, k0 + 4*(t%4) ..+3] ->
     for (var l = 0u; l < 4u; l++) { xtile[(kq + l) * 16u + m / 4u][m % 4u] = v[l]; }
 }
 
+// Split K (few output tiles, as at small batches): workgroup z of num_workgroups.z takes one BK-aligned
+// slice of K and writes its raw partial sums to C bound to a scratch buffer (z, M, N); split_epilogue sums
+// the slices and applies the epilogue (bias, LoRA, residual, beta) through store().
+fn k_slice(z: u32, nz: u32) -> vec2<u32> {
+    let per = ((p.K + nz - 1u) / nz + BK - 1u) / BK * BK;
+    return vec2<u32>(min(z * per, p.K), min((z + 1u) * per, p.K));
+}
+
+fn finish_tile(m: u32, n: u32, acc: Acc4, z: u32, nz: u32) {
+    if (nz == 1u) {
+        store_acc(m, n, acc);
+        return;
+    }
+    let base = z * p.M * p.N;
+    split_store(base, m, n, acc.c0);
+    split_store(base, m + 1u, n, acc.c1);
+    split_store(base, m + 2u, n, acc.c2);
+    split_store(base, m + 3u, n, acc.c3);
+}
+
 @compute @workgroup_size(16, 16)
-fn forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                 @builtin(num_workgroups) nw: vec3<u32>) {
     let m0 = wid.y * 64u;
     let n0 = wid.x * 64u;
     let t = lid.y * 16u + lid.x;
+    let ks = k_slice(wid.z, nw.z);
     var acc = Acc4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k0 = 0u; k0 < p.K; k0 += BK) {
+    for (var k0 = ks.x; k0 < ks.y; k0 += BK) {
         load_x_tile(m0, k0, t);
         let n = t / 4u;
         let kq = (t % 4u) * 4u;
@@ -339,16 +361,18 @@ fn forward_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocatio
         acc = tile_mac(lid.x, lid.y, acc);
         workgroupBarrier();
     }
-    store_acc(m0 + lid.y * 4u, n0 + lid.x * 4u, acc);
+    finish_tile(m0 + lid.y * 4u, n0 + lid.x * 4u, acc, wid.z, nw.z);
 }
 
 @compute @workgroup_size(16, 16)
-fn backward_dx_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn backward_dx_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
+                     @builtin(num_workgroups) nw: vec3<u32>) {
     let m0 = wid.y * 64u;
     let n0 = wid.x * 64u;
     let t = lid.y * 16u + lid.x;
+    let ks = k_slice(wid.z, nw.z);
     var acc = Acc4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    for (var k0 = 0u; k0 < p.K; k0 += BK) {
+    for (var k0 = ks.x; k0 < ks.y; k0 += BK) {
         load_x_tile(m0, k0, t);
         let kk = t / 16u;
         let nq = (t % 16u) * 4u;
@@ -359,7 +383,19 @@ fn backward_dx_tiled(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invoc
         acc = tile_mac(lid.x, lid.y, acc);
         workgroupBarrier();
     }
-    store_acc(m0 + lid.y * 4u, n0 + lid.x * 4u, acc);
+    finish_tile(m0 + lid.y * 4u, n0 + lid.x * 4u, acc, wid.z, nw.z);
+}
+
+override KSPLITS: u32 = 2u;
+
+@compute @workgroup_size(64)
+fn split_epilogue(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
+    let i = gid.x + gid.y * nw.x * 64u;  // X is the scratch of *_tiled's K slices (KSPLITS, M, N)
+    let mn = p.M * p.N;
+    if (i >= mn) { return; }
+    var s = 0.0;
+    for (var z = 0u; z < KSPLITS; z++) { s += x[z * mn + i]; }
+    store(i / p.N, i % p.N, s);
 }
 
 // Decode on hardware GPUs: a workgroup of 64 = 8 outputs x 8 lanes; the lanes of an output share its

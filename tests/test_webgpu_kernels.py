@@ -161,6 +161,41 @@ def test_tiled_and_workgroup_variants(rt, monkeypatch, tile, kind, M, N, Kd):
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0", "f32"])
+@pytest.mark.parametrize("M,N,Kd", [(100, 96, 608), (64, 32, 1056), (130, 224, 2048)])
+def test_split_k_tiled_products(rt, monkeypatch, kind, M, N, Kd):
+    """Few output tiles on hardware GPUs: forward_tiled / backward_dx_tiled over K slices into a scratch
+    buffer, then split_epilogue (sum, then bias, LoRA, residual, beta); K not a multiple of the slices."""
+    if kind != "f32" and Kd % 32:
+        pytest.skip("quantized rows are whole blocks of 32")
+    monkeypatch.setattr(rt, "tiled", True)
+    monkeypatch.setenv("LORALAB_WGPU_MMT", "tiled")
+    rng = np.random.default_rng(M + N + Kd)
+    W = QUANT[kind](rng.standard_normal((N, Kd)).astype(np.float32))
+    Wt = QUANT[kind](rng.standard_normal((Kd, N)).astype(np.float32))  # backward_dx: (K rows, N columns)
+    x = rng.standard_normal((M, Kd)).astype(np.float32)
+    r = 3
+    xa = rng.standard_normal((M, r)).astype(np.float32)
+    Bm = rng.standard_normal((N, r)).astype(np.float32) * 0.1
+    b = rng.standard_normal(N).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    scratch = out(rt, K.MAX_SPLITS * M * N)
+    y, dx = out(rt, M * N), up(rt, c0)
+    xb, xab, Bb = up(rt, x), up(rt, xa), up(rt, Bm)
+    fwd = K.matmul_ops(rt, xb, K.upload_weight(rt, W, "w"), y, M, N, Kd, bias=up(rt, b), lora=(xab, Bb, r, r, 1, 0.5),
+                       res=up(rt, res), scratch=scratch)
+    bwd = K.matmul_ops(rt, xb, K.upload_weight(rt, Wt, "wt"), dx, M, N, Kd, mode="backward_dx", beta=1.0,
+                       lora=(xab, Bb, r, r, 1, 0.5), scratch=scratch)
+    assert [o.kernel.split(":")[1].split("[")[0] for o in fwd + bwd] == \
+        ["forward_tiled", "split_epilogue", "backward_dx_tiled", "split_epilogue"]
+    assert fwd[0].grid[2] == K.k_splits(rt, M, N, Kd, "forward") > 1
+    rt.run(fwd + bwd)
+    lora = 0.5 * xa @ Bm.T
+    assert rel(get(rt, y, (M, N)), x @ W.dequantize().T + b + lora + res) <= TOL
+    assert rel(get(rt, dx, (M, N)), x @ Wt.dequantize() + lora + c0) <= TOL
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0", "f32"])
 @pytest.mark.parametrize("pro", ["norm", "swiglu"])
 @pytest.mark.parametrize("M,N,Kd", [(1, 70, 96), (2, 45, 288), (1, 20, 1056)])
 def test_gemv_prologues(rt, monkeypatch, kind, pro, M, N, Kd):

@@ -62,6 +62,7 @@ class Acts:
         self.g, self.u, self.act = f(N * F, "g"), f(N * F, "u"), f(N * F, "act")
         self.hf, self.rf = f(N * D, "hf"), f(N, "rf")
         self._xa: dict = {}
+        self._split_n = K.MAX_SPLITS * N * max(D, F, Hq) if rt.tiled and N < 4096 else 0
 
     def alloc(self, n, name) -> Buf:
         b = self.rt.buffer(4 * n, name)
@@ -73,6 +74,10 @@ class Acts:
         if name not in self._xa:
             self._xa[name] = self.alloc(n, name)
         return self._xa[name]
+
+    def split_scratch(self) -> Buf | None:
+        """Scratch of the K-split tiled matmuls (kernels.matmul_ops): small batches on hardware GPUs."""
+        return self.lazy("mm_split", self._split_n) if self._split_n else None
 
     def xa(self, j, name, r) -> Buf:
         key = (j, name, r)
@@ -184,8 +189,9 @@ class ModelGraph:
                 extra.append((xa, Bv, r, s))
         if skip_base:
             return
-        ops.append(K.matmul(rt, x, W, y, M, out_f, in_f, mode=mode, bias=self.layers[i].bias.get(name),
-                            lora=fused, res=res, w_row0=row0, prologue=pro))
+        ops.extend(K.matmul_ops(rt, x, W, y, M, out_f, in_f, mode=mode, bias=self.layers[i].bias.get(name),
+                                lora=fused, res=res, w_row0=row0, prologue=pro,
+                                scratch=None if gemv else S.split_scratch()))
         for xa, Bv, r, s in extra:
             ops.append(K.matmul(rt, xa, K.dense_weight(Bv, out_f, r), y, M, out_f, r, mode=mode, beta=1.0, alpha=s))
 
@@ -249,7 +255,8 @@ class ModelGraph:
                                 prologue=pro))
             seg = list(bounds) + [0xFFFFFFFF] * (2 - len(bounds))
             lora = (xa, Bv, r, r, 1, s, parts * r, seg[0], seg[1])
-        ops.append(K.matmul(rt, x, w, y, M, w.rows, w.cols, mode=mode, bias=fb, lora=lora, prologue=pro))
+        ops.extend(K.matmul_ops(rt, x, w, y, M, w.rows, w.cols, mode=mode, bias=fb, lora=lora, prologue=pro,
+                                scratch=None if gemv else S.split_scratch()))
 
     def _layer_decode_fused(self, ops, i, S, loras, x_in, x_out, cache, gemv):
         """The decode/prefill block with q/k/v and gate/up fused: 9 dispatches a layer without an adapter; 6

@@ -166,6 +166,42 @@ def _with_prologue(defines: dict, prologue, bufs: dict, params: dict) -> dict:
     return dict(defines, XNORM=1)
 
 
+SPLIT_TILES = 256  # below this many 64x64 output tiles the tiled matmuls split K (an H200 has 132 SMs)
+MAX_SPLITS = 4
+
+
+def k_splits(rt, M: int, N: int, K: int, mode: str) -> int:
+    """K slices for a forward / backward_dx matmul on the 64x64 tiled kernel: few tiles (a small batch)
+    leave most of the GPU idle, each walking all of K (LORALAB_WGPU_SPLIT_K=0: never)."""
+    if not (rt.tiled and M >= 64 and N > 16 and mode in ("forward", "backward_dx")) or mm_tile(rt, N)[0] \
+            or os.environ.get("LORALAB_WGPU_SPLIT_K", "1") != "1":
+        return 1
+    tiles = -(-N // 64) * -(-M // 64)
+    slice_k = int(os.environ.get("LORALAB_WGPU_SPLIT_SLICE", "128"))  # the shortest K slice worth a workgroup
+    return max(1, min(MAX_SPLITS, -(-SPLIT_TILES // tiles), K // slice_k)) if tiles < SPLIT_TILES else 1
+
+
+def matmul_ops(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, scratch: Buf | None = None,
+               **kw) -> list:
+    """matmul as a list of ops: [matmul], or with `scratch` (>= splits*M*N floats) and few output tiles, the
+    K-split tiled product into scratch and split_epilogue (the sum of the slices through the epilogue)."""
+    mode = kw.get("mode", "forward")
+    n = k_splits(rt, M, N, K, mode) if scratch is not None else 1
+    while n > 1 and scratch is not None and scratch.n < n * M * N:
+        n -= 1
+    op = matmul(rt, x, w, c, M, N, K, **kw)
+    if n == 1:
+        return [op]
+    assert op.kernel.split(":")[1].startswith(mode + "_tiled"), op.kernel
+    bufs, params = _mm_args(x, w, scratch, M, N, K, mode, kw.get("a_off", 0), kw.get("lda"), kw.get("c_off", 0),
+                            kw.get("ldc"), kw.get("w_row0", 0), kw.get("bias"), kw.get("lora"), kw.get("res"),
+                            kw.get("beta", 0.0), kw.get("alpha", 1.0), kw.get("drop"))
+    part = rt.op("matmul.wgsl", mode + "_tiled", (-(-N // 64), -(-M // 64), n), bufs, params, w.define)
+    ep_bufs = dict(bufs, x=scratch, c=c)
+    ep = rt.op("matmul.wgsl", "split_epilogue", grid1d(M * N, 64), ep_bufs, params, w.define, {"KSPLITS": n})
+    return [part, ep]
+
+
 MMT_DEFAULT = "tiled"  # measured best on an H100 over the training shapes (perf_log.md)
 
 

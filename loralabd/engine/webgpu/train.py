@@ -145,7 +145,8 @@ class WebGPUTrainSession:
             rows = min(rc, N - row0)
             ops.append(K.matmul(rt, S.hf, eng.out, z, rows, V, D, a_off=row0 * D))
             ops.append(K.ce_rows_fused(rt, z, S.lab, st, rows, V, row0, 1.0))
-            ops.append(K.matmul(rt, z, eng.out, dhf, rows, D, V, mode="backward_dx", c_off=row0 * D))
+            ops.extend(K.matmul_ops(rt, z, eng.out, dhf, rows, D, V, mode="backward_dx", c_off=row0 * D,
+                                    scratch=S.split_scratch()))
         ops.extend(K.ce_finish(rt, S.lab, st, loss, N))
         ops.append(K.rmsnorm_backward(rt, dhf, xs[L], eng.norm, S.rf, dx, N, D))
 
@@ -168,8 +169,8 @@ class WebGPUTrainSession:
                 ops.extend(K.matmul_dw(rt, dxa, K.dense_weight(x, N, in_f), gA, r, in_f, N, alpha=s, beta=1.0,
                                        drop=dw_drop, scratch=scratch))
                 lora = (dxa, A, r, 1, in_f, s)
-            ops.append(K.matmul(rt, dy, W, dX, N, in_f, out_f, mode="backward_dx", lora=lora, beta=beta,
-                                drop=None if lora is None else dx_drop, w_row0=row0))
+            ops.extend(K.matmul_ops(rt, dy, W, dX, N, in_f, out_f, mode="backward_dx", lora=lora, beta=beta,
+                                    drop=None if lora is None else dx_drop, w_row0=row0, scratch=S.split_scratch()))
 
         seg = S.seg
         for i in reversed(range(L)):
