@@ -90,7 +90,7 @@ export function layoutChart(s: Series, width: number, height: number, maxPoints 
     lr: lr.map((p) => [px(p.step), py(p.value, lrLo, lrHi)]),
     xTicks: xt.map((v) => ({ value: v, pos: px(v) })),
     yTicks: losses.length ? niceTicks(lo, hi, 4).map((v) => ({ value: v, pos: py(v, lo, hi) })) : [],
-    lrTicks: hasLr ? niceTicks(lrLo, lrHi, 3).map((v) => ({ value: v, pos: py(v, lrLo, lrHi) })) : [],
+    lrTicks: hasLr ? niceTicks(lrLo, lrHi, 5).map((v) => ({ value: v, pos: py(v, lrLo, lrHi) })) : [],
   };
 }
 

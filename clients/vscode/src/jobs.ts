@@ -75,7 +75,7 @@ export function foldInfo(j: JobView, info: JobInfo, now: number): JobView {
   const ended = info.state !== "running" && info.state !== "queued";
   return { ...j, state: info.state, step: Math.max(j.step, info.step), totalSteps: info.totalSteps || j.totalSteps,
            loss: j.loss ?? info.loss, resumable: info.resumable, error: info.error,
-           endedAt: ended ? j.endedAt ?? now : null, etaSeconds: ended ? 0 : j.etaSeconds };
+           endedAt: ended ? j.endedAt ?? Math.min(now, info.updatedAt * 1000) : null, etaSeconds: ended ? 0 : j.etaSeconds };
 }
 
 export function isRunning(j: JobView): boolean {
@@ -177,14 +177,16 @@ export class JobTracker {
     }
   }
 
-  /** Follow every job the daemon runs now; remember the journal's newest jobs too. */
-  async followRunning(): Promise<void> {
+  /** Follow every job the daemon runs now; list the journal's newest jobs too (started by another window, the CLI,
+   * or before VS Code restarted: their state and steps, without a chart). */
+  async followRunning(recent = 5): Promise<void> {
     const { jobs } = await this.api.request("train/list", undefined);
-    for (const info of jobs) {
+    for (const [i, info] of jobs.entries()) {
       if (info.state === "running") await this.follow(info);
       else {
         const j = this.jobs.get(info.jobId);
-        if (j && isRunning(j)) this.set(foldInfo(j, info, Date.now()));  // it ended while we were away
+        if (j) { if (isRunning(j)) this.set(foldInfo(j, info, Date.now())); }  // it ended while we were away
+        else if (i < recent) this.set(foldInfo(newJob(info.jobId, info.adapter, info.createdAt * 1000), info, Date.now()));
       }
     }
   }

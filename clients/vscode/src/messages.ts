@@ -43,7 +43,7 @@ export type ToPanel =
 
 /** webview -> extension */
 export type FromPanel =
-  | { type: "ready" }
+  | { type: "ready"; dataset: string | null }  // dataset: the one picked before a reload, to inspect again
   | { type: "plan"; settings: TrainSettings }
   | { type: "calibrate"; settings: TrainSettings }
   | { type: "calibrateCancel" }
@@ -74,7 +74,8 @@ function isChat(x: unknown): x is ChatMessage[] {
 export function isFromPanel(x: unknown): x is FromPanel {
   if (!isObj(x)) return false;
   switch (x.type) {
-    case "ready": case "pickDataset": case "chatStop": case "calibrateCancel": return true;
+    case "ready": return x.dataset === null || isStr(x.dataset);
+    case "pickDataset": case "chatStop": case "calibrateCancel": return true;
     case "plan": case "calibrate": case "trainStart": return isSettings(x.settings);
     case "trainCancel": case "trainResume": return isStr(x.jobId);
     case "chat": return isNum(x.chatId) && isChat(x.messages) && (x.adapter === null || isStr(x.adapter)) && isNum(x.scale);

@@ -92,6 +92,8 @@ export class Panel implements vscode.Disposable {
   }
 
   private fail(section: Section, e: unknown): void {
+    // a daemon that could not start is said once, at the top, not again in every section that needed it
+    if (section !== "daemon" && this.ctx.state === "failed") return;
     this.post({ type: "error", section, message: describeError(e).message });
   }
 
@@ -124,7 +126,7 @@ export class Panel implements vscode.Disposable {
 
   private async handle(m: FromPanel): Promise<void> {
     switch (m.type) {
-      case "ready": return this.onReady();
+      case "ready": return this.onReady(m.dataset);
       case "plan": return this.plan(m.settings);
       case "calibrate": return this.calibrate(m.settings);
       case "calibrateCancel": this.calibration?.cancel(); return;
@@ -139,13 +141,14 @@ export class Panel implements vscode.Disposable {
     }
   }
 
-  private async onReady(): Promise<void> {
+  private async onReady(dataset: string | null): Promise<void> {
     this.ready = true;
     const queued = this.queued.splice(0);
     this.post({ type: "daemon", state: this.ctx.state, text: this.ctx.stateText });
     for (const j of this.ctx.jobs().slice().reverse()) this.post({ type: "job", job: j });
     for (const m of queued) this.post(m);
     await this.refresh();
+    if (dataset && !this.dataset && this.ctx.state === "ready") await this.useDataset(dataset);
   }
 
   /** Model, adapters and jobs from the daemon (on load, and when it restarted). */

@@ -35,6 +35,7 @@ export interface PanelState {
   calibration: Calibration;
   dataset: DatasetInfo | null;
   job: JobView | null;  // the job shown: the newest the panel heard of
+  jobs: JobView[];      // the daemon's jobs this window knows of, newest first
   adapters: AdapterInfo[];
   columns: ChatColumn[];
   exported: ExportResult | null;
@@ -44,7 +45,7 @@ export interface PanelState {
 export function initialState(): PanelState {
   return {
     daemon: { state: "starting", text: "starting the daemon" }, model: null, plan: null, planning: false,
-    calibration: { running: false, percentage: null, message: "" }, dataset: null, job: null, adapters: [],
+    calibration: { running: false, percentage: null, message: "" }, dataset: null, job: null, jobs: [], adapters: [],
     columns: [{ id: 1, adapter: null, scale: 1, turns: [], pending: null }], exported: null, errors: {},
   };
 }
@@ -93,9 +94,11 @@ export function reduce(s: PanelState, m: ToPanel): PanelState {
     case "settings": case "ask": case "focus": case "run":
       return s;  // the webview applies these to its inputs
     case "job": {
-      // the newest job wins the view; updates of an older one (another window's) do not take it over
-      if (s.job && s.job.jobId !== m.job.jobId && m.job.startedAt < s.job.startedAt) return s;
-      return { ...s, job: m.job, errors: m.job.state === "running" ? clearError(s, "train") : s.errors };
+      const jobs = [m.job, ...s.jobs.filter((j) => j.jobId !== m.job.jobId)].sort((a, b) => b.startedAt - a.startedAt).slice(0, 10);
+      // the newest job takes the view; updates of an older one (another window's) do not take it over
+      const show = !s.job || s.job.jobId === m.job.jobId || m.job.startedAt >= s.job.startedAt;
+      return { ...s, jobs, job: show ? m.job : s.job,
+               errors: show && m.job.state === "running" ? clearError(s, "train") : s.errors };
     }
     case "adapters":
       return { ...s, adapters: m.adapters };
@@ -118,6 +121,12 @@ export function reduce(s: PanelState, m: ToPanel): PanelState {
       return { ...s, errors };
     }
   }
+}
+
+/** Show another job of the list in the chart. */
+export function showJob(s: PanelState, jobId: string): PanelState {
+  const job = s.jobs.find((j) => j.jobId === jobId);
+  return job ? { ...s, job } : s;
 }
 
 export function chatPending(s: PanelState): boolean {

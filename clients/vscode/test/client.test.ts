@@ -21,7 +21,7 @@ import { isFromPanel } from "../src/messages";
 import type { ToPanel, TrainSettings } from "../src/messages";
 import { ErrorCodes, PROTOCOL_VERSION } from "../src/protocol";
 import type { DatasetInfo, GenerateDelta, JobInfo, PlanEstimate } from "../src/protocol";
-import { addColumn, ask, columnMessages, initialState, reduce, setColumn, suggest } from "../src/state";
+import { addColumn, ask, columnMessages, initialState, reduce, setColumn, showJob, suggest } from "../src/state";
 import type { PanelState } from "../src/state";
 import { openSession } from "../src/session";
 import type { Session } from "../src/session";
@@ -55,6 +55,8 @@ describe("pure panel logic", () => {
     assert.ok(isFromPanel({ type: "export", adapter: "a", format: "gguf" }));
     assert.ok(isFromPanel({ type: "trainCancel", jobId: "j1" }) && isFromPanel({ type: "calibrateCancel" }));
     assert.ok(isFromPanel({ type: "openSettings", setting: "loralab.pythonPath" }));
+    assert.ok(isFromPanel({ type: "ready", dataset: null }) && isFromPanel({ type: "ready", dataset: "/d" }));
+    assert.ok(!isFromPanel({ type: "ready" }), "ready says which dataset to restore, or null");
     assert.ok(!isFromPanel({ type: "openSettings", setting: "python.defaultInterpreterPath" }), "only our own settings");
     assert.ok(!isFromPanel({ type: "trainStart", settings: { ...SETTINGS, steps: "3" } }));
     assert.ok(!isFromPanel({ type: "chat", chatId: 1, adapter: null, scale: 1, messages: [{ role: "robot", content: "x" }] }));
@@ -119,6 +121,19 @@ describe("pure panel logic", () => {
     s = setColumn(s, s.columns[1].id, "other", 1);
     assert.deepEqual(s.columns[1].turns, [], "another adapter starts its column over");
     assert.deepEqual(setColumn(s, s.columns[0].id, null, 2).columns[0].turns.length, 2, "a new scale keeps the history");
+  });
+
+  it("lists the jobs newest first; the newest takes the chart, an older one only when picked", () => {
+    const older = { ...newJob("old", "a", 1000), state: "completed" as const };
+    const newer = newJob("new", "b", 2000);
+    let s = fold(initialState(), [{ type: "job", job: newer }, { type: "job", job: older }]);
+    assert.deepEqual(s.jobs.map((j) => j.jobId), ["new", "old"]);
+    assert.equal(s.job?.jobId, "new", "an update of an older job does not take the chart over");
+    s = showJob(s, "old");
+    assert.equal(s.job?.jobId, "old");
+    s = reduce(s, { type: "job", job: { ...newer, step: 3 } });
+    assert.equal(s.job?.jobId, "new");
+    assert.equal(s.jobs[0].step, 3);
   });
 
   it("a (re)started daemon clears the old errors; closing mid-request is harmless to the state", () => {

@@ -4,8 +4,8 @@ import { formatBytes, formatSeconds, layoutChart } from "../chart";
 import { elapsedSeconds, isRunning, percent } from "../jobs";
 import type { FromPanel, Section, ToPanel, TrainSettings } from "../messages";
 import { DEFAULTS } from "../protocol";
-import { addColumn, ask, chatPending, clearChat, columnMessages, initialState, reduce, removeColumn, setColumn, suggest }
-  from "../state";
+import { addColumn, ask, chatPending, clearChat, columnMessages, initialState, reduce, removeColumn, setColumn, showJob,
+  suggest } from "../state";
 import type { ChatColumn, PanelState } from "../state";
 
 interface VsCodeApi {
@@ -90,6 +90,7 @@ const LAYOUT = `
   <canvas id="chart" width="600" height="220" aria-label="training loss, validation loss and learning rate by step"></canvas>
   <div id="train-message" class="muted"></div>
   <div id="err-train" class="error"></div>
+  <details id="jobs-box" open><summary>Jobs</summary><table id="jobs"></table></details>
 </section>
 <section id="sec-chat"><h2>Chat — compare</h2>
   <div id="columns"></div>
@@ -211,6 +212,7 @@ function renderTrain(s: PanelState): void {
     (d.validation ? `; validation: ${d.validation.examples} examples` : "") +
     (d.problems.length ? `; ${d.problems.length} problems: ${d.problems[0].message}` : "") : "no dataset yet";
   el<HTMLInputElement>("val-percent").disabled = d?.validation != null;
+  renderJobs(s);
   const j = s.job;
   const running = j !== null && isRunning(j);
   el<HTMLButtonElement>("train-btn").disabled = running || !d;
@@ -236,6 +238,25 @@ function renderTrain(s: PanelState): void {
   el("train-time").textContent = real + predicted;
   el("train-message").textContent = outcome(j);
   drawChart(s);
+}
+
+function renderJobs(s: PanelState): void {
+  el("jobs-box").style.display = s.jobs.length ? "" : "none";
+  const t = el<HTMLTableElement>("jobs");
+  t.replaceChildren();
+  for (const j of s.jobs) {
+    const tr = t.insertRow();
+    if (j.jobId === s.job?.jobId) tr.style.fontWeight = "600";
+    tr.insertCell().textContent = j.adapter;
+    tr.insertCell().textContent = isRunning(j) ? `training ${percent(j)}%` : j.state;
+    tr.insertCell().textContent = `step ${j.step}/${j.totalSteps}`;
+    tr.insertCell().textContent = new Date(j.startedAt).toLocaleString();
+    const acts = tr.insertCell();
+    const btn = (label: string, f: () => void): HTMLButtonElement => make("button", { className: "secondary", textContent: label, onclick: f });
+    if (j.jobId !== s.job?.jobId) acts.append(btn("Show", () => update(showJob(state, j.jobId))));
+    if (isRunning(j)) acts.append(btn("Cancel", () => vscode.postMessage({ type: "trainCancel", jobId: j.jobId })));
+    else if (j.resumable) acts.append(btn("Resume", () => vscode.postMessage({ type: "trainResume", jobId: j.jobId })));
+  }
 }
 
 function outcome(j: NonNullable<PanelState["job"]>): string {
@@ -312,7 +333,12 @@ function drawChart(s: PanelState): void {
   if (lay.lr.length) items.push(["learning rate", cLr, true]);
   g.textAlign = "left"; g.textBaseline = "middle";
   let y = p.top + 10;
-  const lx = p.right - 8 - Math.max(...items.map(([t]) => g.measureText(t).width)) - 26;
+  const lw = Math.max(...items.map(([t]) => g.measureText(t).width)) + 26;
+  const lx = p.right - 8 - lw;
+  g.fillStyle = color(css, "--vscode-editor-background", "#1e1e1e");  // the legend stays readable over the lines
+  g.globalAlpha = 0.85;
+  g.fillRect(lx - 4, p.top + 2, lw + 8, items.length * 15 + 2);
+  g.globalAlpha = 1;
   for (const [text, col, dashed] of items) {
     stroke([[lx, y], [lx + 18, y]], col, 1, 2, dashed ? [4, 3] : []);
     g.fillStyle = fg;
@@ -377,7 +403,8 @@ function render(s: PanelState): void {
   const m = s.model;
   el("model").textContent = m ? `${m.name} · ${m.architecture}, ${m.numLayers} layers, ` +
     `${(m.numParameters / 1e6).toFixed(1)} M parameters, ${formatBytes(m.weightBytes)} · ${m.backend}` : "";
-  el("daemon").textContent = s.daemon.state === "ready" ? `daemon: ${s.daemon.text}` : `daemon: ${s.daemon.state} — ${s.daemon.text}`;
+  el("daemon").textContent = s.daemon.state === "ready" || s.daemon.state === "starting" ? `daemon: ${s.daemon.text}`
+    : s.daemon.state === "failed" ? "daemon: could not start" : `daemon: not running (${s.daemon.text})`;
   for (const sec of ["daemon", "plan", "dataset", "train", "chat", "export"] as Section[]) {
     el(`err-${sec}`).textContent = s.errors[sec] ?? "";
   }
@@ -397,7 +424,8 @@ function render(s: PanelState): void {
 }
 
 function save(): void {
-  vscode.setState({ columns: state.columns.map((c) => ({ ...c, pending: null })), settings: settings() });
+  vscode.setState({ columns: state.columns.map((c) => ({ ...c, pending: null })), settings: settings(),
+                    dataset: state.dataset?.path ?? null });
 }
 
 function update(next: PanelState): void {
@@ -417,6 +445,7 @@ function onMessage(m: ToPanel): void {
   }
   const before = state;
   state = reduce(state, m);
+  if (m.type === "model" && m.model && before.model?.id !== m.model.id) estimate();  // a (new) model: plan for it
   if (m.type === "adapters" && before.adapters.length === 0 && m.adapters.length > 0 && state.columns.length === 1 &&
       state.columns[0].adapter === null && state.columns[0].turns.length === 0) {
     state = addColumn(state, m.adapters[m.adapters.length - 1].name);  // Base beside the newest adapter
@@ -427,7 +456,7 @@ function onMessage(m: ToPanel): void {
 
 function main(): void {
   el("app").innerHTML = LAYOUT;
-  const saved = vscode.getState() as { columns?: ChatColumn[]; settings?: Partial<TrainSettings> } | undefined;
+  const saved = vscode.getState() as { columns?: ChatColumn[]; settings?: Partial<TrainSettings>; dataset?: string | null } | undefined;
   for (const [key, id, fallback] of INPUTS) el<HTMLInputElement>(id).value = String(saved?.settings?.[key] ?? fallback);
   if (saved?.columns?.length) state = { ...state, columns: saved.columns.map((c) => ({ ...c, pending: null })) };
   el("plan-btn").onclick = estimate;
@@ -452,10 +481,11 @@ function main(): void {
   });
   window.addEventListener("message", (ev: MessageEvent<ToPanel>) => onMessage(ev.data));
   window.addEventListener("resize", () => drawChart(state));
+  // VS Code swaps the body's theme class (and CSS variables) on a theme change: the canvas repaints in the new colours
+  new MutationObserver(() => drawChart(state)).observe(document.body, { attributes: true, attributeFilter: ["class"] });
   setInterval(() => { if (state.job && isRunning(state.job)) renderTrain(state); }, 1000);  // the elapsed time
   render(state);
-  vscode.postMessage({ type: "ready" });
-  estimate();
+  vscode.postMessage({ type: "ready", dataset: saved?.dataset ?? null });  // the model comes back, and the plan follows
 }
 
 main();
