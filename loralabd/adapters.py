@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import faults
 from .engine.lora import LoraAdapter
 from .errors import LoraLabError
 from .export import replace_dir
@@ -66,7 +67,8 @@ class AdapterStore:
             info = {"name": name, "base_model": base_model, "base": base_fingerprint(args),
                     "config": adapter.config.to_dict(), "n_params": adapter.n_params(),
                     "saved_at": time.time(), **(meta or {})}
-            (tmp / META).write_text(json.dumps(info, indent=2) + "\n")
+            with open(tmp / META, "wb") as f:
+                faults.write(f, (json.dumps(info, indent=2) + "\n").encode(), "adapter")  # unless a test injects a fault
             replace_dir(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -13,6 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from . import faults
+
 APP = "loralab"
 
 
@@ -88,7 +90,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
         if mode is not None and hasattr(os, "fchmod"):  # POSIX; Windows profile dirs are private already
             os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            faults.write(f, data, faults.kind_of(path))  # f.write(data), unless a test injects a fault
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

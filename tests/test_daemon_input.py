@@ -146,6 +146,13 @@ async def _big_data(home, d, tiny_model, tmp):
     c = await d.client()
     try:
         await c.request("model/load", {"source": str(tiny_model), "name": "tiny"})
+        # a 2 GiB file (sparse: only its size is looked at) is refused as a problem naming the limit, never read
+        vast = tmp / "vast.jsonl"
+        with open(vast, "wb") as f:
+            f.truncate(2 << 30)
+        info = await c.request("dataset/inspect", {"model": "tiny", "path": str(vast)}, timeout=30)
+        assert info["examples"] == 0 and len(info["problems"]) == 1, info
+        assert "too_big" in info["problems"][0]["message"] and "limit of 256.0 MiB" in info["problems"][0]["message"]
         # one 5 MB line: refused as a problem naming the line and the limit, without tokenizing it
         huge = tmp / "huge.jsonl"
         huge.write_text(json.dumps({"text": "word " * (1 << 20)}) + "\n" + json.dumps({"text": "hello world"}) + "\n")

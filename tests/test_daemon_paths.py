@@ -85,6 +85,18 @@ def test_export_never_replaces_what_it_should_not(daemon, home, tiny_model, data
                 await _refused(c, "adapter/export", exp("mlx", fifo, overwrite=overwrite), "not a regular file")
                 await _refused(c, "adapter/export", exp("peft", "/dev/null", overwrite=overwrite), "device")
                 await _refused(c, "adapter/export", exp("peft", victim, overwrite=overwrite), "is a file")
+            # the reproductions: a gguf export named after an existing file or device that is not .gguf
+            notes = out / "victim.txt"
+            notes.write_text("my notes")
+            await _refused(c, "adapter/export", exp("gguf", notes), "exists", "overwrite: true")
+            bare_fifo = out / "bare-pipe"
+            os.mkfifo(bare_fifo)
+            for overwrite in (False, True):
+                await _refused(c, "adapter/export", exp("gguf", "/dev/full", overwrite=overwrite), "not a regular file")
+                await _refused(c, "adapter/export", exp("gguf", bare_fifo, overwrite=overwrite), "not a regular file")
+            assert notes.read_text() == "my notes" and stat.S_ISCHR(os.stat("/dev/full").st_mode)
+            assert not Path("/dev/full.gguf").exists() and not (out / "victim.txt.gguf").exists()
+            assert not (out / "bare-pipe.gguf").exists()
             assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and os.readlink(link) == str(target)
             assert target.read_text() == "keep" and os.readlink(dirlink) == str(out)
             assert not (out / "adapter_model.safetensors").exists()
@@ -122,7 +134,7 @@ def test_export_never_replaces_what_it_should_not(daemon, home, tiny_model, data
     run(go())
 
 
-def test_remote_daemon_stays_inside_its_roots(daemon, home, tiny_model, tmp_path):
+def test_remote_daemon_stays_inside_its_roots(daemon, home, tiny_model, tmp_path, default_model_path):
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir()
     outside.mkdir()
@@ -136,9 +148,14 @@ def test_remote_daemon_stays_inside_its_roots(daemon, home, tiny_model, tmp_path
     (sneaky / "a.jsonl").write_text(rows)
     (sneaky / "b.jsonl").symlink_to(secret)
     via_dotdot = f"{allowed}/../outside/secret.jsonl"
+    # models: one outside, a link to it, and a model inside whose folder links out
+    shutil.copytree(tiny_model, outside / "model")
+    (allowed / "model-link").symlink_to(outside / "model")
+    shutil.copytree(tiny_model, allowed / "model")
+    (allowed / "model" / "notes.txt").symlink_to(secret)
 
     async def go():
-        d = daemon("--allow-remote", "--allow-path", str(allowed))
+        d = daemon("--allow-remote", "--allow-path", str(allowed), "--allow-path", str(tiny_model))
         c = await _ready(d, tiny_model, allowed / "data.jsonl")
         try:
             info = await c.request("dataset/inspect", {"path": str(allowed / "data.jsonl"), "model": "tiny"})
@@ -158,7 +175,13 @@ def test_remote_daemon_stays_inside_its_roots(daemon, home, tiny_model, tmp_path
             for target in (outside / "a.gguf", f"{allowed}/../outside/x", outside / "peft"):
                 fmt = "gguf" if str(target).endswith(".gguf") else "peft"
                 await _refused(c, "adapter/export", {"adapter": "a", "format": fmt, "path": str(target)}, "outside")
-            assert sorted(p.name for p in outside.iterdir()) == ["peft-copy", "secret.jsonl"]
+            assert sorted(p.name for p in outside.iterdir()) == ["model", "peft-copy", "secret.jsonl"]
+            for bad in (outside / "model", allowed / "model-link", f"{allowed}/../outside/model", allowed / "model"):
+                await _refused(c, "model/load", {"source": str(bad), "name": "x"}, "model", "outside", "--allow-path")
+            assert [m["id"] for m in (await c.request("model/list"))["models"]] == ["tiny"]  # nothing was loaded
+            # the default model and models installed as packages load (tiny itself came from an --allow-path root)
+            pkg = await c.request("model/load", {"source": str(default_model_path), "name": "pkg"})
+            assert pkg["source"] == str(default_model_path.resolve())
             assert (allowed / "a.gguf").read_bytes()[:4] == b"GGUF"
             # what is inside the roots is still served: an import from the data dir
             imp = await c.request("adapter/import", {"path": peft["path"], "name": "b", "model": "tiny"})

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import LoraLabError
 from ..paths import atomic_write_bytes  # noqa: F401  (re-exported for the writers here)
 
@@ -54,6 +56,42 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_files(out: Path, files: dict[str, bytes]) -> Path:
+    """A folder's files whole or not at all: each written to a temp name beside its own (.<file>.XXXXXXXX.tmp,
+    fsync'd), then all renamed into place. A write that fails (a full disk) leaves the folder as it was, and a
+    folder this call made is removed again."""
+    out = Path(out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmps: list[tuple[str, str]] = []
+    try:
+        for name, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=out, prefix="." + name + ".", suffix=".tmp")
+            tmps.append((name, tmp))
+            with os.fdopen(fd, "wb") as f:
+                faults.write(f, data, faults.kind_of(out / name))  # f.write(data), unless a test injects a fault
+                f.flush()
+                os.fsync(f.fileno())
+        for name, tmp in tmps:
+            os.replace(tmp, out / name)
+    except BaseException:
+        for _, tmp in tmps:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # the renames survive a power cut once the folder is synced
+        dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    return out
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a fully written directory into place, replacing an older one (old one removed after)."""
     final = Path(final)
@@ -61,6 +99,7 @@ def replace_dir(tmp: Path, final: Path) -> None:
     if final.exists():
         old = final.with_name("." + final.name + ".old-" + secrets.token_hex(4))
         os.replace(final, old)
+    faults.point(faults.kind_of(final))  # a test may kill the process here (between the two renames)
     os.replace(tmp, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -79,4 +118,4 @@ def clean_alpha(alpha: float):
 
 
 __all__ = ["AdapterFormatError", "check_adapter", "module_path", "atomic_write_bytes", "atomic_write_text",
-           "replace_dir", "safetensors_bytes", "clean_alpha"]
+           "replace_dir", "safetensors_bytes", "write_files", "clean_alpha"]

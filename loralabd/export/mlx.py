@@ -14,7 +14,7 @@ import numpy as np
 
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES, ModelArgs
-from . import AdapterFormatError, atomic_write_bytes, atomic_write_text, check_adapter, module_path, safetensors_bytes
+from . import AdapterFormatError, check_adapter, module_path, safetensors_bytes, write_files
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapters.safetensors"
@@ -24,7 +24,6 @@ def save_mlx(adapter: LoraAdapter, out_dir, args: ModelArgs, base_model: str | N
     check_adapter(adapter, args)
     c = adapter.config
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n = args.num_hidden_layers
     layers = sorted({int(k.split(".")[0]) for k in adapter.keys()})
     targets = [t for t in LINEAR_NAMES if any(k.split(".")[1] == t for k in adapter.keys())]
@@ -38,7 +37,7 @@ def save_mlx(adapter: LoraAdapter, out_dir, args: ModelArgs, base_model: str | N
             p = f"model.layers.{i}.{module_path(t)}"
             tensors[p + ".lora_a"] = np.ascontiguousarray(A.T, dtype=np.float32)  # (in, r)
             tensors[p + ".lora_b"] = np.ascontiguousarray(B.T, dtype=np.float32)  # (r, out)
-    atomic_write_bytes(out / WEIGHTS, safetensors_bytes(tensors, {"format": "mlx"}))
+    weights = safetensors_bytes(tensors, {"format": "mlx"})
     cfg = {
         "fine_tune_type": "lora",
         "model": base_model,
@@ -46,8 +45,7 @@ def save_mlx(adapter: LoraAdapter, out_dir, args: ModelArgs, base_model: str | N
         "lora_parameters": {"rank": int(c.r), "scale": float(c.scale), "dropout": float(c.dropout),
                             "keys": [module_path(t) for t in targets]},
     }
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
-    return out
+    return write_files(out, {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2) + "\n").encode()})  # whole or not at all
 
 
 def load_mlx(path, args: ModelArgs) -> LoraAdapter:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES, ModelArgs
-from . import AdapterFormatError, atomic_write_bytes, atomic_write_text, check_adapter, clean_alpha, module_path, safetensors_bytes
+from . import AdapterFormatError, check_adapter, clean_alpha, module_path, safetensors_bytes, write_files
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -60,16 +60,14 @@ def save_peft(adapter: LoraAdapter, out_dir, args: ModelArgs, base_model_name_or
     """Write a PEFT LoRA directory that PeftModel.from_pretrained loads with no missing keys."""
     check_adapter(adapter, args)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for key in adapter.keys():
         i, name = key.split(".")
         tensors[peft_key(int(i), name, "A")] = adapter.A[key].astype(np.float32)
         tensors[peft_key(int(i), name, "B")] = adapter.B[key].astype(np.float32)
-    atomic_write_bytes(out / WEIGHTS, safetensors_bytes(tensors, {"format": "pt"}))
+    weights = safetensors_bytes(tensors, {"format": "pt"})
     cfg = peft_config(adapter, args, base_model_name_or_path)
-    atomic_write_text(out / CONFIG, json.dumps(cfg, indent=2) + "\n")
-    return out
+    return write_files(out, {WEIGHTS: weights, CONFIG: (json.dumps(cfg, indent=2) + "\n").encode()})  # whole or not at all
 
 
 # --- import ----------------------------------------------------------------------------------------

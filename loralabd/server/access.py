@@ -2,8 +2,8 @@
 
 A local daemon reads datasets and writes exports wherever its user can: its clients are that user (the
 token is in a 0600 file). A daemon started with --allow-remote serves whoever has the token over the
-network, so it reads datasets and adapters to import, and writes exports, only under the data directory
-and the roots given with --allow-path. Paths are checked once resolved (symlinks, `..`); a folder's
+network, so it reads datasets, models to load and adapters to import, and writes exports, only under the data
+directory and the roots given with --allow-path (models installed as packages, the default among them, load too). Paths are checked once resolved (symlinks, `..`); a folder's
 every entry is checked too, so a link inside an allowed root cannot reach out of it.
 """
 
@@ -81,6 +81,33 @@ def readable(path: str, what: str = "dataset") -> Path:
     if r.is_dir():
         _check_tree(r, path, what)
     return r
+
+
+def model_source(source: str | None) -> None:
+    """Refuse a model/load source this daemon may not read. Always allowed: the default model and models installed
+    as packages (the interpreter's site-packages); on a confined daemon any other path only inside the allowed roots,
+    as datasets."""
+    if not _access.confined or source in (None, "", "default"):
+        return
+    assert source is not None  # narrowed above
+    r = Path(source).expanduser().resolve()
+    if any(r == p or r.is_relative_to(p) for p in _package_roots()):
+        return
+    readable(source, "model")
+
+
+def _package_roots() -> list[Path]:
+    import sysconfig
+
+    from ..errors import DefaultModelMissing
+    from ..models.load import default_model_path
+
+    roots = [Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")]
+    try:
+        roots.append(default_model_path().parent.resolve())  # its wheel, wherever it is installed
+    except DefaultModelMissing:  # not installed: nothing to allow
+        pass
+    return roots
 
 
 def _check_tree(root: Path, path: str, what: str) -> None:

@@ -24,6 +24,7 @@ from ..protocol.types import AdapterInfo, ExportParams, ExportResult, ImportPara
 from . import access
 from .adapters import adapter_info, adapter_meta, load_adapter, save_adapter
 from .errors import DomainError
+from .storage import dir_bytes, is_write_fault, storage_error
 
 # What each folder format writes: the only names a folder may hold for an export to replace it
 FOLDER_FILES = {
@@ -88,11 +89,11 @@ def _target(p: ExportParams, default: Path) -> Path:
 
 
 def _gguf_path(out: Path, name: str) -> Path:
-    """A GGUF file path: inside an existing folder <name>.gguf; otherwise with the extension llama.cpp's tools
-    look for."""
+    """A GGUF file path: inside an existing folder <name>.gguf; anything else that exists as named (a file, a link,
+    a device: _check_file decides); a new path with the extension llama.cpp's tools look for."""
     if out.is_dir() and not out.is_symlink():
         return out / f"{name}.gguf"
-    return out if out.suffix.lower() == ".gguf" else out.with_name(out.name + ".gguf")
+    return out if out.suffix.lower() == ".gguf" or os.path.lexists(out) else out.with_name(out.name + ".gguf")
 
 
 def export_adapter(p: ExportParams) -> ExportResult:
@@ -127,7 +128,12 @@ def export_adapter(p: ExportParams) -> ExportResult:
             files = sorted(str(f) for f in Path(d).iterdir())
     except ImportError as e:
         raise DomainError(ErrorCode.FeatureUnavailable, f"{fmt} export is not in this build ({e}); update LoRA Lab") from None
-    except (OSError, LoraLabError, ValueError) as e:
+    except OSError as e:
+        if is_write_fault(e):  # a full disk after the free-space check passed: the writer left nothing behind
+            raise storage_error(e, out, f"exporting {name!r} as {fmt}",
+                                dir_bytes(paths.adapters_dir() / name)) from None
+        raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} as {fmt} to {out}: {e}") from None
+    except (LoraLabError, ValueError) as e:
         raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} as {fmt} to {out}: {e}") from None
     return {"format": fmt, "path": str(out), "files": files}
 
@@ -141,7 +147,11 @@ def export_merged(p: ExportParams, model: LoadedModel, adapter: LoraAdapter) -> 
     _check_folder(out, "merged", bool(p.get("overwrite")))
     try:
         d = save_merged(model, [(adapter, 1.0)], out)
-    except (OSError, LoraLabError, ValueError) as e:
+    except OSError as e:
+        if is_write_fault(e):
+            raise storage_error(e, out, f"exporting {name!r} merged") from None
+        raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} merged to {out}: {e}") from None
+    except (LoraLabError, ValueError) as e:
         raise DomainError(ErrorCode.ExportFailed, f"cannot export {name!r} merged to {out}: {e}") from None
     return {"format": "merged", "path": str(out), "files": sorted(str(f) for f in Path(d).iterdir())}
 

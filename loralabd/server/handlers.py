@@ -334,6 +334,7 @@ class Dispatcher:
 
     async def model_load(self, conn: Connection, p: ModelLoadParams, rid: RequestId) -> ModelInfo:
         q = _defaults("ModelLoadParams", p)
+        await self.manager.on_io(access.model_source, q.get("source"))  # confined under --allow-remote
         e = await self.manager.load(q["source"], q.get("name"), q["backend"], q["weights"])
         return e.info()
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import paths
+from .. import faults, paths
 from ..engine.lora import LoraAdapter
 from ..protocol import ErrorCode, with_defaults
 from ..protocol.types import TrainProgress
@@ -91,6 +91,7 @@ class TrainRun:
 
     def step(self) -> StepReport | None:
         """One optimizer step (None when the data ran out: an epoch-bounded run)."""
+        faults.point("step")  # a test may kill the daemon here (mid-run)
         rep = self.tr.step()
         if rep is not None:
             self.last = rep

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import faults
 from ..errors import LoraLabError
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -58,7 +59,7 @@ def save_checkpoint(run_dir, step: int, arrays: dict[str, np.ndarray], meta: dic
         tmp.mkdir()
         for name, data in blobs.items():
             with open(tmp / name, "wb") as f:
-                f.write(data)
+                faults.write(f, data, "checkpoint")  # f.write(data), unless a test injects a fault
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_path(tmp)
@@ -74,10 +75,12 @@ def save_checkpoint(run_dir, step: int, arrays: dict[str, np.ndarray], meta: dic
 
 def _replace(tmp: Path, final: Path, old: Path) -> None:
     if not final.exists():
+        faults.point("checkpoint")
         os.rename(tmp, final)
         return
     os.rename(final, old)  # the same step saved again (a resumed run): replace it
     try:
+        faults.point("checkpoint")
         os.rename(tmp, final)
     except BaseException:
         os.rename(old, final)
