@@ -1,45 +1,368 @@
-"""Predicted against measured: the plan's memory and tokens/s for a grid of training configurations.
+"""The plan against real jobs: predicted time and memory beside what the daemon's jobs took, measured from outside.
 
-    python benchmarks/validate_plan.py                                # numpy engine, default model
-    python benchmarks/validate_plan.py --backend webgpu --model random-smollm2   # on a GPU
-    python benchmarks/validate_plan.py --backend webgpu --model random-smollm2:2 --grid small  # lavapipe
+    python benchmarks/validate_plan.py --backend numpy                      # this CPU, the default model
+    python benchmarks/validate_plan.py --backend webgpu --random-weights \\
+        --tokenizer-gguf smollm2-tokenizer.gguf --out $OUT/validate_plan.json   # a GPU machine
 
-Calibrates first (cached in $LORALAB_HOME/plan), then runs every configuration in a fresh process (one
-warm-up step, the best of two timed steps) and prints a markdown table. On a shared CPU use --clock cpu --threads 1:
-process CPU time is what other processes cannot steal, and one BLAS thread keeps OpenBLAS from spinning.
+What runs, as a new user would: a private LORALAB_HOME; one daemon (`python -m loralabd.server.main`, as
+bench_daemon.py starts it) loads the model and runs `plan/calibrate`, then stops. Then, for each configuration, a
+fresh daemon: `model/load`, `plan/estimate` (the configuration, `steps`, the cached calibration), and `train/start`
+on synthetic chat data (JSONL `messages`) or text data (JSONL `text`), packing on, evaluation and checkpoints at
+their defaults (checkpointEvery 50, no validation set), progress streamed. A fresh daemon per configuration so
+that each job's memory is its own and the engine starts cold, as the plan assumes (its time includes the first
+step's warm-up).
+
+Measured, from outside the daemon:
+- time: the client's wall clock from train/start to its answer (data loading, the first step's warm-up, every
+  step, the checkpoints and the adapter save), against the plan's `seconds`; and the median `tokensPerSecond` of
+  the TrainProgress reports after the first three, against the plan's `tokensPerSecond` times the rows' fill
+  (TrainProgress counts non-padding tokens; the plan's tokens are batch x seq);
+- memory: the daemon's peak during the job — on the CPU its VmHWM (/proc/<pid>/status), reset through
+  /proc/<pid>/clear_refs just before train/start; on NVIDIA its used GPU memory (NVML or nvidia-smi for the
+  daemon's pid, sampled every 50 ms; where the driver does not list the pid, the GPU's memory.used minus what it
+  was before the daemon started, and the table says so) — against the plan's `memory.total`; and the peak during
+  model/load against the plan's `loadBytes`.
+
+Configurations: --configs cpu (numpy) or gpu (webgpu), at least 8 each, at least 3 outside the calibrated shapes
+(longer sequences, larger batches, other ranks and targets, 8-bit Adam, gradient accumulation). Targets: time
+within 20% of the job's wall clock, memory within 15% of the measured peak, on every row (exit code 1 otherwise).
+On a shared machine, give the daemon one BLAS thread (--threads 1): other processes then steal less.
 """
 
+from __future__ import annotations
+
 import argparse
+import asyncio
 import json
+import os
+import platform
+import random
+import shutil
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from loralabd.plan.measure import markdown, validate  # noqa: E402
+from bench_daemon import _SENTENCES, _TOPICS, Daemon, chat_records, write_gguf  # noqa: E402
+
+from loralabd.plan import observe  # noqa: E402
+
+# (data, batch, seq, rank, targets, optimizer, gradAccum). Calibrated CPU shapes: 1/4 x 32, 2 x 64, 1 x 128 at r8,
+# 1/4 x 32 at r64, 2 x 32 as two micro-batches; GPU: 4 x 512 (also two micro-batches), 2 x 1024, 4/8 x 512 at r64,
+# 8 x 512 q,v, 16 x 256 r16, 64 x 128 — all on every projection but the q,v one, all AdamW.
+CPU = [
+    ("chat", 2, 64, 8, ["all"], "adamw", 1),
+    ("text", 4, 32, 8, ["all"], "adamw", 1),
+    ("chat", 1, 256, 8, ["all"], "adamw", 1),  # longer sequence
+    ("text", 8, 32, 16, ["all"], "adamw", 1),  # larger batch, another rank
+    ("chat", 2, 64, 32, ["attn"], "adam8bit", 1),  # rank 32 on attention, 8-bit Adam
+    ("text", 1, 64, 8, ["all"], "adamw", 4),  # gradient accumulation 4
+    ("chat", 4, 64, 4, ["q", "v"], "adamw", 1),  # rank 4 on q, v
+    ("text", 2, 128, 64, ["all"], "adamw", 1),  # rank 64 at a longer sequence
+    ("chat", 1, 512, 8, ["mlp"], "adamw", 1),  # much longer sequence, MLP only
+]
+GPU = [
+    ("chat", 8, 64, 8, ["all"], "adamw", 1),  # the issue's example: below the calibrated sizes
+    ("text", 4, 512, 8, ["all"], "adamw", 1),
+    ("chat", 8, 512, 8, ["all"], "adamw", 1),
+    ("text", 16, 256, 16, ["attn"], "adamw", 1),
+    ("chat", 4, 1024, 64, ["all"], "adamw", 1),  # longer sequence at rank 64
+    ("text", 32, 128, 8, ["mlp"], "adamw", 1),
+    ("chat", 8, 384, 32, ["q", "v"], "adam8bit", 1),  # 8-bit Adam, rank 32 on q, v
+    ("text", 4, 512, 8, ["all"], "adamw", 4),  # gradient accumulation 4
+    ("chat", 2, 2048, 8, ["all"], "adamw", 1),  # much longer sequence
+    ("text", 32, 256, 16, ["all"], "adamw", 1),  # larger batch
+]
+CONFIGS = {"cpu": CPU, "gpu": GPU}
+TIME_TARGET, MEMORY_TARGET = 0.20, 0.15
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="numpy", choices=["numpy", "webgpu"])
-    ap.add_argument("--model", default="default", help="default | random-smollm2 | a .gguf / HF dir path")
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"])
-    ap.add_argument("--grid", default=None, choices=["cpu", "gpu", "small"],
-                    help="configurations: cpu (numpy default), gpu (webgpu default), small (software adapters)")
-    ap.add_argument("--threads", type=int, default=None, help="BLAS threads (numpy backend)")
-    ap.add_argument("--parallel", type=int, default=1, help="configurations measured at once (cpu clock only)")
-    ap.add_argument("--refresh", action="store_true", help="calibrate again instead of using the cache")
-    ap.add_argument("--json", help="also write the raw numbers here")
-    a = ap.parse_args()
-    res = validate(a.backend, a.model, grid=a.grid, clock=a.clock, threads=a.threads, parallel=a.parallel, refresh=a.refresh)
-    print(markdown(res))
-    worst_m = max(abs(r["mem_err"]) for r in res["rows"])
-    worst_t = max(abs(r["tps_err"]) for r in res["rows"])
-    print(f"\nworst memory error {100 * worst_m:.1f}% (target 15%), worst tokens/s error {100 * worst_t:.1f}% "
-          f"(target 20%); {res['seconds']:.0f} s in all")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=1))
+def text_records(n: int = 400, seed: int = 1) -> list[dict]:
+    """Plain-text examples of 2 to 24 sentences (~30 to ~500 tokens)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        t = rng.choice(_TOPICS)
+        body = " ".join(rng.choice(_SENTENCES).format(t=t, T=t[0].upper() + t[1:]) for _ in range(rng.randint(2, 24)))
+        out.append({"text": body})
+    return out
+
+
+def write_data(tmp: Path) -> dict:
+    paths = {"chat": tmp / "chat.jsonl", "text": tmp / "text.jsonl"}
+    paths["chat"].write_text("".join(json.dumps(r) + "\n" for r in chat_records()))
+    paths["text"].write_text("".join(json.dumps(r) + "\n" for r in text_records()))
+    return paths
+
+
+# -- memory from outside the daemon ------------------------------------------------------------------------
+
+class Meter:
+    """The daemon's memory in the plan's quantity, from outside: RSS (VmHWM reset per phase) or NVIDIA."""
+
+    def __init__(self, backend: str, pid: int, nvidia_baseline: int | None):
+        self.pid = pid
+        self.quantity = observe.RSS if backend == "numpy" else None
+        self.baseline = nvidia_baseline
+        if backend == "webgpu":
+            if observe.nvidia_device_used() is not None:
+                self.quantity = observe.NVIDIA
+            elif observe.rss_bytes(pid) is not None and _software_adapter():
+                self.quantity = observe.RSS  # lavapipe: buffers are host memory
+        self.source = ""
+
+    def read(self) -> observe.Reading:
+        r = observe.current(self.quantity, self.pid)
+        if r.bytes is not None and "whole GPU" in r.source and self.baseline is not None:  # pid not listed
+            return observe.Reading(r.bytes - self.baseline, "nvidia-smi memory.used minus before the daemon (whole GPU)")
+        return r
+
+    def phase(self) -> "Phase":
+        return Phase(self)
+
+
+class Phase:
+    def __init__(self, meter: Meter):
+        self.m, self.peak, self.source = meter, None, ""
+        self._task: asyncio.Task | None = None
+
+    async def _sample(self):
+        while True:
+            await asyncio.sleep(observe.SAMPLE_S)
+            self._take(await asyncio.to_thread(self.m.read))
+
+    def _take(self, r: observe.Reading):
+        if r.bytes is not None:
+            self.peak, self.source = max(self.peak or 0, r.bytes), r.source
+
+    async def __aenter__(self):
+        if self.m.quantity == observe.RSS:
+            if not observe.reset_peak_rss(self.m.pid):
+                raise SystemExit(f"cannot reset the daemon's peak resident set (/proc/{self.m.pid}/clear_refs)")
+        elif self.m.quantity == observe.NVIDIA:
+            self._take(self.m.read())
+            self._task = asyncio.get_running_loop().create_task(self._sample())
+        return self
+
+    async def __aexit__(self, *exc):
+        if self.m.quantity == observe.RSS:
+            self.peak, self.source = observe.peak_rss_bytes(self.m.pid), f"VmHWM of pid {self.m.pid}, reset at the start"
+        elif self._task is not None:
+            self._task.cancel()
+            self._take(self.m.read())
+            self.source += ", sampled every 50 ms"
+        return False
+
+
+def _software_adapter() -> bool:
+    try:
+        from loralabd.engine.select import adapter_description, is_hardware
+
+        return not is_hardware(adapter_description().get("type", ""))
+    except Exception:
+        return False
+
+
+# -- one configuration -------------------------------------------------------------------------------------
+
+def _params(cfg: tuple, data: dict, steps: int) -> tuple[dict, dict]:
+    kind, B, T, r, targets, optim, ga = cfg
+    lora = {"r": r, "alpha": 2 * r, "targets": targets}
+    plan = {"model": "m", "lora": lora, "batchSize": B, "seqLen": T, "gradAccum": ga, "optimizer": optim,
+            "steps": steps}
+    train = {"model": "m", "dataset": str(data[kind]), "adapter": f"v-{kind}-{B}x{T}-r{r}-g{ga}", "steps": steps,
+             "batchSize": B, "seqLen": T, "gradAccum": ga, "lora": lora, "optimizer": {"kind": optim}, "seed": 0,
+             "overwrite": True}
+    return plan, train
+
+
+async def run_config(d: Daemon, meter: Meter, source: str, backend: str, cfg: tuple, data: dict, steps: int,
+                     log) -> dict:
+    c = await d.client()
+    try:
+        async with meter.phase() as load:
+            await c.request("model/load", {"source": source, "backend": backend, "name": "m"}, timeout=600)
+        plan_p, train_p = _params(cfg, data, steps)
+        plan = await c.request("plan/estimate", plan_p)
+        reports = []
+        async with meter.phase() as job:
+            t0 = time.perf_counter()
+            s = c.stream("train/start", train_p)
+            async for v in s:
+                if v.get("kind") == "report" and v.get("train"):
+                    reports.append(v["train"])
+            info = await s.result()
+            wall = time.perf_counter() - t0
+        if info["state"] != "completed":
+            raise RuntimeError(f"job {info['jobId']} ended {info['state']}: {info.get('error')}")
+    finally:
+        await c.close()
+    kind, B, T, r, targets, optim, ga = cfg
+    later = [x["tokensPerSecond"] for x in reports[3:] if x["tokensPerSecond"]] or \
+            [x["tokensPerSecond"] for x in reports[-1:]]
+    fill = info["tokensSeen"] / (info["step"] * B * T * ga)
+    row = {"config": {"data": kind, "batch": B, "seq": T, "r": r, "targets": targets, "optimizer": optim,
+                      "gradAccum": ga, "steps": steps},
+           "time_pred": plan["seconds"], "time_meas": wall, "step_pred": plan["stepSeconds"],
+           "tps_pred": plan["tokensPerSecond"], "tps_progress": statistics.median(later) if later else None,
+           "fill": fill, "mem_pred": plan["memory"]["total"], "mem_meas": job.peak, "mem_source": job.source,
+           "load_pred": plan.get("loadBytes"), "load_meas": load.peak, "peak_phase": plan["peakPhase"],
+           "tokens_seen": info["tokensSeen"], "reports": len(reports), "warnings": plan["warnings"],
+           "parts": {p["part"]: p["bytes"] for p in plan["parts"]}}
+    row["time_err"] = row["time_pred"] / wall - 1 if row["time_pred"] else None
+    row["tps_err"] = (row["tps_pred"] * fill / row["tps_progress"] - 1) if row["tps_pred"] and row["tps_progress"] else None
+    row["mem_err"] = row["mem_pred"] / job.peak - 1 if job.peak else None
+    row["load_err"] = row["load_pred"] / load.peak - 1 if row["load_pred"] and load.peak else None
+    log(f"{_label(row)}: time {row['time_pred'] or 0:.1f} s predicted, {wall:.1f} s measured; memory "
+        f"{_mib(row['mem_pred'])} predicted, {_mib(job.peak)} measured")
+    return row
+
+
+async def calibrate(d: Daemon, source: str, backend: str, log) -> dict:
+    c = await d.client()
+    try:
+        await c.request("model/load", {"source": source, "backend": backend, "name": "m"}, timeout=600)
+        s = c.stream("plan/calibrate", {"model": "m", "refresh": True})
+        async for ev in s:
+            if ev.get("message"):
+                log(f"calibrating: {ev['message']}")
+        return await s.result()
+    finally:
+        await c.close()
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+def _mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _label(row) -> str:
+    c = row["config"]
+    ga = f" ga{c['gradAccum']}" if c["gradAccum"] > 1 else ""
+    return f"{c['data']} {c['batch']}x{c['seq']} r{c['r']} {','.join(c['targets'])} {c['optimizer']}{ga}"
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| configuration | time predicted | job wall clock | error | tokens/s predicted × fill | TrainProgress "
+           "tokens/s | error | memory predicted | measured peak | error | load predicted | load measured |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tp = None if r["tps_pred"] is None else r["tps_pred"] * r["fill"]
+        out.append(f"| {_label(r)} | {r['time_pred'] or 0:,.1f} s | {r['time_meas']:,.1f} s | {_pct(r['time_err'])} "
+                   f"| {tp or 0:,.1f} | {r['tps_progress'] or 0:,.1f} | {_pct(r['tps_err'])} | {_mib(r['mem_pred'])} "
+                   f"| {_mib(r['mem_meas'])} | {_pct(r['mem_err'])} | {_mib(r['load_pred'])} | {_mib(r['load_meas'])} |")
+    return "\n".join(out)
+
+
+def worst(rows, key) -> float | None:
+    xs = [abs(r[key]) for r in rows if r[key] is not None]
+    return max(xs) if xs else None
+
+
+# -- main --------------------------------------------------------------------------------------------------
+
+async def main_async(a, source: str, data: dict, home: Path, log) -> dict:
+    baseline = observe.nvidia_device_used() if a.backend == "webgpu" else None
+    d = Daemon(home)
+    try:
+        cal = await calibrate(d, source, a.backend, log)
+    finally:
+        d.stop()
+    cc = cal["calibration"]
+    log(f"calibrated in {cc['seconds']:.1f} s: {cc['shapes']} shapes, {len(cc['terms'])} terms, residual "
+        f"{100 * cc['residual']:.1f}%, leave-one-out {_pct(cc['leaveOneOutResidual'])}, runtime "
+        f"{_mib(cc['runtimeBytes'])} ({cc['memoryMeasuredAs']})")
+    rows = []
+    cfgs = CONFIGS[a.configs or ("cpu" if a.backend == "numpy" else "gpu")]
+    if a.only:
+        cfgs = [cfgs[int(i)] for i in a.only.split(",")]
+    for cfg in cfgs:
+        d = Daemon(home)
+        try:
+            meter = Meter(a.backend, d.proc.pid, baseline)
+            rows.append(await run_config(d, meter, source, a.backend, cfg, data, a.steps, log))
+        except BaseException:
+            log("daemon log tail:\n" + d.tail())
+            raise
+        finally:
+            d.stop()
+    return {"calibration": cal, "rows": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backend", choices=("numpy", "webgpu"), default="numpy")
+    ap.add_argument("--model", default="default", help="GGUF file or HF directory, or `default`")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="random weights of the default model's shape with its real tokenizer (bench_daemon.py)")
+    ap.add_argument("--tokenizer-gguf", default=None, help="with --random-weights: the GGUF whose tokenizer to use")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 20 numpy, 60 webgpu)")
+    ap.add_argument("--configs", choices=sorted(CONFIGS), default=None, help="which list (default: by backend)")
+    ap.add_argument("--only", default=None, help="run these configurations only: indexes into the list, e.g. 0,3")
+    ap.add_argument("--threads", type=int, default=None, help="BLAS threads of the daemons (numpy)")
+    ap.add_argument("--out", metavar="JSON", default=None, help="write every number here")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon home, data, logs)")
+    a = ap.parse_args(argv)
+    a.steps = a.steps or (20 if a.backend == "numpy" else 60)
+    if a.random_weights and a.model != "default":
+        ap.error("--random-weights replaces --model; give one of them")
+    if a.threads:
+        for v in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS"):
+            os.environ[v] = str(a.threads)
+
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix="loralab-validate-"))
+    t0 = time.perf_counter()
+    try:
+        home = tmp / "home"
+        home.mkdir()
+        data = write_data(tmp)
+        if a.random_weights:
+            source = str(write_gguf(tmp / "smollm2-135m-random.gguf", a.tokenizer_gguf))
+        else:
+            source = a.model if a.model == "default" else str(Path(a.model).expanduser().resolve())
+        res = asyncio.run(main_async(a, source, data, home, log))
+    finally:
+        if a.keep:
+            log(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    rows, cal = res["rows"], res["calibration"]
+    dev = cal["device"]
+    print(f"device: {dev['name']} ({dev['type']}, {a.backend}{', ' + dev['api'] if dev.get('api') else ''}); "
+          f"host {platform.machine()} x {os.cpu_count()}; BLAS threads {a.threads or 'default'}; {a.steps} steps a job")
+    cc = cal["calibration"]
+    print(f"calibration: {cc['seconds']:.1f} s, {cc['shapes']} shapes for {len(cc['terms'])} terms, time residual "
+          f"{100 * cc['residual']:.1f}% (leave-one-out {_pct(cc['leaveOneOutResidual'])}), runtime fixed cost "
+          f"{_mib(cc['runtimeBytes'])}, memory residual {_pct(cc['memoryResidual'])}; memory measured as "
+          f"{cc['memoryMeasuredAs']}\n")
+    print(markdown(rows))
+    wt, wm, wp = worst(rows, "time_err"), worst(rows, "mem_err"), worst(rows, "tps_err")
+    print(f"\nworst time error {_pct(wt)} (target ±{TIME_TARGET:.0%}), worst memory error {_pct(wm)} "
+          f"(target ±{MEMORY_TARGET:.0%}), worst TrainProgress tokens/s error {_pct(wp)}; "
+          f"{time.perf_counter() - t0:.0f} s in all")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                           "backend": a.backend, "steps": a.steps, "threads": a.threads,
+                                           "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+                                           **res}, indent=1))
+    ok = all(r["time_err"] is not None and abs(r["time_err"]) <= TIME_TARGET for r in rows) and \
+        all(r["mem_err"] is not None and abs(r["mem_err"]) <= MEMORY_TARGET for r in rows)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -233,7 +233,9 @@ def _show_plan(p: dict, mid: str, a) -> None:
             print(f"  {part['part']:<16} {_size(part['bytes']):>12} {frac:>13}")
     total = p["memory"]["total"]
     frac = f"{100 * total / avail:.1f}%" if avail else ""
-    print(f"  {'total':<16} {_size(total):>12} {frac:>13}   (peak in {p['peakPhase']})")
+    print(f"  {'total':<16} {_size(total):>12} {frac:>13}   (peak in {p['peakPhase']}; {p['memoryMeasuredAs']})")
+    if p.get("loadBytes") is not None:
+        print(f"  {'loading':<16} {_size(p['loadBytes']):>12} {'':>13}   (peak while the model loads)")
     if avail is not None:
         print(f"  {'available':<16} {_size(avail):>12} {'':>13}   ({p['availableSource']})")
     print()
@@ -251,7 +253,8 @@ def _show_plan(p: dict, mid: str, a) -> None:
     if p["tokensPerSecond"]:
         c = p["calibration"]
         print(f"time: ~{p['tokensPerSecond']:,.0f} tokens/s, {p['stepSeconds']:.3g} s/step, {_fmt_s(p['seconds'])} "
-              f"for {p['steps']:,} steps (calibrated on this device, {c['clock']} clock, {c['shapes']} shapes)")
+              f"for {p['steps']:,} steps (calibrated on this device, {c['clock']} clock, {c['shapes']} shapes, "
+              f"fit residual {100 * c['residual']:.0f}%)")
     else:
         print("time: not predicted — this device is not calibrated for this model yet; run `loralab plan --calibrate`")
     adv = p["advice"]

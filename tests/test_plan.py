@@ -1,19 +1,24 @@
-"""plan/estimate: limits named with amounts and changes, per-binding checks, the calibration cache, and
-the memory and time models against measurement (numpy engine on the default model; WebGPU buffers)."""
+"""plan/estimate: limits named with amounts and changes, per-binding checks, the calibration cache and its fit,
+and the predicted peak memory against the peak resident set the OS measured for a real training run in another
+process (the benchmark does the same through the daemon, and with the driver's numbers on a GPU)."""
 
 from __future__ import annotations
 
+import ast
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from loralabd.engine.interface import OptimSettings
-from loralabd.engine.lora import LoraAdapter, LoraConfig
+from loralabd.engine.lora import LoraConfig
 from loralabd.plan import estimate
 from loralabd.plan.hardware import describe_cpu, parse_bytes
-from loralabd.plan.memory import binding_violations, mib, training_memory
-from loralabd.training.packing import Batch
+from loralabd.plan.memory import binding_violations, mib
 
 GiB = 1 << 30
 
@@ -68,7 +73,7 @@ def test_per_binding_check_names_the_buffer_against_the_adapter_limit(default_mo
     rt = _webgpu_runtime()
     from loralabd.plan.hardware import describe_webgpu
 
-    dev = describe_webgpu(rt)
+    dev = describe_webgpu()
     lim = dev.limits["max-storage-buffer-binding-size"]
     a = default_model.args
     N = lim // (4 * a.intermediate_size) + 64  # one (N, F) activation is just over one binding
@@ -88,34 +93,6 @@ def test_per_binding_check_names_the_buffer_against_the_adapter_limit(default_mo
     assert not binding_violations(ok.memory, dev.limits) and ok.fits is True
 
 
-def test_webgpu_memory_model_equals_the_engines_buffers():
-    """Predicted bytes = what WebGPUEngine + its train session allocate (runtime live bytes), exactly."""
-    rt = _webgpu_runtime()
-    from loralabd.engine.select import make_engine
-    from loralabd.models.random import random_model, smollm2_135m_args
-
-    args = smollm2_135m_args()
-    args = type(args)(**{**args.to_dict(), "num_hidden_layers": 2})
-    model = random_model(args, seed=1)
-    rt.dummy, rt.dummy_rw  # the runtime's own placeholder buffers, made on first use (not the engine's)
-    for B, T, cfg, opt in [(1, 16, LoraConfig(r=8), "adamw"), (2, 8, LoraConfig(r=4, targets=("q", "v")), "adam8bit")]:
-        before = rt.live_bytes
-        rt.peak_bytes = before
-        eng = make_engine(model, "webgpu")
-        sess = eng.train_session(LoraAdapter.init(args, cfg), OptimSettings(kind=opt))
-        tok = np.random.default_rng(0).integers(0, args.vocab_size, (B, T))
-        sess.step([Batch.of(tok, tok)], 1e-4, 1.0)
-        assert len(sess.metrics()) == 1  # the step has run (and its metrics were read back)
-        used = rt.peak_bytes - before
-        pred = training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), engine=eng).total
-        assert abs(pred - used) <= 0.001 * used, (B, T, cfg, opt, pred, used)
-        # without an engine (a plan for a backend name): the same list from the device's limits and variants
-        assert training_memory(model, "webgpu", cfg, B, T, opt, dict(rt.limits), tiled=rt.tiled).total == pred
-        sess.close()
-        eng.close()
-        assert rt.live_bytes == before  # the session and the engine gave every buffer back
-
-
 def test_calibration_is_cached_per_device_and_model(home):
     from loralabd.engine.numpy_engine import NumpyEngine
     from loralabd.models.random import random_model, tiny_args
@@ -125,9 +102,9 @@ def test_calibration_is_cached_per_device_and_model(home):
     eng = NumpyEngine(model)
     cal = cached_calibration(eng, clock="cpu")
     assert cache_path().is_file() and str(cache_path()).startswith(str(home))
-    assert len(cal.samples) == 6 and all(s["accumulate_s"] > 0 for s in cal.samples)
+    assert len(cal.samples) > len(cal.fitted) and all(s["seconds"] > 0 for s in cal.samples)
     again = cached_calibration(NumpyEngine(model), clock="cpu")
-    assert again.created == cal.created and again.acc == cal.acc  # read from the cache, not measured again
+    assert again.created == cal.created and again.coef == cal.coef  # read from the cache, not measured again
     other = random_model(tiny_args(hidden_size=96, num_hidden_layers=2), seed=0)  # another shape: not a hit
     from loralabd.plan.calibrate import cached
     from loralabd.plan.hardware import describe
@@ -193,16 +170,191 @@ def test_cpu_description_and_memory_sizes():
         parse_bytes("lots")
 
 
-@pytest.mark.slow
-def test_memory_and_tokens_per_second_match_measurement_on_the_default_model(home):
-    """>= 6 configurations (batch, seq, rank, targets, optimizer), each measured in a fresh process:
-    peak RSS within 15%, tokens/s within 20% (process CPU time, one BLAS thread: the CPU is shared)."""
-    from loralabd.plan.measure import markdown, validate
+# -- the calibration's fit ------------------------------------------------------------------------------
 
-    res = validate("numpy", "default", clock="cpu", threads=1, parallel=2)
-    print("\n" + markdown(res))
-    rows = res["rows"]
-    assert len(rows) >= 6
-    for r in rows:
-        assert abs(r["mem_err"]) <= 0.15, r
-        assert abs(r["tps_err"]) <= 0.20, r
+def _samples(coef: dict, shapes, noise=None):
+    from loralabd.models.random import smollm2_135m_args
+    from loralabd.plan.calibrate import features
+
+    args = smollm2_135m_args()
+    out = []
+    for i, sh in enumerate(shapes):
+        f = features(args, sh.lora(), sh.batch, sh.seq, sh.grad_accum)
+        t = sum(coef.get(k, 0.0) * v for k, v in f.items())
+        out.append({"features": f, "seconds": t * (1.0 + (noise[i] if noise is not None else 0.0))})
+    return out
+
+
+def test_the_fit_recovers_a_per_step_term_and_reports_its_residual():
+    """Steps timed whole (one submit) still tell per-step work from per-micro-batch work: the two-micro-batch shape
+    separates them, so the optimizer term comes out as it was made, not zero; a fit that matches reports ~0
+    residual, a noisy one reports it and a larger leave-one-out error."""
+    from loralabd.plan.calibrate import TERMS, fit, shapes_for
+    from loralabd.plan.hardware import Device
+
+    truth = {"micro_batches": 2e-3, "matmul_flops": 1.2e-11, "lora_flops": 4e-10, "attention_flops": 2.5e-10,
+             "lora_params": 4e-8}
+    shapes = shapes_for(Device(backend="numpy", name="cpu", type="cpu"))
+    coef, terms, res, loo = fit(_samples(truth, shapes))
+    assert len(shapes) > len(terms) and "lora_mats" not in terms  # every CPU shape adapts every projection
+    for k in TERMS:
+        assert coef[k] == pytest.approx(truth.get(k, 0.0), rel=1e-6, abs=1e-15), k
+    assert res < 1e-9 and loo is not None and loo < 1e-6
+    noise = np.random.default_rng(0).normal(0, 0.1, len(shapes))
+    _, _, res_n, loo_n = fit(_samples(truth, shapes, noise))
+    assert 0.01 < res_n < 0.2 and loo_n > res_n
+
+
+def test_every_calibration_times_more_shapes_than_its_model_has_terms():
+    from loralabd.models.random import smollm2_135m_args
+    from loralabd.plan.calibrate import shapes_for, varied_terms
+    from loralabd.plan.hardware import Device
+
+    args = smollm2_135m_args()
+    for dev in (Device(backend="numpy", name="cpu", type="cpu"),
+                Device(backend="webgpu", name="gpu", type="discrete-gpu"),
+                Device(backend="webgpu", name="igpu", type="integrated-gpu"),
+                Device(backend="webgpu", name="llvmpipe", type="software", software=True)):
+        shapes = shapes_for(dev, args)
+        terms = varied_terms(_samples({"micro_batches": 1.0}, shapes))
+        assert len(shapes) > len(terms), (dev.type, len(shapes), terms)
+        assert any(sh.grad_accum > 1 for sh in shapes)
+
+
+# -- memory against a measurement from outside the program ---------------------------------------------
+
+def test_a_peak_probe_sees_what_the_os_saw_between_start_and_stop():
+    """observe.PeakProbe reads the kernel's VmHWM (reset at start): 256 MiB touched and freed inside the phase show
+    in its peak, and not in the next phase's."""
+    from loralabd.plan import observe
+
+    if not observe.reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs here")
+    base = observe.rss_bytes()
+    probe = observe.PeakProbe(observe.RSS).start()
+    a = np.ones(256 << 18, np.float32)  # 256 MiB, every page touched
+    del a
+    r = probe.stop()
+    assert r.bytes - base >= 250 << 20 and "VmHWM" in r.source
+    r2 = observe.PeakProbe(observe.RSS).start().stop()
+    assert r2.bytes - base < 64 << 20
+
+
+def test_nvidia_smi_output_is_read_for_the_process():
+    from loralabd.plan import observe
+
+    apps = "4242, 954\n17, 120\n4242, 10\n"
+    assert observe.parse_compute_apps(apps, 4242) == 964 << 20 and observe.parse_compute_apps(apps, 5) is None
+    table = """\
+| Processes:                                                                              |
+|  GPU   GI   CI        PID   Type   Process name                              GPU Memory |
+|        ID   ID                                                               Usage      |
+|=========================================================================================|
+|    0   N/A  N/A     4242      G   /work/.venv/bin/python -m loralabd.server.main  954MiB |
+|    0   N/A  N/A       17      C   other                                        120MiB |
++-----------------------------------------------------------------------------------------+"""
+    assert observe.parse_process_table(table, 4242) == 954 << 20 and observe.parse_process_table(table, 99) is None
+    assert observe.quantity_for("numpy") == observe.RSS and observe.quantity_for("webgpu", software=True) == observe.RSS
+    assert observe.quantity_for("webgpu", "Apple", "Apple M2") is None  # Metal: nothing readable through wgpu
+
+
+
+MODEL = "random-smollm2:4"  # the default model's shape cut to 4 layers: its weights, vocabulary and activations
+
+
+@pytest.fixture(scope="module")
+def cpu_calibration(tmp_path_factory):
+    """A calibration as `plan/calibrate` makes it, in its own process (the runtime's fixed cost is measured there)."""
+    from loralabd.plan.calibrate import Calibration
+
+    env = dict(os.environ, LORALAB_HOME=str(tmp_path_factory.mktemp("home")), OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "loralabd.plan.calibrate", "numpy", MODEL, "wall"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return Calibration.from_dict(json.loads(p.stdout.strip().splitlines()[-1]))
+
+
+@pytest.mark.parametrize("cfg", [
+    {"batch": 2, "seq": 256, "r": 16, "targets": ["all"], "optim": "adamw"},  # longer than any calibrated shape
+    pytest.param({"batch": 8, "seq": 64, "r": 32, "targets": ["attn"], "optim": "adam8bit"},  # other batch/rank/targets
+                 marks=pytest.mark.slow),
+    pytest.param({"batch": 1, "seq": 128, "r": 8, "targets": ["all"], "optim": "adamw", "grad_accum": 3},
+                 marks=pytest.mark.slow),
+], ids=["2x256-r16", "8x64-r32-attn-8bit", "1x128-ga3"])
+def test_predicted_peak_is_the_peak_resident_set_of_a_real_training_run(cpu_calibration, cfg):
+    """The plan's total (engine account + the fixed cost measured at calibration, at other shapes, in another
+    process) against the peak resident set the kernel reports (VmHWM) for a real numpy training run — its
+    steps and a checkpoint — in a fresh process: within 15%."""
+    from loralabd.models.random import load_spec
+    from loralabd.plan.hardware import Device
+    from loralabd.plan.measure import measure
+
+    meas = measure({"backend": "numpy", "model": MODEL, "steps": 1, **cfg}, threads=1)
+    assert meas["peak_reset"] and meas["peak_bytes"] > 0
+    model = load_spec(MODEL)
+    lora = LoraConfig(r=cfg["r"], alpha=2 * cfg["r"], targets=tuple(cfg["targets"]))
+    plan = estimate(model, "numpy", lora=lora, batch=cfg["batch"], seq=cfg["seq"], grad_accum=cfg.get("grad_accum", 1),
+                    optim=cfg["optim"], steps=1, calibration=cpu_calibration, device=Device(**cpu_calibration.device))
+    assert plan.memory.parts["runtime"] == cpu_calibration.runtime_bytes > 0  # measured, not assumed
+    err = plan.memory.total / meas["peak_bytes"] - 1
+    assert abs(err) <= 0.15, (cfg, mib(plan.memory.total), mib(meas["peak_bytes"]), f"{100 * err:+.1f}%")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_weights_upload_in_bounded_chunks(tmp_path):
+    """Loading through queue writes of at most UPLOAD_CHUNK bytes between waits: without the bound the upload's
+    staging copies add up to a second copy of the weights (lavapipe's device memory is this process's, so the
+    OS sees it); with a 4 MiB bound the load peaks well below that."""
+    _webgpu_runtime()
+    script = (
+        "import sys; import loralabd.engine.webgpu.runtime as R; R.UPLOAD_CHUNK = int(sys.argv[1])\n"
+        "from loralabd.plan import observe; from loralabd.models.random import load_spec\n"
+        "from loralabd.engine.webgpu.engine import WebGPUEngine\n"
+        "rt = R.get_runtime(); rt.dummy; m = load_spec('random-smollm2:8')\n"
+        "base = observe.rss_bytes(); observe.reset_peak_rss(); e = WebGPUEngine(m)\n"
+        "print(observe.peak_rss_bytes() - base, rt.live_bytes)\n")
+
+    def load_peak(chunk):
+        p = subprocess.run([sys.executable, "-c", script, str(chunk)], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return [int(x) for x in p.stdout.split()]
+
+    unbounded, weights = load_peak(1 << 40)
+    bounded, _ = load_peak(4 << 20)
+    assert unbounded > 1.7 * weights  # the second copy the issue measured
+    assert bounded < unbounded - weights // 2
+
+
+# -- the planner's own structure ---------------------------------------------------------------------------
+
+def _plan_imports() -> dict:
+    import loralabd.plan as plan
+
+    out = {}
+    for f in Path(plan.__file__).parent.glob("*.py"):
+        mods = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = "." * node.level + (node.module or "")
+                mods |= {base} | {base + ("" if base.endswith(".") else ".") + a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                mods |= {a.name for a in node.names}
+        out[f.stem] = mods
+    return out
+
+
+def test_the_planner_imports_no_webgpu_module_and_its_modules_import_no_circle():
+    imports = _plan_imports()
+    for mod, names in imports.items():
+        assert not [n for n in names if "webgpu" in n], (mod, sorted(n for n in names if "webgpu" in n))
+    # plan module -> plan modules it imports (from .x import / from . import x)
+    local = {m: {n.lstrip(".").split(".")[0] for n in names if n.startswith(".") and not n.startswith("..")} & set(imports)
+             for m, names in imports.items()}
+    local = {m: deps - {m} for m, deps in local.items() if m != "__init__"}
+
+    def reaches(a, b, seen=()):
+        return any(d == b or (d not in seen and reaches(d, b, seen + (d,))) for d in local.get(a, ()))
+
+    assert not [m for m in local if reaches(m, m)], local
+    assert "measure" not in local["calibrate"] | local["estimate"] and "estimate" not in local["calibrate"]

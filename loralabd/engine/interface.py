@@ -7,6 +7,7 @@ holds them to it, so no caller probes with hasattr or reaches into an engine's p
     sess = eng.train_session(adapter, OptimSettings(...))
     sess.step(micro_batches, lr, max_grad_norm)   # one optimizer step; nothing is read back
     sess.metrics() -> [StepMetrics]               # loss / grad norm of the steps since the last call
+    eng.memory_plan(batch, seq, lora_config) -> MemoryPlan   # what training allocates, for the planner
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 
 from ..models.args import ModelArgs
 from ..models.load import LoadedModel
-from .lora import LoraAdapter
+from .lora import LoraAdapter, LoraConfig
+from .memory import MemoryPlan
 
 AdapterScales = Sequence[tuple[LoraAdapter, float]]  # adapters applied together, each with its scale
 
@@ -132,8 +134,14 @@ class Engine(Protocol):
 
     def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> TrainSession: ...
 
+    def memory_plan(self, batch: int, seq: int, lora_config: LoraConfig, optim: str = "adamw") -> MemoryPlan:
+        """What this engine allocates to train (batch, seq) with this LoRA config and optimizer, by part, and what
+        loading its model held (engine/memory.py). The planner's memory comes from here: the engine's own
+        account, plus what the process or driver adds, measured at calibration (plan/observe.py)."""
+
     def memory_in_use(self) -> int:
-        """Bytes this engine holds now: device buffers on a GPU, the process's resident set on the CPU."""
+        """Bytes this engine's allocations hold now: on a GPU the runtime's live buffers (every engine on the
+        device: weights, caches, arenas), on the CPU the model's tensors and the engine's f32 copies of them."""
 
     def close(self) -> None:
         """Free what the engine holds (unload)."""

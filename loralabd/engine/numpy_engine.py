@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 from dataclasses import dataclass
 from typing import Generator, Sequence
 
@@ -11,6 +10,7 @@ import numpy as np
 from ..models.load import LoadedModel
 from . import reference as R
 from .interface import AdapterScales, OptimSettings, Sampling
+from .memory import MemoryPlan, numpy_memory_plan
 from .lora import LoraAdapter
 from .numpy_train import NumpyTrainSession
 
@@ -230,9 +230,16 @@ class NumpyEngine:
             if n + 1 < max_tokens:
                 logits = self.step_logits(np.asarray([[t]]), cache, adapters)[0]
 
+    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> MemoryPlan:
+        """This engine's arrays for a training step of (batch, seq) (engine/memory.py); the first-loss phase only
+        while the output matrix is still to be dequantized."""
+        return numpy_memory_plan(self.model, lora_config, batch, seq, optim, self.vocab_chunk,
+                                 first_step=self._out_cache is None)
+
     def memory_in_use(self) -> int:
-        """The process's peak resident set (the CPU engine's memory is the process's)."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        """Bytes of the model's tensors and of the f32 copies this engine has made of them so far."""
+        dense = sum(w.nbytes for w in self._dense.values())
+        return int(self.model.weight_bytes()) + dense + (0 if self._out_cache is None else self._out_cache.nbytes)
 
     def close(self) -> None:
         self._dense.clear()

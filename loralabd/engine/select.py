@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..models.load import LoadedModel
     from .interface import Engine
+    from .lora import LoraConfig
+    from .memory import MemoryPlan
 
 BACKENDS = ("auto", "webgpu", "numpy")
 
@@ -50,3 +52,28 @@ def make_engine(model: LoadedModel, backend: str = "auto") -> Engine:
     from .numpy_engine import NumpyEngine
 
     return NumpyEngine(model)
+
+
+def adapter_description() -> dict:
+    """The WebGPU adapter this process uses (Runtime.description: name, vendor, type, api, driver, limits, features,
+    kernel variants); raises when there is none. The planner describes the device from it without importing
+    WebGPU code itself."""
+    from .webgpu.runtime import get_runtime
+
+    return get_runtime().description()
+
+
+def memory_plan(model: LoadedModel, backend: str, batch: int, seq: int, lora_config: LoraConfig, optim: str = "adamw",
+                limits: dict | None = None, hardware: bool = True) -> MemoryPlan:
+    """Engine.memory_plan without an engine: what an engine of `backend` would allocate for this model and shape
+    (WebGPU: on an adapter with these limits; hardware: whether it runs the hardware-GPU kernel variants —
+    LORALAB_WGPU_TILED=0/1 overrides, as in the runtime)."""
+    if backend == "numpy":
+        from .memory import numpy_memory_plan
+
+        return numpy_memory_plan(model, lora_config, batch, seq, optim)
+    if backend == "webgpu":
+        from .webgpu.sizing import default_tiled, memory_plan as webgpu_plan
+
+        return webgpu_plan(model, batch, seq, lora_config, optim, limits or {}, default_tiled(hardware))
+    raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")

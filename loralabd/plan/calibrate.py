@@ -1,49 +1,67 @@
-"""Calibrate the time model on this device by running the real engine for a few small training steps.
+"""Calibrate the plan on this device: time the real engine on more training shapes than the time model has
+coefficients, and measure from outside what the process or driver holds beyond the engine's own account.
 
-One training step (accumulate of B x T tokens, then one optimizer step) is modelled as
+Time. One optimizer step of `grad_accum` micro-batches of B x T tokens is modelled as
 
-    t_accumulate = c0 + c_mm * matmul_flops + c_lora * lora_flops + c_att * attention_flops + c_p * lora_params
-    t_step       = s0 + s_p * lora_params
+    t_step = ga * (c0 + c_mm * matmul_flops + c_lora * lora_flops + c_att * attention_flops + c_n * lora_mats)
+             + c_p * lora_params
 
 matmul_flops: the frozen projections (forward y and backward dx: 4 N in out each) and the loss over the
 vocabulary (forward, recompute, dh: 6 N D V); lora_flops: 6 N r (in + out) per adapted projection;
 attention_flops: 16 B H T^2 hd (forward QK, PV and the backward's six products over the full T x T);
-lora_params: work per parameter whatever the batch (adding each micro-batch's gradients into the
-accumulator, copies) — at a small batch and a large rank it outweighs the LoRA matmuls; lora_mats: the
-adapted projections (layers x targets), each a fixed number of small dispatches whatever its size — on a
-GPU their launch overhead, not their FLOPs, is what LoRA costs at a small rank.
-The coefficients come from a least-squares fit (non-negative) over a handful of shapes timed through
-`engine.train_session(...)`, so any engine with that interface is calibrated the same way. Results are
-cached per adapter + driver + BLAS threads + model shape in the data directory.
+lora_mats: the adapted projections (layers x targets), each a fixed number of small dispatches whatever its
+size — on a GPU their launch cost, not their FLOPs, is what LoRA costs at a small rank; lora_params: work per
+parameter once per step (the optimizer update, the gradient normalisation and clipping). A step is one submit,
+so its parts are not timed apart: a shape with two micro-batches per step separates the per-micro-batch terms
+from the per-step one. A term no shape varies is left out (zero): lora_mats where every shape adapts every
+projection. The coefficients come from a non-negative least-squares fit of relative errors; the calibration
+reports its residual (RMS relative error over the timed shapes) and the leave-one-out error (each shape
+predicted by the fit of the others), which is what a prediction for an untimed shape can expect.
+
+Memory. Around each shape a PeakProbe (plan/observe.py) measures the process's peak — resident set on the CPU,
+the driver's used memory on NVIDIA — and the engine's own account for that shape (Engine.memory_plan, plus
+what it held already) is subtracted: the median difference is the runtime's fixed cost (interpreter and
+libraries; device context, pipelines, staging, allocator pools), stored with the calibration and added by every
+later plan. Its spread over the shapes is reported as the memory residual. A checkpoint of one shape's state
+is timed too (the job's checkpoints and adapter save cost time in proportion to their bytes).
+
+Results are cached per adapter + driver + BLAS threads + model shape in the data directory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import statistics
+import tempfile
 import time
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from ..engine.interface import Engine, OptimSettings
 from ..engine.lora import LoraAdapter, LoraConfig
-from ..training.packing import Batch
 from ..models.args import LINEAR_NAMES
+from ..training.packing import Batch
+from . import observe
 from .hardware import Device, describe
+from .memory import RuntimeCost
 
 if TYPE_CHECKING:
     from ..protocol.types import Clock
 
-VERSION = 6  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 7  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
+
+TERMS = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats", "lora_params")
+PER_MICRO = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats")
 
 
 # -- features -----------------------------------------------------------------------------------------
 
-def features(args, cfg: LoraConfig, batch: int, seq: int) -> dict:
-    B, T = int(batch), int(seq)
+def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1) -> dict:
+    B, T, ga = int(batch), int(seq), int(grad_accum)
     N = B * T
     L = args.num_hidden_layers
     dense = sum(o * i for n in LINEAR_NAMES for (o, i) in [args.linear_shape(n)])
@@ -52,12 +70,27 @@ def features(args, cfg: LoraConfig, batch: int, seq: int) -> dict:
     lora = 6.0 * N * cfg.r * n_lay * sum(sum(args.linear_shape(t)) for t in cfg.targets)
     att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
     params = n_lay * sum(cfg.r * sum(args.linear_shape(t)) for t in cfg.targets)
-    return {"matmul_flops": mm, "lora_flops": lora, "attention_flops": att, "lora_params": float(params),
-            "lora_mats": float(n_lay * len(cfg.targets))}
+    return {"micro_batches": float(ga), "matmul_flops": ga * mm, "lora_flops": ga * lora, "attention_flops": ga * att,
+            "lora_mats": float(ga * n_lay * len(cfg.targets)), "lora_params": float(params)}
 
 
-ACC_TERMS = ("const", "matmul_flops", "lora_flops", "attention_flops", "lora_params", "lora_mats")
-STEP_TERMS = ("const", "lora_params")
+@dataclass(frozen=True)
+class Shape:
+    """One calibration shape: batch x seq tokens a micro-batch, rank r on `targets` (None: all), grad_accum."""
+
+    batch: int
+    seq: int
+    r: int
+    targets: tuple | None = None
+    grad_accum: int = 1
+
+    def lora(self, default=LINEAR_NAMES) -> LoraConfig:
+        return LoraConfig(r=self.r, alpha=2 * self.r, targets=tuple(self.targets or default))
+
+    def label(self) -> str:
+        t = "" if self.targets is None else f" on {','.join(self.targets)}"
+        g = f", {self.grad_accum} micro-batches" if self.grad_accum > 1 else ""
+        return f"batch {self.batch} x seq {self.seq}, r={self.r}{t}{g}"
 
 
 @dataclass
@@ -65,18 +98,28 @@ class Calibration:
     key: str
     device: dict
     clock: Clock
-    acc: dict  # term -> seconds per unit
-    step: dict
-    samples: list = field(default_factory=list)  # what was timed: shape, features, seconds
+    coef: dict  # term -> seconds per unit (0 for a term left out)
+    samples: list = field(default_factory=list)  # what was timed: shape, features, seconds, memory
     warmup_s: float = 0.0  # the first step of a new engine (dequantization / pipeline builds)
     seconds: float = 0.0  # how long calibrating took
     created: float = 0.0
+    fitted: list = field(default_factory=list)  # the terms the fit used
+    residual: float = 0.0  # RMS relative error of the fit over the timed shapes
+    loo_residual: float | None = None  # RMS relative error of each shape predicted by the fit of the others
+    memory_quantity: str | None = None  # observe.RSS / observe.NVIDIA / None (nothing measurable here)
+    runtime_bytes: int | None = None  # the runtime's fixed memory cost (None: not measured)
+    runtime_source: str = ""
+    memory_residual: float | None = None  # RMS relative error of fixed cost + engine account vs measured peaks
+    checkpoint_s_per_byte: float | None = None  # a checkpoint's seconds per byte of state
 
-    def predict(self, args, cfg: LoraConfig, batch: int, seq: int) -> dict:
-        f = features(args, cfg, batch, seq)
-        acc = self.acc["const"] + sum(self.acc[k] * f[k] for k in ACC_TERMS[1:])
-        st = self.step["const"] + self.step["lora_params"] * f["lora_params"]
-        return {"accumulate_s": acc, "step_s": st, **f}
+    def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1) -> dict:
+        f = features(args, cfg, batch, seq, grad_accum)
+        return {"step_s": float(sum(self.coef[k] * f[k] for k in TERMS)), **f}
+
+    def runtime_cost(self) -> RuntimeCost | None:
+        if self.runtime_bytes is None:
+            return None
+        return RuntimeCost(int(self.runtime_bytes), self.runtime_source, True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,11 +130,10 @@ class Calibration:
 
     def achieved(self) -> dict:
         """Throughputs the fit implies, for people: GFLOP/s of the base matmuls, LoRA, attention."""
-        g = {k: (1e-9 / v if v > 0 else None) for k, v in self.acc.items() if k != "const"}
+        g = {k: (1e-9 / v if v > 0 else None) for k, v in self.coef.items()}
         return {"matmul_gflops": g["matmul_flops"], "lora_gflops": g["lora_flops"],
-                "attention_gflops": g["attention_flops"], "step_overhead_s": self.acc["const"],
-                "accumulate_s_per_mparam": self.acc["lora_params"] * 1e6,
-                "optimizer_s_per_mparam": self.step["lora_params"] * 1e6}
+                "attention_gflops": g["attention_flops"], "step_overhead_s": self.coef["micro_batches"],
+                "optimizer_s_per_mparam": self.coef["lora_params"] * 1e6}
 
 
 # -- the fit ------------------------------------------------------------------------------------------
@@ -112,35 +154,69 @@ def nnls(X: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> np.
         active.remove(min(neg, key=lambda j: coef[j]))
 
 
-def fit(samples: list[dict]) -> tuple[dict, dict]:
-    """Coefficients of the accumulate and step models; relative errors weigh every shape alike."""
-    Xa = np.array([[1.0] + [s["features"][k] for k in ACC_TERMS[1:]] for s in samples])
-    ya = np.array([s["accumulate_s"] for s in samples])
-    Xa[:, 1:][:, np.ptp(Xa[:, 1:], axis=0) == 0] = 0.0  # a term no shape varies is the constant's: not fitted
-    scale = Xa.max(axis=0)
+def varied_terms(samples: list[dict]) -> list[str]:
+    """micro_batches, and every other term whose value per micro-batch (per step for lora_params) differs
+    between shapes: a term no shape varies cannot be told from the constant."""
+    out = ["micro_batches"]
+    for k in TERMS[1:]:
+        per = [s["features"][k] / (s["features"]["micro_batches"] if k in PER_MICRO else 1.0) for s in samples]
+        if max(per) - min(per) > 1e-9 * max(abs(max(per)), 1e-30):
+            out.append(k)
+    return out
+
+
+def _solve(samples: list[dict], terms: list[str]) -> dict:
+    X = np.array([[s["features"][k] for k in terms] for s in samples])
+    y = np.array([s["seconds"] for s in samples])
+    scale = X.max(axis=0)
     scale[scale == 0] = 1.0
-    ca = nnls(Xa / scale, ya, 1.0 / ya) / scale
-    Xs = np.array([[1.0, s["features"]["lora_params"]] for s in samples])
-    ys = np.array([s["step_s"] for s in samples])
-    ss = Xs.max(axis=0)
-    ss[ss == 0] = 1.0
-    if not (ys > 0).all():  # steps timed whole (one submit: the optimizer's share is in accumulate_s)
-        return dict(zip(ACC_TERMS, map(float, ca))), dict.fromkeys(STEP_TERMS, 0.0)
-    cs = nnls(Xs / ss, ys, 1.0 / ys) / ss
-    return dict(zip(ACC_TERMS, map(float, ca))), dict(zip(STEP_TERMS, map(float, cs)))
+    c = nnls(X / scale, y, 1.0 / y) / scale  # relative errors weigh every shape alike
+    return {**dict.fromkeys(TERMS, 0.0), **{k: float(v) for k, v in zip(terms, c)}}
+
+
+def _rel_err(coef: dict, s: dict) -> float:
+    return sum(coef[k] * s["features"][k] for k in TERMS) / s["seconds"] - 1.0
+
+
+def fit(samples: list[dict]) -> tuple[dict, list[str], float, float | None]:
+    """(coefficients, terms fitted, RMS relative residual, leave-one-out RMS relative error or None when the
+    shapes are too few to leave one out)."""
+    terms = varied_terms(samples)
+    coef = _solve(samples, terms)
+    res = float(np.sqrt(np.mean([_rel_err(coef, s) ** 2 for s in samples])))
+    loo = None
+    if len(samples) > len(terms) + 1:
+        errs = [_rel_err(_solve(samples[:i] + samples[i + 1:], terms), s) for i, s in enumerate(samples)]
+        loo = float(np.sqrt(np.mean(np.square(errs))))
+    return coef, terms, res, loo
+
+
+def fixed_memory(samples: list[dict]) -> tuple[int | None, float | None]:
+    """(runtime fixed cost: the median of measured peak minus the engine's account, RMS relative error of
+    fixed + account against the measured peaks) over the shapes whose peak was measured."""
+    got = [s for s in samples if s.get("peak_bytes")]
+    if not got:
+        return None, None
+    fixed = int(statistics.median(s["peak_bytes"] - s["engine_bytes"] for s in got))
+    err = [(fixed + s["engine_bytes"]) / s["peak_bytes"] - 1.0 for s in got]
+    return max(0, fixed), float(np.sqrt(np.mean(np.square(err))))
 
 
 # -- running it ---------------------------------------------------------------------------------------
 
-def shapes_for(device: Device, args=None) -> list[tuple]:
-    """(batch, seq, rank[, targets]) to time.
-    CPUs and software adapters: a base shape, more rows, a longer sequence (attention), a larger rank at two
-    batch sizes (LoRA work per token against work per parameter) — small, the numpy engine runs ~30-100
-    tokens/s there. Discrete GPUs: 2k-8k tokens a step, where the step is compute-bound (at <= 1k tokens a
-    big GPU measures mostly the fixed cost of ~2,700 dispatches, and larger batches came out over-predicted
-    by up to 43%), the large rank at two batch sizes, and one shape with fewer adapted projections (the
-    per-dispatch cost of LoRA); one timed step each, so that it stays within 10 s with the pipelines
-    compiled cold (~9 s on an H100). Other GPUs: 256-1k tokens.
+def shapes_for(device: Device, args=None) -> list[Shape]:
+    """The shapes to time, more than the model has coefficients.
+    CPUs and software adapters: a base shape, two micro-batches of two rows (per-step against per-micro-batch
+    work), 4 and 8 rows (tokens from 32 to 256: the fixed cost per micro-batch against the matmuls, which noise
+    on a shared machine confounds over a narrower range), one row 4x and one 8x as long (attention: two shapes,
+    so that each predicts the other when left out), a middle rank and a large rank at two batch sizes (LoRA work
+    per token against work per parameter) — 9 shapes for 5 coefficients, small (the numpy engine runs ~30-150 tokens/s there), in rising memory order (malloc keeps
+    what a larger shape took, and a later shape's measured peak would start from it). Discrete GPUs: 2k-8k tokens a step, where the step is
+    compute-bound (at <= 1k tokens a big GPU measures mostly the fixed cost of ~2,700 dispatches), the large
+    rank at two batch sizes, two shapes with fewer adapted projections (q,v and attention: the per-dispatch cost
+    of LoRA), two micro-batches, a longer sequence and a middle rank — 8 shapes for 6 coefficients, in rising
+    memory order
+    (a driver's pools keep what a larger shape took). Other GPUs: the CPU list at 256-1k tokens.
     With the model's args, the shapes scale with it: the longest stays within the context, and the large
     rank within the width (a tiny test model calibrates in about a second)."""
     r_hi, ctx = 64, 0
@@ -149,18 +225,26 @@ def shapes_for(device: Device, args=None) -> list[tuple]:
         r_hi = max(16, min(64, args.hidden_size // 2))
     if device.backend != "numpy" and not device.software and "discrete" in device.type.lower().replace("-", ""):
         s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
-        # 2k-8k tokens: (4, s) against (16 x 4, s / 4) moves the matmuls at equal attention work (B x T^2)
-        return [(4, s, 8), (16 * 4, max(8, s // 4), 8), (4, s, r_hi), (8, s, r_hi), (8, s, 8, ("q_proj", "v_proj"))]
+        qv = ("q_proj", "v_proj")
+        attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+        return [Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8), Shape(4, s, r_hi), Shape(8, s, 8, qv),
+                Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn), Shape(64, max(8, s // 4), 8)]
     s = 32 if device.backend == "numpy" or device.software else 256
     if ctx:
         s = max(8, min(s, ctx // 4 // 8 * 8))
-    return [(1, s, 8), (4, s, 8), (2, 2 * s, 8), (1, 4 * s, 8), (1, s, r_hi), (4, s, r_hi)]
+    long = min(8 * s, ctx) if ctx else 8 * s
+    return [Shape(1, s, 8), Shape(2, s, 8, None, 2), Shape(4, s, 8), Shape(1, 4 * s, 8), Shape(2, s, r_hi // 2),
+            Shape(8, s, 8), Shape(1, long, 8), Shape(1, s, r_hi), Shape(4, s, r_hi)]
 
 
 def repeats_for(device: Device) -> int:
-    """Timed steps per shape after the warm-up, best kept: one on GPUs (steady, and the <= 10 s budget goes to
-    larger shapes) and software adapters (too slow for more), two on the CPU (other processes steal time)."""
+    """Timed steps per shape after the warm-up, best kept: one on GPUs (steady, and the budget goes to larger
+    shapes) and software adapters (too slow for more), two on the CPU (other processes steal time)."""
     return 2 if device.backend == "numpy" else 1
+
+
+def memory_quantity(device: Device) -> str | None:
+    return observe.quantity_for(device.backend, device.vendor, device.name, device.software)
 
 
 def _clock(kind: str):
@@ -169,61 +253,138 @@ def _clock(kind: str):
     return time.perf_counter if kind == "wall" else time.process_time
 
 
-def time_shape(engine: Engine, cfg: LoraConfig, batch: int, seq: int, clock: Clock = "wall", repeats: int = 1,
-               seed: int = 0) -> dict:
-    """Seconds of one optimizer step of one micro-batch for one shape, read back (best of `repeats`, after one
-    warm-up step). A step is one submit, so the optimizer's share is not timed apart: step_s is 0 and
-    accumulate_s the whole step."""
+def _time_checkpoint(sess) -> tuple[float, int]:
+    """Seconds and bytes of one checkpoint of the session's state, written as the trainer writes it."""
+    from ..training.checkpoint import save_checkpoint
+
+    t0 = time.perf_counter()
+    state = sess.state_dict()
+    with tempfile.TemporaryDirectory(prefix="loralab-calibrate-") as d:
+        save_checkpoint(d, 1, state, {"calibration": True}, 1)
+    return time.perf_counter() - t0, int(sum(v.nbytes for v in state.values()))
+
+
+def _exercised(mp, checkpoint: bool) -> int:
+    """The engine's peak over the phases this shape ran (a checkpoint phase only when one was written)."""
+    return int(max(v for k, v in mp.phases.items() if checkpoint or k != "checkpoint"))
+
+
+def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int = 1, seed: int = 0,
+               quantity: str | None = None, checkpoint: bool = False, warm_up: bool = True) -> dict:
+    """Seconds of one optimizer step of `shape` read back (best of `repeats`, after a warm-up step when warm_up),
+    the peak memory measured around it (quantity: observe.RSS / observe.NVIDIA / None) beside the engine's own
+    account, and with checkpoint=True the time of one checkpoint of its state."""
     args = engine.args
     clk = _clock(clock)
+    cfg = shape.lora()
+    B, T, ga = shape.batch, shape.seq, shape.grad_accum
+    mp = engine.memory_plan(B, T, cfg, "adamw")
+    caches = max(0, int(engine.memory_in_use()) - mp.resident)
+    probe = observe.PeakProbe(quantity).start()
     ad = LoraAdapter.init(args, cfg, seed=seed)
     sess = engine.train_session(ad, OptimSettings())
+    del ad  # the trainer keeps none either: the session holds its own copy
     rng = np.random.default_rng(seed)
-    best_a, best_s = float("inf"), 0.0
-    warm = 0.0
-    for i in range(repeats + 1):
-        b = Batch.of(rng.integers(0, args.vocab_size, (batch, seq)))
-        t0 = clk()
-        sess.step([b], 1e-4, 1.0)
-        sess.metrics()  # waits for the device
-        t1 = clk()
-        if i == 0:
-            warm = t1 - t0
-        else:
-            best_a = min(best_a, t1 - t0)
-    sess.close()  # the session's buffers go back now, not when Python collects them
-    return {"batch": batch, "seq": seq, "r": cfg.r, "targets": list(cfg.targets), "accumulate_s": best_a,
-            "step_s": best_s, "first_step_s": warm, "features": features(args, cfg, batch, seq)}
+    times = []
+    ck_s, ck_bytes = None, None
+    try:
+        for _ in range(repeats + int(warm_up)):
+            bs = [Batch.of(rng.integers(0, args.vocab_size, (B, T))) for _ in range(ga)]
+            t0 = clk()
+            sess.step(bs, 1e-4, 1.0)
+            sess.metrics()  # waits for the device
+            times.append(clk() - t0)
+        if checkpoint:
+            ck_s, ck_bytes = _time_checkpoint(sess)
+    finally:
+        sess.close()  # the session's buffers go back now, not when Python collects them
+    peak = probe.stop()
+    timed = times[1:] if warm_up else times
+    return {"batch": B, "seq": T, "r": cfg.r, "targets": list(cfg.targets), "grad_accum": ga, "seconds": min(timed),
+            "first_step_s": times[0] if warm_up else None, "features": features(args, cfg, B, T, ga),
+            "peak_bytes": peak.bytes, "memory_source": peak.source,
+            "engine_bytes": int(_exercised(mp, checkpoint) + caches), "checkpoint_s": ck_s, "checkpoint_bytes": ck_bytes}
 
 
-def calibrate(engine: Engine, device: Device | None = None, clock: Clock = "wall", shapes=None, repeats: int | None = None,
-              targets=LINEAR_NAMES) -> Calibration:
-    """Time the real engine on a few small shapes and fit the model. Seconds on a GPU or a tiny model,
-    about half a minute for the default model on a CPU; use cached_calibration() to do it once.
-    (The daemon runs the same plan_shapes / time_shape / finish steps one shape per call, so that
+def calibrate(engine: Engine, device: Device | None = None, clock: Clock = "wall", shapes=None,
+              repeats: int | None = None) -> Calibration:
+    """Time the real engine on the shapes and fit the model. Seconds on a GPU or a tiny model, under a minute
+    for the default model on a CPU; use cached_calibration() to do it once.
+    (The daemon runs the same plan_shapes / time_shape / finish steps one item per call, so that
     progress and cancellation land between shapes.)"""
     device = device or describe(engine)
     t_start = time.perf_counter()
-    samples = [time_shape(engine, cfg, B, T, clock, n) for cfg, B, T, n in
-               plan_shapes(engine, device, shapes, repeats, targets)]
+    q = memory_quantity(device)
+    samples = [run_item(engine, item, clock, q) for item in plan_shapes(engine, device, shapes, repeats)]
     return finish(engine, device, clock, samples, time.perf_counter() - t_start)
 
 
-def plan_shapes(engine: Engine, device: Device, shapes=None, repeats: int | None = None, targets=LINEAR_NAMES) -> list:
-    """[(LoraConfig, batch, seq, repeats)] a calibration times, in order."""
-    args = engine.args
+@dataclass(frozen=True)
+class Item:
+    """One call of a calibration: a shape in one pass (passes go round every shape, so that a burst of load from
+    other processes slows one timing of several shapes rather than every timing of one)."""
+
+    shape: Shape
+    repeats: int
+    warm_up: bool  # a first, untimed step (the engine's first, and on a GPU each shape's program build)
+    checkpoint: bool  # also time a checkpoint of the shape's state
+    pass_no: int = 1
+
+    def label(self) -> str:
+        return self.shape.label() + (f" (pass {self.pass_no})" if self.pass_no > 1 else "")
+
+
+def run_item(engine: Engine, item: Item, clock: Clock = "wall", quantity: str | None = None) -> dict:
+    out = time_shape(engine, item.shape, clock, item.repeats, quantity=quantity, checkpoint=item.checkpoint,
+                     warm_up=item.warm_up)
+    out["pass"] = item.pass_no
+    return out
+
+
+def plan_shapes(engine: Engine, device: Device, shapes=None, repeats: int | None = None) -> list[Item]:
+    """The calibration's calls, in order. The numpy engine has nothing to build per shape, so only its first step
+    warms up, and each shape is timed once per pass, `repeats` passes; GPU engines build each shape's program on
+    its first step, so each shape warms up and is timed `repeats` times in one pass. A checkpoint is timed on the
+    first shape (the smallest state, rank 8)."""
     repeats = repeats or repeats_for(device)
-    return [(LoraConfig(r=sh[2], alpha=2 * sh[2], targets=tuple(sh[3] if len(sh) > 3 else targets)), sh[0], sh[1],
-             repeats) for sh in (shapes or shapes_for(device, args))]
+    out = [sh if isinstance(sh, Shape) else Shape(*sh) for sh in (shapes or shapes_for(device, engine.args))]
+    if device.backend != "numpy":
+        return [Item(sh, repeats, True, i == 0) for i, sh in enumerate(out)]
+    return [Item(sh, 1, i == 0 and p == 1, i == 0 and p == 1, p) for p in range(1, repeats + 1)
+            for i, sh in enumerate(out)]
+
+
+def merge(samples: list[dict]) -> list[dict]:
+    """One sample per shape: its best time over the passes; memory, warm-up and checkpoint from its first pass
+    (shapes run in rising memory order there, so the peak is the shape's own)."""
+    out: dict = {}
+    for s in samples:
+        key = (s["batch"], s["seq"], s["r"], tuple(s["targets"]), s["grad_accum"])
+        if key not in out:
+            out[key] = dict(s)
+        else:
+            out[key]["seconds"] = min(out[key]["seconds"], s["seconds"])
+    return list(out.values())
 
 
 def finish(engine: Engine, device: Device, clock: Clock, samples: list, seconds: float) -> Calibration:
     """The fitted Calibration of timed samples (the first one's extra first-step time is the warm-up)."""
+    samples = merge(samples)
     s0 = samples[0]
-    warm = s0["first_step_s"] - s0["accumulate_s"] - s0["step_s"]  # the engine's one-time setup
-    acc, step = fit(samples)
-    return Calibration(key=cache_key(device, engine.model, clock), device=device.to_dict(), clock=clock, acc=acc,
-                       step=step, samples=samples, warmup_s=max(0.0, warm), seconds=seconds, created=time.time())
+    warm = (s0["first_step_s"] or s0["seconds"]) - s0["seconds"]  # the engine's one-time setup
+    coef, terms, res, loo = fit(samples)
+    fixed, mem_res = fixed_memory(samples)
+    q = memory_quantity(device)
+    src = ""
+    if fixed is not None:
+        src = (f"measured at calibration: {observe.describe_quantity(q)} minus the engine's own account, median "
+               f"over {sum(1 for s in samples if s.get('peak_bytes'))} shapes")
+    ck = [s for s in samples if s.get("checkpoint_s") and s.get("checkpoint_bytes")]
+    ck_rate = ck[0]["checkpoint_s"] / ck[0]["checkpoint_bytes"] if ck else None
+    return Calibration(key=cache_key(device, engine.model, clock), device=device.to_dict(), clock=clock, coef=coef,
+                       samples=samples, warmup_s=max(0.0, warm), seconds=seconds, created=time.time(), fitted=terms,
+                       residual=res, loo_residual=loo, memory_quantity=q, runtime_bytes=fixed, runtime_source=src,
+                       memory_residual=mem_res, checkpoint_s_per_byte=ck_rate)
 
 
 # -- the cache ------------------------------------------------------------------------------------------
@@ -257,7 +418,12 @@ def load_cache() -> dict:
 
 def cached(device: Device, model, clock: Clock = "wall") -> Calibration | None:
     d = load_cache().get(cache_key(device, model, clock))
-    return Calibration.from_dict(d) if d else None
+    if not d:
+        return None
+    try:
+        return Calibration.from_dict(d)
+    except TypeError:  # an entry written by another version under the same key: measure again
+        return None
 
 
 def save(cal: Calibration) -> None:
@@ -290,6 +456,5 @@ if __name__ == "__main__":  # python -m loralabd.plan.calibrate [backend] [model
     m = load_spec(sys.argv[2] if len(sys.argv) > 2 else "default")
     eng = make_engine(m, backend)
     clock = cast("Clock", sys.argv[3] if len(sys.argv) > 3 else "wall")  # checked by _clock() before timing
-    c = cached_calibration(eng, clock=clock,
-                           refresh="--refresh" in sys.argv)
+    c = cached_calibration(eng, clock=clock, refresh="--refresh" in sys.argv)
     print(json.dumps(c.to_dict()))

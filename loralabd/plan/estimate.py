@@ -19,9 +19,10 @@ from ..engine.lora import LoraConfig
 from ..protocol import DEFAULTS, read_settings
 from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanAdvice, PlanCalibration, PlanDevice, \
     PlanEstimate, PlanLimit, PlanMemoryPart
-from .calibrate import Calibration, cached, cached_calibration
+from ..engine.memory import optimizer_bytes
+from . import observe
+from .calibrate import Calibration, cached, cached_calibration, memory_quantity
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
-from ..engine.webgpu.sizing import default_tiled
 from .memory import MemoryEstimate, binding_violations, lora_params, mib, training_memory
 
 RANKS = (64, 32, 16, 8, 4, 2, 1)  # what the rank advice picks from, largest first
@@ -73,7 +74,7 @@ class Plan:
             "availableSource": self.available_source, "fits": self.fits, "exceeded": list(self.exceeded),
             "loraParameters": self.lora_parameters, "tokensPerStep": self.batch * self.seq * self.grad_accum,
             "tokensPerSecond": self.tokens_per_s, "stepSeconds": self.step_s, "seconds": self.seconds,
-            "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
+            "loadBytes": self.memory.load, "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
             "notes": list(self.notes),
         }
 
@@ -83,7 +84,7 @@ class Plan:
         and the same as sentences in `notes`."""
         p = self.memory.parts
         memory: MemoryBreakdown = {
-            "weights": int(p["weights"] + p["dequantized"] + p["runtime"]), "lora": int(p["lora"]),
+            "weights": int(p["weights"] + p["dequantized"] + p["runtime"] + p["caches"]), "lora": int(p["lora"]),
             "gradients": int(p["gradients"]), "optimizer": int(p["optimizer"]),
             "activations": int(p["activations"] + p["attention"] + p["workspace"]), "logits": int(p["logits"]),
             "total": int(self.memory.total)}
@@ -114,7 +115,9 @@ class Plan:
                 "availableSource": self.available_source, "exceeded": exceeded, "advice": advice,
                 "warnings": list(self.warnings), "batchSize": self.batch, "seqLen": self.seq,
                 "gradAccum": self.grad_accum, "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
-                "stepSeconds": self.step_s, "calibration": self._cal_protocol, "notes": notes}
+                "stepSeconds": self.step_s, "calibration": self._cal_protocol, "notes": notes,
+                "loadBytes": None if self.memory.load is None else int(self.memory.load),
+                "memoryMeasuredAs": observe.describe_quantity(self.memory.quantity)}
 
     _cal_protocol: PlanCalibration | None = None  # set by estimate(): the calibration's protocol summary
 
@@ -140,7 +143,12 @@ def protocol_calibration(cal: Calibration) -> PlanCalibration:
     return {"key": cal.key, "clock": cal.clock, "seconds": float(cal.seconds), "shapes": len(cal.samples),
             "created": float(cal.created), "matmulGflops": a["matmul_gflops"], "loraGflops": a["lora_gflops"],
             "attentionGflops": a["attention_gflops"], "stepOverheadSeconds": float(a["step_overhead_s"]),
-            "optimizerSecondsPerMParam": float(a["optimizer_s_per_mparam"]), "warmupSeconds": float(cal.warmup_s)}
+            "optimizerSecondsPerMParam": float(a["optimizer_s_per_mparam"]), "warmupSeconds": float(cal.warmup_s),
+            "terms": list(cal.fitted), "residual": float(cal.residual),
+            "leaveOneOutResidual": None if cal.loo_residual is None else float(cal.loo_residual),
+            "runtimeBytes": None if cal.runtime_bytes is None else int(cal.runtime_bytes),
+            "memoryMeasuredAs": observe.describe_quantity(cal.memory_quantity),
+            "memoryResidual": None if cal.memory_residual is None else float(cal.memory_residual)}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -171,14 +179,20 @@ def _engine_and_backend(engine):
     return engine, engine.backend
 
 
-def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
+def _available(device: Device, cap: int | None, quantity: str | None = None) -> tuple[int | None, str]:
+    """What the run may use, in the plan's quantity: free memory is what the process may add to what it holds,
+    so its own usage now (resident set, or its used GPU memory) counts as available too."""
     if cap is not None:
         return int(cap), "the memory cap (given)"
     o = memory_override()
     if o is not None:
         return o, "LORALAB_DEVICE_MEMORY (given)"
     if device.memory_bytes is not None:
-        return int(device.memory_bytes * HEADROOM), f"{HEADROOM:.0%} of {device.memory_source}"
+        own = observe.current(quantity).bytes or 0
+        src = f"{HEADROOM:.0%} of {device.memory_source}"
+        if own:
+            src += f", plus the {mib(own)} this process holds now"
+        return int(device.memory_bytes * HEADROOM) + own, src
     return int(UNKNOWN_GPU_MEMORY * HEADROOM), (f"an estimate: the adapter does not say how much memory it has; "
                                                 f"assumed {mib(UNKNOWN_GPU_MEMORY)} (set LORALAB_DEVICE_MEMORY "
                                                 "or memory_cap_bytes to the real amount)")
@@ -186,8 +200,8 @@ def _available(device: Device, cap: int | None) -> tuple[int | None, str]:
 
 # -- the search for what fits -----------------------------------------------------------------------------
 
-def _fits(model, backend, cfg, B, T, optim, engine, available, limits, tiled=None) -> bool:
-    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=engine, tiled=tiled)
+def _fits(memory, cfg, B, T, optim, available, limits) -> bool:
+    mem = memory(cfg, B, T, optim)
     return (available is None or mem.total <= available) and not binding_violations(mem, limits)
 
 
@@ -212,12 +226,14 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
              tokens: int | None = None, epochs: float | None = None, grad_accum: int = _PLAN["gradAccum"],
              optim: OptimizerKind = _PLAN["optimizer"],
              time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
-             calibration="auto", device: Device | None = None, clock: Clock = "wall"):
+             calibration="auto", device: Device | None = None, clock: Clock = "wall",
+             checkpoint_every: int = 50):
     """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
 
     How long: give steps, tokens, or epochs with dataset_tokens / dataset (default: 1 epoch of the
     dataset, else 100 steps). calibration: "auto" (cached, run once when missing), "cached" (use the
-    cache, no run), None (no time), or a Calibration.
+    cache, no run), None (no time, and the runtime's fixed memory cost estimated), or a Calibration.
+    checkpoint_every: the job's checkpoints (their time is part of the run's).
 
     The protocol form estimate(model, params: dict) — what the daemon calls with PlanParams — returns
     the protocol's PlanEstimate dict (see plan_from_params)."""
@@ -250,38 +266,54 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     if ds is not None and ds < per_step:
         warnings.append(f"the dataset has {ds} tokens, fewer than one step's {per_step}: lower batch or seq")
 
+    # -- the calibration: time, and the runtime's fixed memory cost measured on this device
+    cal = _calibration(calibration, eng, backend, model, device, clock, notes)
+    quantity = cal.memory_quantity if cal is not None else memory_quantity(device)
+    runtime = cal.runtime_cost() if cal is not None else None
+
     # -- memory and limits
     limits = device.limits if backend == "webgpu" else {}
-    tiled = default_tiled(not device.software)  # without an engine: the kernels this adapter would run
-    mem = training_memory(model, backend, cfg, B, T, optim, limits, engine=eng, tiled=tiled)
-    available, avail_src = _available(device, memory_cap_bytes)
+
+    def memory(c, b, t, o):
+        return training_memory(model, backend, c, b, t, o, limits, engine=eng, hardware=not device.software,
+                               runtime=runtime, quantity=quantity)
+
+    mem = memory(cfg, B, T, optim)
+    available, avail_src = _available(device, memory_cap_bytes, quantity)
     exceeded = []
-    fits_batch = lambda b: _fits(model, backend, cfg, b, T, optim, eng, available, limits, tiled)  # noqa: E731
-    fits_seq = lambda t: _fits(model, backend, cfg, B, t, optim, eng, available, limits, tiled)  # noqa: E731
+    fits_batch = lambda b: _fits(memory, cfg, b, T, optim, available, limits)  # noqa: E731
+    fits_seq = lambda t: _fits(memory, cfg, B, t, optim, available, limits)  # noqa: E731
     max_b = largest(fits_batch, 1, 4096)
     max_t = largest(fits_seq, 8, max(8, a.max_position_embeddings), 8)
-    change = _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits, tiled)
+    change = _what_to_change(memory, cfg, B, T, optim, max_b, max_t, ga, mem)
     if available is not None and mem.total > available:
         exceeded.append({"limit": "memory", "what": f"the training step (peak in {mem.phase})",
                          "needed": mem.total, "available": available, "over": mem.total - available,
                          "change": change})
+    if available is not None and mem.load is not None and mem.load > available and mem.load > mem.total:
+        exceeded.append({"limit": "memory", "what": "loading the model", "needed": mem.load, "available": available,
+                         "over": mem.load - available, "change": "free memory, or use a smaller model"})
     for v in binding_violations(mem, limits):
         exceeded.append(dict(v, change=change))
     if T > a.max_position_embeddings:
         exceeded.append({"limit": "context length", "what": f"seq {T}", "needed": T,
                          "available": a.max_position_embeddings, "over": T - a.max_position_embeddings,
                          "change": f"use seq <= {a.max_position_embeddings} (the model's context length)"})
+    warnings += _memory_warnings(mem, backend)
 
     # -- time
-    cal = _calibration(calibration, eng, backend, model, device, clock, notes)
     tps = step_s = seconds = None
     if cal is not None:
-        p = cal.predict(a, cfg, B, T)
-        step_s = ga * p["accumulate_s"] + p["step_s"]
+        step_s = cal.predict(a, cfg, B, T, ga)["step_s"]
         tps = per_step / step_s
-        seconds = n_steps * step_s + cal.warmup_s
+        jobs_s, how = _job_overhead(cal, a, cfg, optim, n_steps, checkpoint_every)
+        seconds = cal.warmup_s + n_steps * step_s + jobs_s
+        loo = "n/a" if cal.loo_residual is None else f"{100 * cal.loo_residual:.0f}%"
         notes.append(f"time: calibrated on this device ({cal.clock} clock, {len(cal.samples)} shapes, "
-                     f"{cal.seconds:.1f} s); {_achieved(cal)}")
+                     f"{cal.seconds:.1f} s; fit residual {100 * cal.residual:.0f}%, leave-one-out {loo}); "
+                     f"{_achieved(cal)}; {how}")
+        notes.append("time: a validation loss (a validation set, evalEvery) is not included: each validation batch "
+                     "costs about a third of a training step")
 
     # -- advice
     advice: dict[str, Any] = {"maxBatch": max_b, "maxSeq": max_t, "text": []}
@@ -291,8 +323,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
         advice["text"].append(f"the longest sequence that fits at batch {B} is {max_t}")
     if cal is not None and time_budget_s is not None:
         def rank_fits(c):
-            return _fits(model, backend, c, B, T, optim, eng, available, limits, tiled)
-        advice.update(_rank_for_budget(model, cal, cfg, B, T, ga, n_steps, time_budget_s, per_step, rank_fits))
+            return _fits(memory, c, B, T, optim, available, limits)
+        advice.update(_rank_for_budget(model, cal, cfg, B, T, ga, n_steps, time_budget_s, per_step, rank_fits, optim,
+                                       checkpoint_every))
         advice["text"].append(advice.pop("_text"))
 
     # -- warnings
@@ -338,6 +371,31 @@ def _calibration(calibration, eng, backend, model, device, clock, notes):
     return cached_calibration(eng, device, clock)
 
 
+def _job_overhead(cal: Calibration, args, cfg: LoraConfig, optim, n_steps: int, every: int) -> tuple[float, str]:
+    """Seconds a job spends besides its steps: a checkpoint every `every` steps and at the end, and the adapter
+    saved at the end, each in proportion to its bytes (the calibration timed one checkpoint)."""
+    if not cal.checkpoint_s_per_byte:
+        return 0.0, "checkpoints: not timed at calibration"
+    P = lora_params(args, cfg)
+    n = math.ceil(n_steps / max(1, every))
+    state = 4 * P + optimizer_bytes(args, cfg, optim)
+    s = cal.checkpoint_s_per_byte * (n * state + 4 * P)
+    return s, f"{n} checkpoint(s) of {mib(state)} and the adapter: {s:.1f} s"
+
+
+def _memory_warnings(mem: MemoryEstimate, backend: str) -> list[str]:
+    """Each term of the memory the plan could not predict or measure here."""
+    out = []
+    rt = mem.runtime
+    if rt is not None and not rt.measured:
+        out.append(f"memory: the runtime's fixed cost is {rt.source}" + (f" ({mib(rt.bytes)})" if rt.bytes else ""))
+    if mem.quantity is None:
+        out.append("memory: this device's driver memory cannot be read from outside (wgpu exposes neither Metal's "
+                   "currentAllocatedSize nor VK_EXT_memory_budget), so the plan counts the engine's buffers and "
+                   "cannot see the driver's own pools; leave headroom")
+    return out
+
+
 def _achieved_dict(cal) -> dict:
     return {k: v for k, v in cal.achieved().items()}
 
@@ -349,7 +407,7 @@ def _achieved(cal) -> str:
             f"{g(a['attention_gflops'])} on attention; {a['step_overhead_s'] * 1e3:.1f} ms fixed per micro-batch")
 
 
-def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem, limits, tiled=None) -> str:
+def _what_to_change(memory, cfg, B, T, optim, max_b, max_t, ga, mem) -> str:
     """The changes that make the run fit, most useful first."""
     opts = []
     if max_b is not None and max_b < B:
@@ -359,14 +417,14 @@ def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem
     if max_t is not None and max_t < T:
         opts.append(f"seq {max_t} at batch {B}")
     if optim == "adamw" and mem.parts.get("optimizer", 0) > 0:
-        eight = training_memory(model, backend, cfg, B, T, "adam8bit", limits, engine=eng, tiled=tiled)
+        eight = memory(cfg, B, T, "adam8bit")
         saved = mem.parts["optimizer"] - eight.parts["optimizer"]
         if saved > 0:
             opts.append(f"optimizer adam8bit (saves {mib(saved)})")
     if cfg.r > 8:
         small = LoraConfig(r=8, alpha=cfg.alpha, dropout=cfg.dropout, use_rslora=cfg.use_rslora, targets=cfg.targets,
                            layers=cfg.layers)
-        saved = mem.total - training_memory(model, backend, small, B, T, optim, limits, engine=eng, tiled=tiled).total
+        saved = mem.total - memory(small, B, T, optim).total
         if saved > 0:
             opts.append(f"rank {small.r} (saves {mib(saved)})")
     if max_b is None and max_t is None:  # not even the smallest step: the changes above cannot be enough alone
@@ -375,7 +433,7 @@ def _what_to_change(model, backend, cfg, B, T, optim, eng, max_b, max_t, ga, mem
     return "use " + ", or ".join(opts) if opts else "free memory or raise the memory cap"
 
 
-def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits) -> dict:
+def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits, optim="adamw", every=50) -> dict:
     """The original plan's adaptive rank (LoRA Lab's hardware-aware rank scheduler, decided up front): the
     largest rank that fits the memory (within the headroom) and whose run meets the time budget; when
     none does, how many steps the budget buys at the smallest rank."""
@@ -384,8 +442,8 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits)
                           use_rslora=cfg.use_rslora, targets=cfg.targets, layers=cfg.layers)
 
     def run_s(r):
-        p = cal.predict(model.args, with_rank(r), B, T)
-        return n_steps * (ga * p["accumulate_s"] + p["step_s"]) + cal.warmup_s, ga * p["accumulate_s"] + p["step_s"]
+        step = cal.predict(model.args, with_rank(r), B, T, ga)["step_s"]
+        return n_steps * step + cal.warmup_s + _job_overhead(cal, model.args, with_rank(r), optim, n_steps, every)[0], step
 
     for r in sorted(set(RANKS) | {cfg.r}, reverse=True):
         if r > max(cfg.r, RANKS[0]) or not fits(with_rank(r)):
@@ -396,7 +454,7 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits)
             return {"rankForBudget": r, "budgetSeconds": budget, "secondsAtRank": total,
                     "_text": f"rank {r} meets the {budget:.0f} s budget ({total:.0f} s predicted; {keep} r={cfg.r})"}
     total, step = run_s(1)
-    fit_steps = max(0, int((budget - cal.warmup_s) / step))
+    fit_steps = max(0, int((budget - (total - n_steps * step)) / step))
     return {"rankForBudget": None, "budgetSeconds": budget, "secondsAtRank": total, "stepsInBudget": fit_steps,
             "_text": f"no rank meets the {budget:.0f} s budget: even r=1 needs {total:.0f} s; the budget buys "
                      f"{fit_steps} steps ({fit_steps * per_step} tokens) — train fewer steps or shorter sequences"}
@@ -419,5 +477,6 @@ def plan_from_params(model, p: Mapping, engine=None) -> PlanEstimate:
                     batch=int(q["batchSize"]), seq=int(q["seqLen"]), steps=q.get("steps"), dataset_tokens=ds,
                     epochs=float(q["epochs"]) if ds is not None else None, grad_accum=int(q["gradAccum"]),
                     optim=q["optimizer"], time_budget_s=q.get("timeBudgetSeconds"),
-                    memory_cap_bytes=q.get("memoryCapBytes"), calibration=cal, device=device)
+                    memory_cap_bytes=q.get("memoryCapBytes"), calibration=cal, device=device,
+                    checkpoint_every=int(q["checkpointEvery"]))
     return plan.to_protocol()

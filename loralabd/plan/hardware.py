@@ -170,32 +170,30 @@ def _glob(pattern):
     return glob.glob(pattern)
 
 
-def describe_webgpu(runtime=None) -> Device:
-    """The adapter the WebGPU engine uses (creates the process's runtime when not given)."""
-    if runtime is None:
-        from ..engine.webgpu.runtime import get_runtime
+def describe_webgpu(desc: dict | None = None) -> Device:
+    """The adapter the WebGPU engine uses, from engine.select.adapter_description() (opens the process's
+    runtime when not given)."""
+    if desc is None:
+        from ..engine.select import adapter_description
 
-        runtime = get_runtime()
-    info = runtime.adapter.info
-    name = str(info.get("device", "")) or "unknown adapter"
-    vendor = str(info.get("vendor", ""))
-    atype = str(info.get("adapter_type", "")).lower().replace("_", "-")
+        desc = adapter_description()
+    name = desc.get("name") or "unknown adapter"
+    vendor = str(desc.get("vendor", ""))
+    atype = str(desc.get("type", "")).lower().replace("_", "-")
     software = "cpu" in atype or any(s in name.lower() for s in SOFTWARE_NAMES)
     mem, src = gpu_memory(vendor, name, atype)
-    lim = {k: int(v) for k, v in dict(runtime.limits).items() if isinstance(v, int)}
     return Device(backend="webgpu", name=name, type="software" if software else (atype or "unknown"),
-                  api=str(info.get("backend_type", "")), vendor=vendor, driver=str(info.get("description", "")),
-                  cores=cpu_count() if software else 0, memory_bytes=mem, memory_source=src, limits=lim,
-                  features=sorted(str(f) for f in runtime.adapter.features), software=software)
+                  api=str(desc.get("api", "")), vendor=vendor, driver=str(desc.get("driver", "")),
+                  cores=cpu_count() if software else 0, memory_bytes=mem, memory_source=src,
+                  limits=dict(desc.get("limits", {})), features=list(desc.get("features", [])), software=software)
 
 
 def describe(engine_or_backend) -> Device:
-    """Device of an engine (its .backend / .runtime) or of a backend name ("numpy" | "webgpu")."""
-    from ..engine.webgpu.engine import WebGPUEngine
-
+    """Device of an engine (its .backend) or of a backend name ("numpy" | "webgpu"); WebGPU engines share the
+    process's one adapter."""
     backend = engine_or_backend if isinstance(engine_or_backend, str) else engine_or_backend.backend
     if backend == "webgpu":
-        return describe_webgpu(engine_or_backend.rt if isinstance(engine_or_backend, WebGPUEngine) else None)
+        return describe_webgpu()
     if backend != "numpy":
         raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")
     return describe_cpu()

@@ -212,6 +212,7 @@ class PlanParams(TypedDict):
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
     timeBudgetSeconds: NotRequired[float]  # A time budget: the plan advises the largest rank whose run meets it.
     memoryCapBytes: NotRequired[int]  # Memory the run may use, instead of what the device reports.
+    checkpointEvery: NotRequired[int]  # Steps between the job's checkpoints (as in TrainParams): their time is part of the run's.
 
 
 class MemoryBreakdown(TypedDict):
@@ -289,12 +290,18 @@ class PlanCalibration(TypedDict):
     stepOverheadSeconds: float  # Fixed seconds per micro-batch.
     optimizerSecondsPerMParam: float  # Optimizer-step seconds per million LoRA parameters.
     warmupSeconds: float  # A new engine's one-time setup on its first step.
+    terms: list[str]  # The time model's terms the fit used (a term no timed shape varies is left out).
+    residual: float  # RMS relative error of the time fit over the timed shapes (more shapes than terms).
+    leaveOneOutResidual: Union[float, None]  # RMS relative error of each shape's time predicted by the fit of the other shapes: what a prediction for an untimed shape can expect (null: too few shapes).
+    runtimeBytes: Union[int, None]  # The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device.
+    memoryMeasuredAs: str  # What was measured: the process's peak resident set, its used GPU memory (NVIDIA), or nothing.
+    memoryResidual: Union[float, None]  # RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured).
 
 
 class PlanEstimate(TypedDict):
     """Will it fit, how long will it take, what to change."""
 
-    memory: "MemoryBreakdown"  # Memory by part in fixed groups (weights includes the numpy engine's dequantized copies and the runtime; activations includes attention and workspace); `parts` lists every part.
+    memory: "MemoryBreakdown"  # Memory by part in fixed groups (weights includes the numpy engine's dequantized copies, the runtime's fixed cost measured at calibration and the caches the engine holds; activations includes attention and workspace); `parts` lists every part. The total predicts `memoryMeasuredAs`.
     availableBytes: Union[int, None]  # Memory the run may use (memoryCapBytes, LORALAB_DEVICE_MEMORY, or 90% of what the device reports).
     fits: Union[bool, None]  # Whether the total fits the available memory (null when unknown).
     loraParameters: int  # Trainable parameters.
@@ -319,6 +326,8 @@ class PlanEstimate(TypedDict):
     stepSeconds: Union[float, None]  # Predicted seconds per optimizer step (null until calibrated).
     calibration: Union["PlanCalibration", None]  # The calibration the time comes from (null: none cached; run plan/calibrate).
     notes: list[str]  # How each number was obtained, and every limit, warning and advice as a sentence.
+    loadBytes: Union[int, None]  # Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects).
+    memoryMeasuredAs: str  # The quantity `memory.total` predicts: the process's peak resident set (CPU), its used GPU memory (NVIDIA), or nothing measurable (then the driver's own memory is not counted: see `warnings`).
 
 
 class CalibrateParams(TypedDict):
@@ -336,8 +345,11 @@ class CalibrationSample(TypedDict):
     batch: int  # Sequences.
     seq: int  # Tokens per sequence.
     r: int  # LoRA rank.
-    accumulateSeconds: float  # Forward + backward of one micro-batch (best of the timed steps).
-    stepSeconds: float  # One optimizer step.
+    gradAccum: int  # Micro-batches per optimizer step.
+    seconds: float  # One optimizer step: its micro-batches and the update, one submit (best of the timed steps).
+    predictedSeconds: float  # The fitted model's time for this shape.
+    peakBytes: Union[int, None]  # Peak memory measured around the shape (see memoryMeasuredAs; null: not measurable).
+    engineBytes: int  # The engine's own account for the shape (Engine.memory_plan, plus what it held already).
 
 
 class CalibrateResult(TypedDict):
@@ -1116,7 +1128,14 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                 'documentation': 'Memory the run may use, instead of what the device '
                                                  'reports.',
                                 'optional': True,
-                                'minimum': 1}],
+                                'minimum': 1},
+                               {'name': 'checkpointEvery',
+                                'type': {'kind': 'base', 'name': 'integer'},
+                                'documentation': "Steps between the job's checkpoints (as in TrainParams): "
+                                                 "their time is part of the run's.",
+                                'optional': True,
+                                'minimum': 1,
+                                'default': 50}],
                 'additionalProperties': False},
  'MemoryBreakdown': {'properties': [{'name': 'weights',
                                      'type': {'kind': 'base', 'name': 'integer'},
@@ -1305,14 +1324,51 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                      'documentation': 'Optimizer-step seconds per million LoRA parameters.'},
                                     {'name': 'warmupSeconds',
                                      'type': {'kind': 'base', 'name': 'number'},
-                                     'documentation': "A new engine's one-time setup on its first step."}],
+                                     'documentation': "A new engine's one-time setup on its first step."},
+                                    {'name': 'terms',
+                                     'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
+                                     'documentation': "The time model's terms the fit used (a term no timed "
+                                                      'shape varies is left out).'},
+                                    {'name': 'residual',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': 'RMS relative error of the time fit over the timed '
+                                                      'shapes (more shapes than terms).'},
+                                    {'name': 'leaveOneOutResidual',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'number'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': "RMS relative error of each shape's time predicted by "
+                                                      'the fit of the other shapes: what a prediction for an '
+                                                      'untimed shape can expect (null: too few shapes).'},
+                                    {'name': 'runtimeBytes',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'integer'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': "The runtime's fixed memory cost measured from outside "
+                                                      "(peak minus the engine's own account, median over the "
+                                                      'shapes): interpreter and libraries on the CPU; device '
+                                                      'context, pipelines, staging and allocator pools on a '
+                                                      'GPU. Null: not measurable on this device.'},
+                                    {'name': 'memoryMeasuredAs',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': "What was measured: the process's peak resident set, "
+                                                      'its used GPU memory (NVIDIA), or nothing.'},
+                                    {'name': 'memoryResidual',
+                                     'type': {'kind': 'or',
+                                              'items': [{'kind': 'base', 'name': 'number'},
+                                                        {'kind': 'base', 'name': 'null'}]},
+                                     'documentation': 'RMS relative error of fixed cost + engine account '
+                                                      'against the measured peaks of the shapes (null: not '
+                                                      'measured).'}],
                      'additionalProperties': False},
  'PlanEstimate': {'properties': [{'name': 'memory',
                                   'type': {'kind': 'reference', 'name': 'MemoryBreakdown'},
                                   'documentation': 'Memory by part in fixed groups (weights includes the '
-                                                   "numpy engine's dequantized copies and the runtime; "
-                                                   'activations includes attention and workspace); `parts` '
-                                                   'lists every part.'},
+                                                   "numpy engine's dequantized copies, the runtime's fixed "
+                                                   'cost measured at calibration and the caches the engine '
+                                                   'holds; activations includes attention and workspace); '
+                                                   '`parts` lists every part. The total predicts '
+                                                   '`memoryMeasuredAs`.'},
                                  {'name': 'availableBytes',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'integer'},
@@ -1411,7 +1467,22 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  {'name': 'notes',
                                   'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
                                   'documentation': 'How each number was obtained, and every limit, warning '
-                                                   'and advice as a sentence.'}],
+                                                   'and advice as a sentence.'},
+                                 {'name': 'loadBytes',
+                                  'type': {'kind': 'or',
+                                           'items': [{'kind': 'base', 'name': 'integer'},
+                                                     {'kind': 'base', 'name': 'null'}]},
+                                  'documentation': 'Predicted peak while the model loads, in the same '
+                                                   'quantity as `memory.total` (WebGPU: weights plus the '
+                                                   "bounded upload staging, plus the runtime's fixed cost); "
+                                                   'null where it is not predicted (the CPU: the model file '
+                                                   "reader's own objects)."},
+                                 {'name': 'memoryMeasuredAs',
+                                  'type': {'kind': 'base', 'name': 'string'},
+                                  'documentation': "The quantity `memory.total` predicts: the process's peak "
+                                                   'resident set (CPU), its used GPU memory (NVIDIA), or '
+                                                   "nothing measurable (then the driver's own memory is not "
+                                                   'counted: see `warnings`).'}],
                   'additionalProperties': False},
  'CalibrateParams': {'properties': [{'name': 'model',
                                      'type': {'kind': 'base', 'name': 'string'},
@@ -1441,13 +1512,26 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                       {'name': 'r',
                                        'type': {'kind': 'base', 'name': 'integer'},
                                        'documentation': 'LoRA rank.'},
-                                      {'name': 'accumulateSeconds',
+                                      {'name': 'gradAccum',
+                                       'type': {'kind': 'base', 'name': 'integer'},
+                                       'documentation': 'Micro-batches per optimizer step.'},
+                                      {'name': 'seconds',
                                        'type': {'kind': 'base', 'name': 'number'},
-                                       'documentation': 'Forward + backward of one micro-batch (best of the '
-                                                        'timed steps).'},
-                                      {'name': 'stepSeconds',
+                                       'documentation': 'One optimizer step: its micro-batches and the '
+                                                        'update, one submit (best of the timed steps).'},
+                                      {'name': 'predictedSeconds',
                                        'type': {'kind': 'base', 'name': 'number'},
-                                       'documentation': 'One optimizer step.'}],
+                                       'documentation': "The fitted model's time for this shape."},
+                                      {'name': 'peakBytes',
+                                       'type': {'kind': 'or',
+                                                'items': [{'kind': 'base', 'name': 'integer'},
+                                                          {'kind': 'base', 'name': 'null'}]},
+                                       'documentation': 'Peak memory measured around the shape (see '
+                                                        'memoryMeasuredAs; null: not measurable).'},
+                                      {'name': 'engineBytes',
+                                       'type': {'kind': 'base', 'name': 'integer'},
+                                       'documentation': "The engine's own account for the shape "
+                                                        '(Engine.memory_plan, plus what it held already).'}],
                        'additionalProperties': False},
  'CalibrateResult': {'properties': [{'name': 'model',
                                      'type': {'kind': 'base', 'name': 'string'},
@@ -2187,7 +2271,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                 'seqLen': 512,
                 'optimizer': 'adamw',
                 'epochs': 1.0,
-                'gradAccum': 1},
+                'gradAccum': 1,
+                'checkpointEvery': 50},
  'CalibrateParams': {'refresh': False, 'clock': 'wall'},
  'DatasetParams': {'seqLen': 512},
  'EvaluateParams': {'adapter': None, 'adapterScale': 1.0, 'seqLen': 512, 'batchSize': 4, 'maxBatches': None},

@@ -39,7 +39,7 @@ from .engines import available_backends, device_probe
 from .errors import DomainError
 from .generating import generation
 from .storage import check_space, dir_bytes, is_write_fault, write_failed
-from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, time_shape
+from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, shape_label, time_shape
 
 log = logging.getLogger("loralabd.rpc")
 T = TypeVar("T")
@@ -366,11 +366,10 @@ class Dispatcher:
                     prog.begin(f"Calibrating {e.id} on {device.name}")
                 samples = []
                 try:
-                    for i, (cfg, B, T, n) in enumerate(todo):
+                    for i, item in enumerate(todo):
                         if prog:
-                            prog.report_message(100 * i // len(todo), f"shape {i + 1}/{len(todo)}: batch {B} x seq {T}, "
-                                                                      f"r={cfg.r}")
-                        samples.append(await self.manager.on_device(time_shape, e.engine, cfg, B, T, clock, n))
+                            prog.report_message(100 * i // len(todo), f"shape {i + 1}/{len(todo)}: {shape_label(item)}")
+                        samples.append(await self.manager.on_device(time_shape, e.engine, item, clock, device))
                 except asyncio.CancelledError:
                     if prog:
                         prog.end(f"cancelled after {len(samples)}/{len(todo)} shapes; nothing was cached")

@@ -11,8 +11,7 @@ from ..protocol.types import CalibrateResult, Clock, PlanEstimate, PlanParams
 if TYPE_CHECKING:
     from ..engine.interface import Engine
     from ..models.load import LoadedModel
-    from ..engine.lora import LoraConfig
-    from ..plan.calibrate import Calibration
+    from ..plan.calibrate import Calibration, Item
     from ..plan.hardware import Device
 from .errors import DomainError
 
@@ -39,7 +38,7 @@ def _plan():
 
 
 def calibration_start(engine: Engine, model: LoadedModel, clock: Clock, refresh: bool) -> tuple[Device, Calibration | None, list]:
-    """(device, the cached Calibration or None, the shapes still to time) for plan/calibrate."""
+    """(device, the cached Calibration or None, the shapes still to time: items for time_shape) for plan/calibrate."""
     _, cal = _plan()
     from ..plan.hardware import describe
 
@@ -48,9 +47,16 @@ def calibration_start(engine: Engine, model: LoadedModel, clock: Clock, refresh:
     return device, hit, ([] if hit is not None else cal.plan_shapes(engine, device))
 
 
-def time_shape(engine: Engine, cfg: LoraConfig, batch: int, seq: int, clock: Clock, repeats: int) -> dict:
-    """One calibration shape: a warm-up step, then the best of `repeats` timed steps."""
-    return _plan()[1].time_shape(engine, cfg, batch, seq, clock, repeats)
+def shape_label(item: Item) -> str:
+    """A calibration_start item for progress messages: `batch 2 x seq 64, r=8`."""
+    return item.label()
+
+
+def time_shape(engine: Engine, item: Item, clock: Clock, device: Device) -> dict:
+    """One calibration item (a shape in one pass): its timed steps, with the process's peak memory measured
+    around them."""
+    cal = _plan()[1]
+    return cal.run_item(engine, item, clock, cal.memory_quantity(device))
 
 
 def calibration_finish(engine: Engine, device: Device, clock: Clock, samples: list, seconds: float) -> Calibration:
@@ -69,5 +75,8 @@ def calibration_result(model_id: str, engine: Engine, device: Device, cal: Calib
     return {"model": model_id, "backend": engine.backend, "device": protocol_device(device),
             "cached": cached, "seconds": float(seconds), "calibration": protocol_calibration(cal),
             "samples": [{"batch": int(s["batch"]), "seq": int(s["seq"]), "r": int(s["r"]),
-                         "accumulateSeconds": float(s["accumulate_s"]), "stepSeconds": float(s["step_s"])}
+                         "gradAccum": int(s["grad_accum"]), "seconds": float(s["seconds"]),
+                         "predictedSeconds": float(sum(cal.coef[k] * v for k, v in s["features"].items())),
+                         "peakBytes": None if s["peak_bytes"] is None else int(s["peak_bytes"]),
+                         "engineBytes": int(s["engine_bytes"])}
                         for s in cal.samples]}

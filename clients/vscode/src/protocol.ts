@@ -331,6 +331,11 @@ export interface PlanParams {
   timeBudgetSeconds?: number;
   /** Memory the run may use, instead of what the device reports. */
   memoryCapBytes?: number;
+  /**
+   * Steps between the job's checkpoints (as in TrainParams): their time is part of the run's.
+   * @default 50
+   */
+  checkpointEvery?: number;
 }
 
 /** Bytes by part. */
@@ -449,11 +454,23 @@ export interface PlanCalibration {
   optimizerSecondsPerMParam: number;
   /** A new engine's one-time setup on its first step. */
   warmupSeconds: number;
+  /** The time model's terms the fit used (a term no timed shape varies is left out). */
+  terms: string[];
+  /** RMS relative error of the time fit over the timed shapes (more shapes than terms). */
+  residual: number;
+  /** RMS relative error of each shape's time predicted by the fit of the other shapes: what a prediction for an untimed shape can expect (null: too few shapes). */
+  leaveOneOutResidual: number | null;
+  /** The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device. */
+  runtimeBytes: number | null;
+  /** What was measured: the process's peak resident set, its used GPU memory (NVIDIA), or nothing. */
+  memoryMeasuredAs: string;
+  /** RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured). */
+  memoryResidual: number | null;
 }
 
 /** Will it fit, how long will it take, what to change. */
 export interface PlanEstimate {
-  /** Memory by part in fixed groups (weights includes the numpy engine's dequantized copies and the runtime; activations includes attention and workspace); `parts` lists every part. */
+  /** Memory by part in fixed groups (weights includes the numpy engine's dequantized copies, the runtime's fixed cost measured at calibration and the caches the engine holds; activations includes attention and workspace); `parts` lists every part. The total predicts `memoryMeasuredAs`. */
   memory: MemoryBreakdown;
   /** Memory the run may use (memoryCapBytes, LORALAB_DEVICE_MEMORY, or 90% of what the device reports). */
   availableBytes: number | null;
@@ -503,6 +520,10 @@ export interface PlanEstimate {
   calibration: PlanCalibration | null;
   /** How each number was obtained, and every limit, warning and advice as a sentence. */
   notes: string[];
+  /** Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects). */
+  loadBytes: number | null;
+  /** The quantity `memory.total` predicts: the process's peak resident set (CPU), its used GPU memory (NVIDIA), or nothing measurable (then the driver's own memory is not counted: see `warnings`). */
+  memoryMeasuredAs: string;
 }
 
 /** Calibrate the time model of a loaded model's engine on this device. */
@@ -531,10 +552,16 @@ export interface CalibrationSample {
   seq: number;
   /** LoRA rank. */
   r: number;
-  /** Forward + backward of one micro-batch (best of the timed steps). */
-  accumulateSeconds: number;
-  /** One optimizer step. */
-  stepSeconds: number;
+  /** Micro-batches per optimizer step. */
+  gradAccum: number;
+  /** One optimizer step: its micro-batches and the update, one submit (best of the timed steps). */
+  seconds: number;
+  /** The fitted model's time for this shape. */
+  predictedSeconds: number;
+  /** Peak memory measured around the shape (see memoryMeasuredAs; null: not measurable). */
+  peakBytes: number | null;
+  /** The engine's own account for the shape (Engine.memory_plan, plus what it held already). */
+  engineBytes: number;
 }
 
 /** A calibration: the measured throughput model and how long it took. */
@@ -1059,7 +1086,7 @@ export interface ExportResult {
 export interface ProtocolDefaults {
   ModelLoadParams: Readonly<Required<Pick<ModelLoadParams, "source" | "backend" | "weights">>>;
   LoraSettings: Readonly<Required<Pick<LoraSettings, "r" | "dropout" | "useRslora" | "targets" | "layers">>>;
-  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum">>>;
+  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum" | "checkpointEvery">>>;
   CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
@@ -1077,7 +1104,7 @@ export interface ProtocolDefaults {
 export const DEFAULTS: ProtocolDefaults = {
   ModelLoadParams: { source: "default", backend: "auto", weights: "q4_1" },
   LoraSettings: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null },
-  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1 },
+  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1, checkpointEvery: 50 },
   CalibrateParams: { refresh: false, clock: "wall" },
   DatasetParams: { seqLen: 512 },
   EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },

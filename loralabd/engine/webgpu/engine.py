@@ -23,7 +23,8 @@ from ..lora import LoraAdapter
 from . import kernels as K
 from .graph import GROUPS, Acts, ModelGraph, Program
 from .runtime import Copy, WebGPUError, get_runtime
-from .sizing import plan_buffers
+from ..memory import MemoryPlan
+from .sizing import memory_plan, plan_buffers
 from .train import WebGPUTrainSession
 
 RING = 256  # sampled ids kept on the GPU (two batches in flight must fit)
@@ -141,6 +142,7 @@ class WebGPUEngine:
         self.rt = runtime if runtime is not None else get_runtime()
         self.model, self.args = model, model.args
         self.graph = ModelGraph(self.rt, model, vocab_chunk, ce_row_chunk)
+        self.rt.flush_writes()  # the last chunk's staging copies go back now, not at the first step
         self._programs: OrderedDict = OrderedDict()  # logits / loss programs per (shape, adapters)
         self._max_programs = max_programs
         self._slots: OrderedDict = OrderedDict()  # adapter uid -> AdapterSlot
@@ -346,7 +348,13 @@ class WebGPUEngine:
         return plan_buffers(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
                             self.graph.vocab_chunk, self.graph.ce_row_chunk)
 
+    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> MemoryPlan:
+        """The buffers of plan_buffers by part, the weights' load peak with the upload's staging (sizing.py)."""
+        return memory_plan(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
+                           self.graph.vocab_chunk, self.graph.ce_row_chunk)
+
     def memory_in_use(self) -> int:
+        """Live buffer bytes of this device's runtime: every engine's weights, caches and arenas on it."""
         return int(self.rt.live_bytes)
 
     def close(self):

@@ -33,6 +33,11 @@ def _shader_dir():
 
 SHADER_DIR = _shader_dir()
 OPTIONAL_FEATURES = ("shader-f16", "subgroup", "timestamp-query")
+# Bytes of queued buffer writes before they are submitted and waited for: wgpu copies every write into a
+# staging buffer that lives until the next submit completes, so loading a model in one go held a second copy
+# of every weight on the device (2.4x the resident size on a 3B model). In chunks, loading peaks at
+# resident + UPLOAD_CHUNK (webgpu/sizing.py plans the same bound).
+UPLOAD_CHUNK = 64 << 20
 
 
 class WebGPUError(RuntimeError):
@@ -227,6 +232,7 @@ class Runtime:
         self._dummy = None
         self._dummy_rw = None
         self._staging: dict = {}
+        self._staged = 0  # bytes written since the last submit (their staging copies are still held)
         self.live_bytes = 0
         self.peak_bytes = 0
         self.lock = threading.RLock()  # the device is owned by one thread at a time
@@ -246,6 +252,17 @@ class Runtime:
                                                    "max-compute-workgroup-storage-size",
                                                    "max-compute-invocations-per-workgroup") if k in self.limits},
         }
+
+    def description(self) -> dict:
+        """The adapter as the planner describes it (engine.select.adapter_description): name, vendor, type, api,
+        driver, every integer limit of the device, the adapter's features, and the kernel variants in use."""
+        i = self.adapter.info
+        return {"name": str(i.get("device", "")), "vendor": str(i.get("vendor", "")),
+                "type": str(i.get("adapter_type", "")), "api": str(i.get("backend_type", "")),
+                "driver": str(i.get("description", "")),
+                "limits": {k: int(v) for k, v in dict(self.limits).items() if isinstance(v, int)},
+                "features": sorted(str(f) for f in self.adapter.features), "tiled": bool(self.tiled),
+                "upload_chunk": UPLOAD_CHUNK}
 
     @property
     def is_hardware(self) -> bool:
@@ -290,7 +307,20 @@ class Runtime:
             raw = np.concatenate([raw, np.zeros(4 - raw.nbytes % 4, np.uint8)])
         if offset + raw.nbytes > buf.nbytes:
             raise WebGPUError(f"write of {raw.nbytes} bytes into buffer {buf.name!r} ({buf.nbytes} bytes) overflows")
-        self.device.queue.write_buffer(buf.buffer, buf.offset + offset, raw)
+        queue = self.device.queue
+        for start in range(0, raw.nbytes, UPLOAD_CHUNK):  # at most UPLOAD_CHUNK of staging held at a time
+            piece = raw[start:start + UPLOAD_CHUNK]
+            if self._staged and self._staged + piece.nbytes > UPLOAD_CHUNK:
+                self.flush_writes()
+            queue.write_buffer(buf.buffer, buf.offset + offset + start, piece)
+            self._staged += piece.nbytes
+
+    def flush_writes(self):
+        """Submit the queued writes and wait for them: wgpu frees their staging copies once that submit is done."""
+        if self._staged:
+            with self.lock:  # a 4-byte read back waits for everything queued before it (wgpu-py 0.32's
+                self.sync()      # on_submitted_work_done_sync fails on wgpu-native's newer callback type)
+                self._staged = 0
 
     @property
     def dummy_rw(self) -> Buf:  # unused outputs of a multi-entry shader (never also bound read-only)
@@ -447,6 +477,7 @@ class Runtime:
                     staging = self._staging_buffer(nb, slot)
                     enc.copy_buffer_to_buffer(read.buffer, read.offset + read_offset, staging, 0, nb)
                 self.device.queue.submit([enc.finish()])
+                self._staged = 0  # the writes before it went with this submit
             except Exception as e:
                 names = sorted({o.kernel for o in ops if isinstance(o, Op)})
                 raise WebGPUError(f"{label} failed at submit (kernels {', '.join(names)}): {e}") from e

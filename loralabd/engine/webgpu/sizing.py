@@ -15,8 +15,9 @@ import weakref
 import numpy as np
 
 from ..interface import OptimSettings
+from ..memory import PARTS as MEMORY_PARTS, MemoryPlan, kv_cache_bytes
 from .graph import ModelGraph
-from .runtime import Buf, WebGPUError, view
+from .runtime import UPLOAD_CHUNK, Buf, WebGPUError, view
 from .train import WebGPUTrainSession
 
 # which part of the plan each buffer is (by the name the engine gives it); the rest of a program: activations
@@ -124,3 +125,21 @@ def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw",
         raise WebGPUError("the train session allocated nothing")  # the plan would silently miss its state
     # Runtime.dummy / dummy_rw: bound where a kernel's optional buffer is absent (every training program)
     return out + [("dummy", "runtime", 64), ("dummy_rw", "runtime", 64)]
+
+
+def memory_plan(model, batch: int, seq: int, lora_config, optim: str = "adamw", limits: dict | None = None,
+                tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None) -> MemoryPlan:
+    """plan_buffers by part: the training step's buffers (all live together: the peak), the weights resident
+    after loading, and the load peak: the weights plus at most UPLOAD_CHUNK of staging (Runtime.write)."""
+    bufs = plan_buffers(model, batch, seq, lora_config, optim, limits, tiled, vocab_chunk, ce_row_chunk)
+    parts = dict.fromkeys(MEMORY_PARTS, 0)
+    for _, part, nbytes in bufs:
+        parts[part] = parts.get(part, 0) + nbytes
+    resident = parts["weights"]
+    notes = [f"buffers: WebGPUEngine's allocations for this shape ({'hardware' if tiled else 'software'} adapter "
+             "kernels), planned by the engine's own code",
+             f"loading: the weights plus at most {UPLOAD_CHUNK >> 20} MiB of upload staging at a time"]
+    total = sum(parts.values())
+    return MemoryPlan("webgpu", parts, "training step", {"training step": total}, resident=resident,
+                      load=resident + min(UPLOAD_CHUNK, resident), kv_cache=kv_cache_bytes(model.args, 1, seq),
+                      buffers=bufs, notes=notes)
