@@ -131,6 +131,21 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
         hw.close()
 
 
+def test_sizing_plans_the_hardware_kernels_of_a_small_batch(tiny):
+    """The planner runs the engine's own allocation code on a sizing runtime that records no dispatch: with
+    the hardware kernels at a small batch (the split-K scratch: the cross-entropy's dX has K = vocab) it must
+    plan every buffer the real session allocates."""
+    from loralabd.engine.webgpu import kernels as K
+    from loralabd.engine.webgpu.sizing import plan_buffers
+
+    args, ne, we = tiny
+    cfg = LoraConfig(r=4, alpha=8)
+    planned = plan_buffers(ne.model, 2, 64, cfg, tiled=True)
+    assert ("mm_split", "workspace") in {(n, part) for n, part, _ in planned}
+    assert K.k_splits(type("HW", (), {"tiled": True, "limits": {}})(), 128, args.hidden_size, args.vocab_size,
+                      "backward_dx") > 1  # the shape above does split
+
+
 def test_packed_training_step_matches_numpy(tiny):
     """Two sequences packed in one row: segment-masked attention, positions restarting at 0."""
     args, ne, we = tiny

@@ -192,7 +192,6 @@ def matmul_ops(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int
     op = matmul(rt, x, w, c, M, N, K, **kw)
     if n == 1:
         return [op]
-    assert op.kernel.split(":")[1].startswith(mode + "_tiled"), op.kernel
     bufs, params = _mm_args(x, w, scratch, M, N, K, mode, kw.get("a_off", 0), kw.get("lda"), kw.get("c_off", 0),
                             kw.get("ldc"), kw.get("w_row0", 0), kw.get("bias"), kw.get("lora"), kw.get("res"),
                             kw.get("beta", 0.0), kw.get("alpha", 1.0), kw.get("drop"))

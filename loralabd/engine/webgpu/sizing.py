@@ -27,7 +27,7 @@ PARTS = {"lora.params": "lora", "lora.grads": "gradients", "gstat": "gradients",
          "dummy": "runtime", "dummy_rw": "runtime", "lse": "attention", "delta": "attention",
          "logits_rows": "logits", "logits_chunk": "logits", "ce_state": "logits", "loss": "logits",
          "hyp": "runtime", "inputs": "runtime", "metrics": "runtime"}
-WORKSPACE = ("dhf", "dx", "dh", "dact", "dg", "du", "datt", "dq", "dk", "dv", "dxa", "dw_split")
+WORKSPACE = ("dhf", "dx", "dh", "dact", "dg", "du", "datt", "dq", "dk", "dv", "dxa", "dw_split", "mm_split")
 
 
 def default_tiled(hardware: bool) -> bool:
