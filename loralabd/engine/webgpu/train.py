@@ -13,6 +13,7 @@ Same interface and state_dict keys as numpy_train.NumpyTrainSession, so checkpoi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,32 @@ ALIGN = 256  # floats
 ZERO_S = int(quantize_blockwise(np.zeros(1, np.float32), CODE_SIGNED)[0][0])  # the code numpy_train gives 0.0
 ZERO_U = int(quantize_blockwise(np.zeros(1, np.float32), CODE_UNSIGNED)[0][0])
 RING = 64  # steps of metrics kept on the GPU between two reads
+
+
+@dataclass(frozen=True)
+class _Rows:
+    tokens: np.ndarray
+    labels: np.ndarray
+    segments: np.ndarray
+    positions: np.ndarray
+
+
+def _padded(b: MicroBatch, B: int, T: int) -> MicroBatch:
+    """b grown to (B, T) with padding as packing pads (segment -1, no label): a step's micro-batches can differ
+    (the last of gradient accumulation, say) and padding adds nothing to the loss or the gradients."""
+    tokens = np.asarray(b.tokens)
+    b0, t0 = tokens.shape
+    if (b0, t0) == (B, T):
+        return b
+    pos = np.broadcast_to(np.arange(t0), (b0, t0)) if b.positions is None else np.asarray(b.positions)
+    seg = np.zeros((b0, t0), np.int32) if b.segments is None else np.asarray(b.segments)
+
+    def grow(a, fill):
+        out = np.full((B, T), fill, np.int32)
+        out[:b0, :t0] = a
+        return out
+
+    return _Rows(grow(tokens, 0), grow(np.asarray(b.labels), R.IGNORE), grow(seg, -1), grow(pos, 0))
 
 
 class SessionLora:
@@ -268,9 +295,9 @@ class WebGPUTrainSession:
         submit, nothing read back (metrics() reads the losses and norms later)."""
         if not batches:
             raise ValueError("a step needs at least one micro-batch")
-        B, T = np.asarray(batches[0].tokens).shape
-        if any(np.asarray(b.tokens).shape != (B, T) for b in batches):
-            raise WebGPUError("the micro-batches of one step must share one (batch, seq) shape")
+        shapes = [np.asarray(b.tokens).shape for b in batches]
+        B, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        batches = [_padded(b, B, T) for b in batches]  # one program runs them all: padding has no labels
         k, N = len(batches), B * T
         if len(self._pending) >= RING:
             self._drain()
