@@ -4,14 +4,15 @@ coefficients, and measure from outside what the process or driver holds beyond t
 Time. One optimizer step of `grad_accum` micro-batches of B x T tokens is modelled as
 
     t_step = ga * (c0 + c_mm * matmul_flops + c_lora * lora_flops + c_att * attention_flops + c_n * lora_mats)
-             + c_p * lora_params
+             + c_p * lora_params [+ c_8 * lora_params with adam8bit]
 
 matmul_flops: the frozen projections (forward y and backward dx: 4 N in out each) and the loss over the
 vocabulary (forward, recompute, dh: 6 N D V); lora_flops: 6 N r (in + out) per adapted projection;
 attention_flops: 16 B H T^2 hd (forward QK, PV and the backward's six products over the full T x T);
 lora_mats: the adapted projections (layers x targets), each a fixed number of small dispatches whatever its
 size — on a GPU their launch cost, not their FLOPs, is what LoRA costs at a small rank; lora_params: work per
-parameter once per step (the optimizer update, the gradient normalisation and clipping). A step is one submit,
+parameter once per step (the optimizer update, the gradient normalisation and clipping), plus c_8 per parameter
+with 8-bit Adam (blockwise (de)quantisation of the moments; one shape is timed with it). A step is one submit,
 so its parts are not timed apart: a shape with two micro-batches per step separates the per-micro-batch terms
 from the per-step one. A term no shape varies is left out (zero): lora_mats where every shape adapts every
 projection. The coefficients come from a non-negative least-squares fit of relative errors; the calibration
@@ -51,16 +52,16 @@ from .memory import RuntimeCost
 if TYPE_CHECKING:
     from ..protocol.types import Clock
 
-VERSION = 7  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 8  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
-TERMS = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats", "lora_params")
+TERMS = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats", "lora_params", "adam8bit_params")
 PER_MICRO = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats")
 
 
 # -- features -----------------------------------------------------------------------------------------
 
-def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1) -> dict:
+def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw") -> dict:
     B, T, ga = int(batch), int(seq), int(grad_accum)
     N = B * T
     L = args.num_hidden_layers
@@ -71,18 +72,21 @@ def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1) -
     att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
     params = n_lay * sum(cfg.r * sum(args.linear_shape(t)) for t in cfg.targets)
     return {"micro_batches": float(ga), "matmul_flops": ga * mm, "lora_flops": ga * lora, "attention_flops": ga * att,
-            "lora_mats": float(ga * n_lay * len(cfg.targets)), "lora_params": float(params)}
+            "lora_mats": float(ga * n_lay * len(cfg.targets)), "lora_params": float(params),
+            "adam8bit_params": float(params if optim == "adam8bit" else 0)}
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One calibration shape: batch x seq tokens a micro-batch, rank r on `targets` (None: all), grad_accum."""
+    """One calibration shape: batch x seq tokens a micro-batch, rank r on `targets` (None: all), grad_accum,
+    the optimizer."""
 
     batch: int
     seq: int
     r: int
     targets: tuple | None = None
     grad_accum: int = 1
+    optim: str = "adamw"
 
     def lora(self, default=LINEAR_NAMES) -> LoraConfig:
         return LoraConfig(r=self.r, alpha=2 * self.r, targets=tuple(self.targets or default))
@@ -90,7 +94,8 @@ class Shape:
     def label(self) -> str:
         t = "" if self.targets is None else f" on {','.join(self.targets)}"
         g = f", {self.grad_accum} micro-batches" if self.grad_accum > 1 else ""
-        return f"batch {self.batch} x seq {self.seq}, r={self.r}{t}{g}"
+        o = f", {self.optim}" if self.optim != "adamw" else ""
+        return f"batch {self.batch} x seq {self.seq}, r={self.r}{t}{g}{o}"
 
 
 @dataclass
@@ -112,8 +117,8 @@ class Calibration:
     memory_residual: float | None = None  # RMS relative error of fixed cost + engine account vs measured peaks
     checkpoint_s_per_byte: float | None = None  # a checkpoint's seconds per byte of state
 
-    def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1) -> dict:
-        f = features(args, cfg, batch, seq, grad_accum)
+    def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw") -> dict:
+        f = features(args, cfg, batch, seq, grad_accum, optim)
         return {"step_s": float(sum(self.coef[k] * f[k] for k in TERMS)), **f}
 
     def runtime_cost(self) -> RuntimeCost | None:
@@ -180,14 +185,18 @@ def _rel_err(coef: dict, s: dict) -> float:
 
 def fit(samples: list[dict]) -> tuple[dict, list[str], float, float | None]:
     """(coefficients, terms fitted, RMS relative residual, leave-one-out RMS relative error or None when the
-    shapes are too few to leave one out)."""
+    shapes are too few to leave one out). Leave-one-out predicts each shape from the fit of the others where
+    the others still vary every term (a shape that alone varies a term, such as the only 8-bit Adam one, cannot
+    be predicted without it, and says nothing about untimed shapes that keep within the timed terms)."""
     terms = varied_terms(samples)
     coef = _solve(samples, terms)
     res = float(np.sqrt(np.mean([_rel_err(coef, s) ** 2 for s in samples])))
-    loo = None
-    if len(samples) > len(terms) + 1:
-        errs = [_rel_err(_solve(samples[:i] + samples[i + 1:], terms), s) for i, s in enumerate(samples)]
-        loo = float(np.sqrt(np.mean(np.square(errs))))
+    errs = []
+    for i, s in enumerate(samples):
+        rest = samples[:i] + samples[i + 1:]
+        if len(rest) > len(terms) and varied_terms(rest) == terms:
+            errs.append(_rel_err(_solve(rest, terms), s))
+    loo = float(np.sqrt(np.mean(np.square(errs)))) if errs else None
     return coef, terms, res, loo
 
 
@@ -210,12 +219,12 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
     work), 4 and 8 rows (tokens from 32 to 256: the fixed cost per micro-batch against the matmuls, which noise
     on a shared machine confounds over a narrower range), one row 4x and one 8x as long (attention: two shapes,
     so that each predicts the other when left out), a middle rank and a large rank at two batch sizes (LoRA work
-    per token against work per parameter) — 9 shapes for 5 coefficients, small (the numpy engine runs ~30-150 tokens/s there), in rising memory order (malloc keeps
+    per token against work per parameter), and the middle rank with 8-bit Adam — 10 shapes for 6 coefficients, small (the numpy engine runs ~30-150 tokens/s there), in rising memory order (malloc keeps
     what a larger shape took, and a later shape's measured peak would start from it). Discrete GPUs: 2k-8k tokens a step, where the step is
     compute-bound (at <= 1k tokens a big GPU measures mostly the fixed cost of ~2,700 dispatches), the large
     rank at two batch sizes, two shapes with fewer adapted projections (q,v and attention: the per-dispatch cost
-    of LoRA), two micro-batches, a longer sequence and a middle rank — 8 shapes for 6 coefficients, in rising
-    memory order
+    of LoRA), two micro-batches, a longer sequence, a middle rank and the large rank with 8-bit Adam — 9 shapes
+    for 7 coefficients, in rising memory order
     (a driver's pools keep what a larger shape took). Other GPUs: the CPU list at 256-1k tokens.
     With the model's args, the shapes scale with it: the longest stays within the context, and the large
     rank within the width (a tiny test model calibrates in about a second)."""
@@ -227,14 +236,16 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
         s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
         qv = ("q_proj", "v_proj")
         attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return [Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8), Shape(4, s, r_hi), Shape(8, s, 8, qv),
-                Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn), Shape(64, max(8, s // 4), 8)]
+        return [Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8), Shape(4, s, r_hi, None, 1, "adam8bit"),
+                Shape(4, s, r_hi), Shape(8, s, 8, qv), Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn),
+                Shape(64, max(8, s // 4), 8)]
     s = 32 if device.backend == "numpy" or device.software else 256
     if ctx:
         s = max(8, min(s, ctx // 4 // 8 * 8))
     long = min(8 * s, ctx) if ctx else 8 * s
     return [Shape(1, s, 8), Shape(2, s, 8, None, 2), Shape(4, s, 8), Shape(1, 4 * s, 8), Shape(2, s, r_hi // 2),
-            Shape(8, s, 8), Shape(1, long, 8), Shape(1, s, r_hi), Shape(4, s, r_hi)]
+            Shape(2, s, r_hi // 2, None, 1, "adam8bit"), Shape(8, s, 8), Shape(1, long, 8), Shape(1, s, r_hi),
+            Shape(4, s, r_hi)]
 
 
 def repeats_for(device: Device) -> int:
@@ -278,11 +289,11 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     clk = _clock(clock)
     cfg = shape.lora()
     B, T, ga = shape.batch, shape.seq, shape.grad_accum
-    mp = engine.memory_plan(B, T, cfg, "adamw")
+    mp = engine.memory_plan(B, T, cfg, shape.optim)
     caches = max(0, int(engine.memory_in_use()) - mp.resident)
     probe = observe.PeakProbe(quantity).start()
     ad = LoraAdapter.init(args, cfg, seed=seed)
-    sess = engine.train_session(ad, OptimSettings())
+    sess = engine.train_session(ad, OptimSettings(kind=shape.optim))
     del ad  # the trainer keeps none either: the session holds its own copy
     rng = np.random.default_rng(seed)
     times = []
@@ -301,7 +312,8 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     peak = probe.stop()
     timed = times[1:] if warm_up else times
     return {"batch": B, "seq": T, "r": cfg.r, "targets": list(cfg.targets), "grad_accum": ga, "seconds": min(timed),
-            "first_step_s": times[0] if warm_up else None, "features": features(args, cfg, B, T, ga),
+            "first_step_s": times[0] if warm_up else None, "features": features(args, cfg, B, T, ga, shape.optim),
+            "optim": shape.optim,
             "peak_bytes": peak.bytes, "memory_source": peak.source,
             "engine_bytes": int(_exercised(mp, checkpoint) + caches), "checkpoint_s": ck_s, "checkpoint_bytes": ck_bytes}
 
@@ -359,7 +371,7 @@ def merge(samples: list[dict]) -> list[dict]:
     (shapes run in rising memory order there, so the peak is the shape's own)."""
     out: dict = {}
     for s in samples:
-        key = (s["batch"], s["seq"], s["r"], tuple(s["targets"]), s["grad_accum"])
+        key = (s["batch"], s["seq"], s["r"], tuple(s["targets"]), s["grad_accum"], s["optim"])
         if key not in out:
             out[key] = dict(s)
         else:

@@ -304,7 +304,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     # -- time
     tps = step_s = seconds = None
     if cal is not None:
-        step_s = cal.predict(a, cfg, B, T, ga)["step_s"]
+        step_s = cal.predict(a, cfg, B, T, ga, optim)["step_s"]
         tps = per_step / step_s
         jobs_s, how = _job_overhead(cal, a, cfg, optim, n_steps, checkpoint_every)
         seconds = cal.warmup_s + n_steps * step_s + jobs_s
@@ -442,7 +442,7 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits,
                           use_rslora=cfg.use_rslora, targets=cfg.targets, layers=cfg.layers)
 
     def run_s(r):
-        step = cal.predict(model.args, with_rank(r), B, T, ga)["step_s"]
+        step = cal.predict(model.args, with_rank(r), B, T, ga, optim)["step_s"]
         return n_steps * step + cal.warmup_s + _job_overhead(cal, model.args, with_rank(r), optim, n_steps, every)[0], step
 
     for r in sorted(set(RANKS) | {cfg.r}, reverse=True):

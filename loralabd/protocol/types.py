@@ -292,7 +292,7 @@ class PlanCalibration(TypedDict):
     warmupSeconds: float  # A new engine's one-time setup on its first step.
     terms: list[str]  # The time model's terms the fit used (a term no timed shape varies is left out).
     residual: float  # RMS relative error of the time fit over the timed shapes (more shapes than terms).
-    leaveOneOutResidual: Union[float, None]  # RMS relative error of each shape's time predicted by the fit of the other shapes: what a prediction for an untimed shape can expect (null: too few shapes).
+    leaveOneOutResidual: Union[float, None]  # RMS relative error of each shape's time predicted by the fit of the other shapes (those whose removal leaves every term varied): what a prediction for an untimed shape within the timed terms can expect (null: too few shapes).
     runtimeBytes: Union[int, None]  # The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device.
     memoryMeasuredAs: str  # What was measured: the process's peak resident set, its used GPU memory (NVIDIA), or nothing.
     memoryResidual: Union[float, None]  # RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured).
@@ -1338,8 +1338,10 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                               'items': [{'kind': 'base', 'name': 'number'},
                                                         {'kind': 'base', 'name': 'null'}]},
                                      'documentation': "RMS relative error of each shape's time predicted by "
-                                                      'the fit of the other shapes: what a prediction for an '
-                                                      'untimed shape can expect (null: too few shapes).'},
+                                                      'the fit of the other shapes (those whose removal '
+                                                      'leaves every term varied): what a prediction for an '
+                                                      'untimed shape within the timed terms can expect '
+                                                      '(null: too few shapes).'},
                                     {'name': 'runtimeBytes',
                                      'type': {'kind': 'or',
                                               'items': [{'kind': 'base', 'name': 'integer'},

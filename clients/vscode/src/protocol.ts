@@ -458,7 +458,7 @@ export interface PlanCalibration {
   terms: string[];
   /** RMS relative error of the time fit over the timed shapes (more shapes than terms). */
   residual: number;
-  /** RMS relative error of each shape's time predicted by the fit of the other shapes: what a prediction for an untimed shape can expect (null: too few shapes). */
+  /** RMS relative error of each shape's time predicted by the fit of the other shapes (those whose removal leaves every term varied): what a prediction for an untimed shape within the timed terms can expect (null: too few shapes). */
   leaveOneOutResidual: number | null;
   /** The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device. */
   runtimeBytes: number | null;
