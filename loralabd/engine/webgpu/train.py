@@ -32,7 +32,7 @@ ZERO_U = int(quantize_blockwise(np.zeros(1, np.float32), CODE_UNSIGNED)[0][0])
 RING = 64  # steps of metrics kept on the GPU between two reads
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Rows:
     tokens: np.ndarray
     labels: np.ndarray
