@@ -443,3 +443,24 @@ def test_default_model_logits_and_greedy_64(default_model):
     assert len(g_ref) == 64
     assert g == g_ref
     assert tk.decode(g[:8], skip_special=True).startswith("The capital of France is Paris")
+
+
+def test_one_program_for_rows_of_every_length(tiny):
+    """Packed batches are cut to their longest row, so each step can bring another (batch, seq): the session
+    keeps one training program, grown to the largest shape seen, and pads smaller batches into it — the
+    memory of one program, as the plan counts, and nothing rebuilt when rows come shorter."""
+    args, ne, we = tiny
+    ad = LoraAdapter.init(args, LoraConfig(r=4, alpha=8), seed=7)
+    s0, s1 = ne.train_session(ad), we.train_session(ad)
+    shapes = [(2, 12), (2, 8), (1, 12), (2, 16), (2, 4)]
+    for j, (b, t) in enumerate(shapes):
+        tok, lab = batch(args, B=b, T=t, seed=20 + j)
+        s0.step([Batch.of(tok, lab)], 5e-3, 1.0)
+        s1.step([Batch.of(tok, lab)], 5e-3, 1.0)
+        assert s0.evaluate(Batch.of(tok, lab))[1] == s1.evaluate(Batch.of(tok, lab))[1]
+    assert [k for k in s1._programs if k[0] != "eval"] == [(2, 16)]
+    assert [k for k in s1._programs if k[0] == "eval"] == [("eval", 2, 16)]
+    m0, m1 = s0.metrics(), s1.metrics()
+    assert max(abs(a.loss_sum - b.loss_sum) / abs(a.loss_sum) for a, b in zip(m0, m1)) <= 1e-4
+    w0, w1 = s0.state_dict(), s1.state_dict()
+    assert max(rel(w1[k], w0[k]) for k in w0 if k.endswith((".A", ".B"))) <= 1e-3

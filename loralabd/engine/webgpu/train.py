@@ -117,6 +117,7 @@ class WebGPUTrainSession:
             self._views[key] = (rt.view(self.prm, 4 * o, nb, key), rt.view(self.grad, 4 * o, nb, key + ".grad"))
         self.lora = SessionLora(self._views, self.config.r, self.config.scale)
         self._programs: dict = {}
+        self._grown: dict[str, tuple[int, int]] = {}  # "train" | "eval" -> the (B, T) of the one program kept
         self._inputs: dict = {}  # (B, T) -> input buffer of k micro-batches
         self._optim_ops: dict = {}  # max_grad_norm -> recorded optimizer ops
         self._ring_stride = 0  # floats per step in the metrics ring: [grad norm, loss sum of each micro-batch]
@@ -224,6 +225,22 @@ class WebGPUTrainSession:
         self._programs[key] = prog
         return prog
 
+    def _shape(self, kind: str, B: int, T: int) -> tuple[int, int]:
+        """The shape of the one `kind` program this session keeps: grown to the largest (batch, seq) seen, smaller
+        batches padded into it. Batches are cut to their longest row, so shapes vary step to step: a program per
+        shape held up to four programs' activations (4-9 GB where the plan counts one, measured on an H200) and
+        rebuilt programs mid-run."""
+        cur = self._grown.get(kind)
+        if cur is not None and B <= cur[0] and T <= cur[1]:
+            return cur
+        if cur is not None:
+            old = self._programs.pop(cur if kind == "train" else ("eval",) + cur, None)
+            if old is not None:
+                old.acts.free()
+        new = (B, T) if cur is None else (max(B, cur[0]), max(T, cur[1]))
+        self._grown[kind] = new
+        return new
+
     def _eval_program(self, B, T) -> Program:
         key = ("eval", B, T)
         if key not in self._programs:
@@ -296,7 +313,7 @@ class WebGPUTrainSession:
         if not batches:
             raise ValueError("a step needs at least one micro-batch")
         shapes = [np.asarray(b.tokens).shape for b in batches]
-        B, T = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        B, T = self._shape("train", max(s[0] for s in shapes), max(s[1] for s in shapes))
         batches = [_padded(b, B, T) for b in batches]  # one program runs them all: padding has no labels
         k, N = len(batches), B * T
         if len(self._pending) >= RING:
@@ -335,7 +352,8 @@ class WebGPUTrainSession:
 
     def gradients(self, batch: MicroBatch) -> tuple[float, int, dict]:
         """(loss_sum, targets, d(loss_sum)/d(A, B)) of one micro-batch; the gradient buffer is zeroed after."""
-        B, T = np.asarray(batch.tokens).shape
+        B, T = self._shape("train", *np.asarray(batch.tokens).shape)
+        batch = _padded(batch, B, T)
         prog = self.prepare(B, T)
         inputs = self._input_buffer(B, T, 1)
         self.rt.write(inputs, self._micro_words(batch, 0))
@@ -346,11 +364,11 @@ class WebGPUTrainSession:
 
     def evaluate(self, batch: MicroBatch) -> tuple[float, int]:
         """(loss_sum, targets) of the current adapter, no gradients (validation)."""
-        tokens = np.asarray(batch.tokens)
-        B, T = tokens.shape
+        B, T = self._shape("eval", *np.asarray(batch.tokens).shape)
+        batch = _padded(batch, B, T)
         prog = self._eval_program(B, T)
         seg = np.zeros((B, T), np.int32) if batch.segments is None else batch.segments
-        self.graph.write_inputs(prog.acts, tokens, batch.positions, batch.labels, seg)
+        self.graph.write_inputs(prog.acts, np.asarray(batch.tokens), batch.positions, batch.labels, seg)
         raw = self.rt.run(prog.ops, read=prog.out, read_bytes=4, label="evaluate")
         n = int((np.asarray(batch.labels) != R.IGNORE).sum())
         return (float(raw.view(np.float32)[0]), n) if n else (0.0, 0)
