@@ -287,7 +287,7 @@ fn decode_part(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     }
 }
 
-override SPLITS: u32 = 32u;  // decode_merge's split count (kernels.DECODE_SPLITS)
+override SPLITS: u32 = 16u;  // decode_merge's split count (kernels.DECODE_SPLITS sets it)
 
 @compute @workgroup_size(HD)
 fn decode_merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,

@@ -171,7 +171,7 @@ fn xrow4_at(b: u32, k: u32) -> vec4<f32> {  // X at flat index b holding column 
     return r;
 }
 
-// The decode kernels (gemv_wg, gemv_lanes, gemv_wg_lora) read X through xin, which can apply the op that
+// The decode kernels (gemv_wg, gemv_lanes) read X through xin, which can apply the op that
 // produced X on the fly, saving its dispatch: XSWIGLU: X is the fused [gate | up] projection (rows of 2K,
 // lda = 2K) and xin = silu(gate) * up, as swiglu.wgsl's forward_fused; XNORM: xin = RMSNorm(X row) * lnw
 // with the row's rstd from xnorm_prep, summed in rmsnorm.wgsl's forward_wg order.

@@ -460,6 +460,12 @@ def test_one_program_for_rows_of_every_length(tiny):
         assert s0.evaluate(Batch.of(tok, lab))[1] == s1.evaluate(Batch.of(tok, lab))[1]
     assert [k for k in s1._programs if k[0] != "eval"] == [(2, 16)]
     assert [k for k in s1._programs if k[0] == "eval"] == [("eval", 2, 16)]
+    s2 = we.train_session(ad)  # as Trainer does: the run's largest micro-batch up front, one program throughout
+    s2.reserve(2, 16)
+    tok, lab = batch(args, B=1, T=8, seed=30)
+    s2.step([Batch.of(tok, lab)], 5e-3, 1.0)
+    assert [k for k in s2._programs if k[0] != "eval"] == [(2, 16)]
+    s2.close()
     m0, m1 = s0.metrics(), s1.metrics()
     assert max(abs(a.loss_sum - b.loss_sum) / abs(a.loss_sum) for a, b in zip(m0, m1)) <= 1e-4
     w0, w1 = s0.state_dict(), s1.state_dict()

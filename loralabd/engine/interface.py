@@ -89,6 +89,10 @@ class TrainSession(Protocol):
 
     t: int  # optimizer steps taken
 
+    def reserve(self, batch: int, seq: int) -> None:
+        """The largest micro-batch (rows, length) the run will bring: a GPU engine sizes its one step program
+        for it up front (the memory the plan counts from the first step, and the same shapes in a resumed run)."""
+
     def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
         """Accumulate the gradients of every micro-batch, normalise by their labelled tokens, clip, update."""
 

@@ -115,6 +115,9 @@ class NumpyTrainSession:
 
     # -- the interface ---------------------------------------------------------------------------
 
+    def reserve(self, batch: int, seq: int) -> None:
+        """Nothing to size: numpy allocates each micro-batch's arrays as it comes."""
+
     def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
         """Accumulate, normalise, clip (torch.nn.utils.clip_grad_norm_), update, zero."""
         loss_sum = 0.0

@@ -220,6 +220,7 @@ class Trainer:
         if adapter is None:
             adapter = LoraAdapter.init(engine.args, c.lora, seed=c.seed)
         self.sess = engine.train_session(adapter, c.optim())
+        self.sess.reserve(c.batch_size, c.seq_len)  # micro-batches are at most this: one program from step 0
         self.step_num = 0
         self.tokens_seen = 0
         self.targets_seen = 0

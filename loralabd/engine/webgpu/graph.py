@@ -62,7 +62,7 @@ class Acts:
         self.g, self.u, self.act = f(N * F, "g"), f(N * F, "u"), f(N * F, "act")
         self.hf, self.rf = f(N * D, "hf"), f(N, "rf")
         self._xa: dict = {}
-        self._split_n = K.MAX_SPLITS * N * max(D, F, Hq) if rt.tiled and N < 4096 else 0
+        self._split_n = K.split_scratch_floats(N, max(D, F, Hq)) if rt.tiled else 0
 
     def alloc(self, n, name) -> Buf:
         b = self.rt.buffer(4 * n, name)
@@ -259,7 +259,7 @@ class ModelGraph:
                                 scratch=None if gemv else S.split_scratch()))
 
     def _layer_decode_fused(self, ops, i, S, loras, x_in, x_out, cache, gemv):
-        """The decode/prefill block with q/k/v and gate/up fused: 9 dispatches a layer without an adapter; 6
+        """The decode/prefill block with q/k/v and gate/up fused: 10 dispatches a layer without an adapter; 7
         when decoding on hardware GPUs, the norms and SwiGLU read in the next projection's prologue."""
         rt, a, L = self.rt, self.args, self.layers[i]
         B, T, N = S.B, S.T, S.N

@@ -177,8 +177,16 @@ def k_splits(rt, M: int, N: int, K: int, mode: str) -> int:
             or os.environ.get("LORALAB_WGPU_SPLIT_K", "1") != "1":
         return 1
     tiles = -(-N // 64) * -(-M // 64)
-    slice_k = int(os.environ.get("LORALAB_WGPU_SPLIT_SLICE", "128"))  # the shortest K slice worth a workgroup
-    return max(1, min(MAX_SPLITS, -(-SPLIT_TILES // tiles), K // slice_k)) if tiles < SPLIT_TILES else 1
+    env = os.environ.get("LORALAB_WGPU_SPLIT_SLICE", "128")  # the shortest K slice worth a workgroup
+    if not env.isdigit() or int(env) < 16:
+        raise WebGPUError(f"LORALAB_WGPU_SPLIT_SLICE={env!r}: expected a whole number of at least 16")
+    return max(1, min(MAX_SPLITS, -(-SPLIT_TILES // tiles), K // int(env))) if tiles < SPLIT_TILES else 1
+
+
+def split_scratch_floats(rows: int, widest: int) -> int:
+    """Floats of scratch that any split of a (rows x <= widest) product fits: splits x tiles stays under
+    2 x SPLIT_TILES, so at most 2 x SPLIT_TILES x 64 x 64 floats (8 MiB), however large the shape."""
+    return min(MAX_SPLITS * rows * widest, 2 * SPLIT_TILES * 64 * 64)
 
 
 def matmul_ops(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, scratch: Buf | None = None,
@@ -189,9 +197,10 @@ def matmul_ops(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int
     n = k_splits(rt, M, N, K, mode) if scratch is not None else 1
     while n > 1 and scratch is not None and scratch.n < n * M * N:
         n -= 1
-    op = matmul(rt, x, w, c, M, N, K, **kw)
-    if n == 1:
-        return [op]
+    if n == 1 or kw.get("prologue") is not None:
+        return [matmul(rt, x, w, c, M, N, K, **kw)]
+    if w.kind != "f32" and K % 4:
+        raise WebGPUError(f"matmul[{w.kind}]: K={K} must be a multiple of 4")
     bufs, params = _mm_args(x, w, scratch, M, N, K, mode, kw.get("a_off", 0), kw.get("lda"), kw.get("c_off", 0),
                             kw.get("ldc"), kw.get("w_row0", 0), kw.get("bias"), kw.get("lora"), kw.get("res"),
                             kw.get("beta", 0.0), kw.get("alpha", 1.0), kw.get("drop"))
@@ -316,7 +325,7 @@ def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None, split=N
         bufs = dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse, pml=pml, pacc=pacc)
         prm = _attn_params(B, T, TK, H, KV, hd, seg is not None)
         return [rt.op("attention.wgsl", "decode_part", (S,) + grid1d(rows, 1), bufs, prm, {"HD": hd}),
-                rt.op("attention.wgsl", "decode_merge", grid1d(rows, 1), bufs, dict(prm, pad=S), {"HD": hd},
+                rt.op("attention.wgsl", "decode_merge", grid1d(rows, 1), bufs, prm, {"HD": hd},
                       {"SPLITS": S})]
     if rt.tiled and T <= 4:
         wg_bytes = rt.limits.get("max-compute-workgroup-storage-size", 16384)

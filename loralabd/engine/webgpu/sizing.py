@@ -113,7 +113,8 @@ def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw",
     del rt.allocs[n_weights:]
     sess = WebGPUTrainSession(graph, _ZeroAdapter(model.args, lora_config), OptimSettings(kind=optim))  # type: ignore[arg-type]
     n_sess = len(rt.allocs)
-    sess.prepare(int(batch), int(seq))
+    sess.reserve(int(batch), int(seq))
+    sess.prepare_eval(int(batch), int(seq))  # validation runs on its own program, kept beside the step's
     out = []
     for j, (name, nbytes) in enumerate(rt.allocs):
         part = PARTS.get(name)

@@ -237,9 +237,21 @@ class WebGPUTrainSession:
             old = self._programs.pop(cur if kind == "train" else ("eval",) + cur, None)
             if old is not None:
                 old.acts.free()
+            if kind == "train" and cur in self._inputs:
+                self.rt.free(self._inputs.pop(cur))
         new = (B, T) if cur is None else (max(B, cur[0]), max(T, cur[1]))
         self._grown[kind] = new
         return new
+
+    def reserve(self, batch: int, seq: int) -> None:
+        """Size the step program for the run's largest micro-batch now (Trainer calls it with batch_size, seq_len):
+        every step then runs this one shape, whatever the history, so a resumed run computes what the
+        uninterrupted one did (dropout masks and reductions depend on the padded shape)."""
+        self.prepare(*self._shape("train", int(batch), int(seq)))
+
+    def prepare_eval(self, B: int, T: int) -> Program:
+        """The evaluation program of (B, T) (forward and loss only), kept beside the step program."""
+        return self._eval_program(*self._shape("eval", B, T))
 
     def _eval_program(self, B, T) -> Program:
         key = ("eval", B, T)
