@@ -253,6 +253,18 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
+async def train_job(c, params: dict) -> tuple[dict, list, float]:
+    """train/start through to its answer: the job, its TrainProgress reports and the client's wall clock."""
+    reports = []
+    t0 = time.perf_counter()
+    s = c.stream("train/start", params)
+    async for v in s:
+        if v.get("kind") == "report" and v.get("train"):
+            reports.append(v["train"])
+    job = await s.result()
+    return job, reports, time.perf_counter() - t0
+
+
 async def daemon_numbers(d: Daemon, source: str, backend: str, data: Path, shapes, steps: int, chats,
                          max_tokens: int, log) -> dict:
     c = await d.client()
@@ -268,14 +280,7 @@ async def daemon_numbers(d: Daemon, source: str, backend: str, data: Path, shape
             adapter = f"bench-b{B}-s{T}"
             params = {"model": mid, "dataset": str(data), "adapter": adapter, "steps": steps, "batchSize": B,
                       "seqLen": T, "lora": LORA, "seed": 0, "overwrite": True}
-            reports = []
-            t0 = time.perf_counter()
-            s = c.stream("train/start", params)
-            async for v in s:
-                if v.get("kind") == "report" and v.get("train"):
-                    reports.append(v["train"])
-            job = await s.result()
-            wall = time.perf_counter() - t0
+            job, reports, wall = await train_job(c, params)
             if job["state"] != "completed":
                 raise RuntimeError(f"train job {job['jobId']} ended {job['state']}: {job.get('error')}")
             later = reports[3:] or reports[-1:]

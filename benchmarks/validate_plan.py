@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_daemon import _SENTENCES, _TOPICS, Daemon, chat_records, write_gguf  # noqa: E402
+from bench_daemon import _SENTENCES, _TOPICS, Daemon, chat_records, train_job, write_gguf  # noqa: E402
 
 from loralabd.plan import observe  # noqa: E402
 
@@ -189,15 +189,8 @@ async def run_config(d: Daemon, meter: Meter, source: str, backend: str, cfg: tu
             await c.request("model/load", {"source": source, "backend": backend, "name": "m"}, timeout=600)
         plan_p, train_p = _params(cfg, data, steps)
         plan = await c.request("plan/estimate", plan_p)
-        reports = []
         async with meter.phase() as job:
-            t0 = time.perf_counter()
-            s = c.stream("train/start", train_p)
-            async for v in s:
-                if v.get("kind") == "report" and v.get("train"):
-                    reports.append(v["train"])
-            info = await s.result()
-            wall = time.perf_counter() - t0
+            info, reports, wall = await train_job(c, train_p)
         if info["state"] != "completed":
             raise RuntimeError(f"job {info['jobId']} ended {info['state']}: {info.get('error')}")
     finally:

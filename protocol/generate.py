@@ -316,19 +316,15 @@ def gen_md(spec: dict) -> str:
     L += ["", "## Structures", ""]
     for s in spec["structures"]:
         L += [f"### {s['name']}", "", s["documentation"], ""]
-        if s["properties"] and any("default" in p for p in s["properties"]):
-            L += ["| field | type | required | default | description |", "|---|---|---|---|---|"]
+        if s["properties"]:
+            dflt = any("default" in p for p in s["properties"])  # a default column only where one is set
+            L += ["| field | type | required |" + (" default |" if dflt else "") + " description |",
+                  "|---|---|---|" + ("---|" if dflt else "") + "---|"]
             for p in s["properties"]:
                 c = constraints(p)
                 L.append(f"| `{p['name']}` | {md_type(p['type'])} | {'no' if p.get('optional') else 'yes'} | "
-                         f"{md_default(p)} | {p['documentation']}{' (' + c + ')' if c else ''} |")
-            L.append("")
-        elif s["properties"]:
-            L += ["| field | type | required | description |", "|---|---|---|---|"]
-            for p in s["properties"]:
-                c = constraints(p)
-                L.append(f"| `{p['name']}` | {md_type(p['type'])} | {'no' if p.get('optional') else 'yes'} | "
-                         f"{p['documentation']}{' (' + c + ')' if c else ''} |")
+                         + (f"{md_default(p)} | " if dflt else "")
+                         + f"{p['documentation']}{' (' + c + ')' if c else ''} |")
             L.append("")
         if s.get("additionalProperties"):
             L += ["Other fields are accepted and ignored.", ""]

@@ -176,7 +176,6 @@ fn xrow4_at(b: u32, k: u32) -> vec4<f32> {  // X at flat index b holding column 
 // lda = 2K) and xin = silu(gate) * up, as swiglu.wgsl's forward_fused; XNORM: xin = RMSNorm(X row) * lnw
 // with the row's rstd from xnorm_prep, summed in rmsnorm.wgsl's forward_wg order.
 var<workgroup> xnr: f32;
-var<workgroup> nred: array<f32, 64>;
 
 fn xin(i: u32) -> f32 {
 //#if XSWIGLU
@@ -203,13 +202,13 @@ fn xnorm_prep(m: u32, t: u32) {  // XNORM: xnr = rstd of X row m; all 64 invocat
     } else {
         for (var i = t; i < p.K; i += 64u) { ss += x[b + i] * x[b + i]; }
     }
-    nred[t] = ss;
+    red[t] = ss;  // the gemv's own reduction array: free until xnr is set (barrier below)
     workgroupBarrier();
     for (var w = 32u; w > 0u; w >>= 1u) {
-        if (t < w) { nred[t] += nred[t + w]; }
+        if (t < w) { red[t] += red[t + w]; }
         workgroupBarrier();
     }
-    if (t == 0u) { xnr = 1.0 / sqrt(nred[0] / f32(p.K) + p.eps); }
+    if (t == 0u) { xnr = 1.0 / sqrt(red[0] / f32(p.K) + p.eps); }
     workgroupBarrier();
 //#endif
 }

@@ -392,20 +392,25 @@ def test_attention_forward_backward(rt, monkeypatch, flash, B, T, H, KV, hd, pac
         assert rel(get(rt, got, ref.shape), ref) <= 1e-4  # sums of ~T products of differences
 
 
-@pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 0, 1, 4, 2, 16), (1, 77, 1, 9, 3, 64), (2, 150, 3, 4, 2, 16),
-                                                 (1, 5, 2, 4, 4, 32)])
-def test_split_key_decode_attention(rt, monkeypatch, B, start, T, H, KV, hd):
-    """decode_part + decode_merge (hardware GPUs): the keys of each query over 32 workgroups — most of them
-    empty at short contexts, several tiles each at long ones — merged, against the reference."""
-    monkeypatch.setattr(rt, "tiled", True)
-    rng = np.random.default_rng(start + hd)
-    Tmax = 200
+def kv_case(rng, B, start, T, H, KV, hd, Tmax, cached):
+    """q (B, T, H, hd) and start + T keys / values, the first `cached` of them already in (B, Tmax) caches."""
     k_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
     v_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
     q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
     kc0 = np.zeros((B, Tmax, KV, hd), np.float32)
     vc0 = np.zeros((B, Tmax, KV, hd), np.float32)
-    kc0[:, :start + T], vc0[:, :start + T] = k_all, v_all
+    kc0[:, :cached], vc0[:, :cached] = k_all[:, :cached], v_all[:, :cached]
+    return q, k_all, v_all, kc0, vc0
+
+
+@pytest.mark.parametrize("B,start,T,H,KV,hd", [(1, 0, 1, 4, 2, 16), (1, 77, 1, 9, 3, 64), (2, 150, 3, 4, 2, 16),
+                                                 (1, 5, 2, 4, 4, 32)])
+def test_split_key_decode_attention(rt, monkeypatch, B, start, T, H, KV, hd):
+    """decode_part + decode_merge (hardware GPUs): the keys of each query over K.DECODE_SPLITS workgroups —
+    most of them empty at short contexts, several tiles each at long ones — merged, against the reference."""
+    monkeypatch.setattr(rt, "tiled", True)
+    Tmax = 200
+    q, k_all, v_all, kc0, vc0 = kv_case(np.random.default_rng(start + hd), B, start, T, H, KV, hd, Tmax, start + T)
     dyn = up(rt, np.array([start, 0, 0, 0], np.uint32))
     o, lse = out(rt, q.size), out(rt, B * H * T)
     rows, S = B * H * T, K.DECODE_SPLITS
@@ -427,14 +432,8 @@ def test_kv_cache_decode_attention(rt, monkeypatch, split, B, start, T, H, KV, h
     monkeypatch.setattr(rt, "tiled", split != "no")
     if split == "4 lanes":
         monkeypatch.setattr(rt, "limits", dict(rt.limits, **{"max-compute-workgroup-storage-size": 256}))
-    rng = np.random.default_rng(start)
     Tmax = 100
-    k_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
-    v_all = rng.standard_normal((B, start + T, KV, hd)).astype(np.float32)
-    q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
-    kc0 = np.zeros((B, Tmax, KV, hd), np.float32)
-    vc0 = np.zeros((B, Tmax, KV, hd), np.float32)
-    kc0[:, :start], vc0[:, :start] = k_all[:, :start], v_all[:, :start]
+    q, k_all, v_all, kc0, vc0 = kv_case(np.random.default_rng(start), B, start, T, H, KV, hd, Tmax, start)
     kc, vc = up(rt, kc0), up(rt, vc0)
     dyn = up(rt, np.array([start, 0, 0, 0], np.uint32))
     o, lse = out(rt, q.size), out(rt, B * H * T)
