@@ -131,6 +131,37 @@ def test_training_step_with_hardware_kernels(tiny, monkeypatch):
         hw.close()
 
 
+@pytest.mark.parametrize("tiled", [False, True])
+def test_keeping_activations_gives_the_bits_recomputing_gives(tiny, monkeypatch, tiled):
+    """Activation checkpointing is a choice of memory against time, not of results: a session that keeps every
+    layer's activations and one that recomputes them in the backward take the same steps bit for bit (same
+    kernels on the same inputs), with dropout and gradient accumulation; keeping holds more memory, as planned."""
+    args, ne, we = tiny
+    monkeypatch.setattr(we.rt, "tiled", tiled)
+    ad = trained_adapter(args, seed=5)
+    ad.config = LoraConfig(r=4, alpha=8, dropout=0.1)
+    b0, b1 = (Batch.of(*batch(args, B=2, T=40, seed=s)) for s in (5, 6))
+    states, live = [], []
+    for recompute in (False, True):
+        sess = we.train_session(ad, OptimSettings(seed=3, recompute=recompute))
+        sess.reserve(2, 40)
+        before = we.rt.live_bytes
+        for _ in range(2):
+            sess.step([b0, b1], 1e-3, 1.0)
+        states.append((sess.state_dict(), [(m.loss_sum, m.grad_norm) for m in sess.metrics()]))
+        live.append(sess.memory_bytes())
+        plan = we.memory_plan(2, 40, ad.config, recompute=recompute)
+        assert plan.parts["activations"] > 0
+        sess.close()
+        assert we.rt.live_bytes <= before
+    (s0, m0), (s1, m1) = states
+    assert m0 == m1 and set(s0) == set(s1)
+    for k in s0:
+        assert np.array_equal(s0[k], s1[k]), k
+    kept, recomputed = (we.memory_plan(2, 40, ad.config, recompute=r).parts["activations"] for r in (False, True))
+    assert kept > recomputed and live[0] > live[1]
+
+
 def test_sizing_plans_the_hardware_kernels_of_a_small_batch(tiny):
     """The planner runs the engine's own allocation code on a sizing runtime that records no dispatch: with
     the hardware kernels at a small batch (the split-K scratch: the cross-entropy's dX has K = vocab) it must

@@ -54,6 +54,7 @@ class OptimSettings:
     eps: float = 1e-8
     weight_decay: float = 0.0
     seed: int = 0  # dropout masks: counter-based on (seed, step, micro-batch)
+    recompute: bool = False  # per-layer activation checkpointing: keep each layer's input, recompute the rest
 
     def __post_init__(self):
         if self.kind not in ("adamw", "adam8bit"):
@@ -138,8 +139,10 @@ class Engine(Protocol):
 
     def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> TrainSession: ...
 
-    def memory_plan(self, batch: int, seq: int, lora_config: LoraConfig, optim: str = "adamw") -> MemoryPlan:
-        """What this engine allocates to train (batch, seq) with this LoRA config and optimizer, by part, and what
+    def memory_plan(self, batch: int, seq: int, lora_config: LoraConfig, optim: str = "adamw",
+                    recompute: bool = False) -> MemoryPlan:
+        """What this engine allocates to train (batch, seq) with this LoRA config and optimizer — keeping activations
+        or recomputing them (OptimSettings.recompute, where the engine can) — by part, and what
         loading its model held (engine/memory.py). The planner's memory comes from here: the engine's own
         account, plus what the process or driver adds, measured at calibration (plan/observe.py)."""
 

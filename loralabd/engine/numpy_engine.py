@@ -230,9 +230,10 @@ class NumpyEngine:
             if n + 1 < max_tokens:
                 logits = self.step_logits(np.asarray([[t]]), cache, adapters)[0]
 
-    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> MemoryPlan:
+    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw",
+                    recompute: bool = False) -> MemoryPlan:
         """This engine's arrays for a training step of (batch, seq) (engine/memory.py); the first-loss phase only
-        while the output matrix is still to be dequantized."""
+        while the output matrix is still to be dequantized. It always keeps its activations (recompute unused)."""
         return numpy_memory_plan(self.model, lora_config, batch, seq, optim, self.vocab_chunk,
                                  first_step=self._out_cache is None)
 

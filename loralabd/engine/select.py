@@ -64,10 +64,11 @@ def adapter_description() -> dict:
 
 
 def memory_plan(model: LoadedModel, backend: str, batch: int, seq: int, lora_config: LoraConfig, optim: str = "adamw",
-                limits: dict | None = None, hardware: bool = True) -> MemoryPlan:
+                limits: dict | None = None, hardware: bool = True, recompute: bool = False) -> MemoryPlan:
     """Engine.memory_plan without an engine: what an engine of `backend` would allocate for this model and shape
     (WebGPU: on an adapter with these limits; hardware: whether it runs the hardware-GPU kernel variants —
-    LORALAB_WGPU_TILED=0/1 overrides, as in the runtime)."""
+    LORALAB_WGPU_TILED=0/1 overrides, as in the runtime); recompute: activation checkpointing
+    (OptimSettings.recompute; the numpy engine always keeps its activations)."""
     if backend == "numpy":
         from .memory import numpy_memory_plan
 
@@ -75,5 +76,6 @@ def memory_plan(model: LoadedModel, backend: str, batch: int, seq: int, lora_con
     if backend == "webgpu":
         from .webgpu.sizing import default_tiled, memory_plan as webgpu_plan
 
-        return webgpu_plan(model, batch, seq, lora_config, optim, limits or {}, default_tiled(hardware))
+        return webgpu_plan(model, batch, seq, lora_config, optim, limits or {}, default_tiled(hardware),
+                           recompute=recompute)
     raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")

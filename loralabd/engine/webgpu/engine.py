@@ -342,16 +342,17 @@ class WebGPUEngine:
     def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> WebGPUTrainSession:
         return WebGPUTrainSession(self.graph, adapter, optim)
 
-    def plan_buffers(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> list:
+    def plan_buffers(self, batch: int, seq: int, lora_config, optim: str = "adamw", recompute: bool = False) -> list:
         """[(name, part, nbytes)] this engine and a train session allocate for (batch, seq), without allocating:
         the same code run on a sizing runtime with this device's limits and kernel variants (sizing.py)."""
         return plan_buffers(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
-                            self.graph.vocab_chunk, self.graph.ce_row_chunk)
+                            self.graph.vocab_chunk, self.graph.ce_row_chunk, recompute)
 
-    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw") -> MemoryPlan:
+    def memory_plan(self, batch: int, seq: int, lora_config, optim: str = "adamw",
+                    recompute: bool = False) -> MemoryPlan:
         """The buffers of plan_buffers by part, the weights' load peak with the upload's staging (sizing.py)."""
         return memory_plan(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
-                           self.graph.vocab_chunk, self.graph.ce_row_chunk)
+                           self.graph.vocab_chunk, self.graph.ce_row_chunk, recompute)
 
     def memory_in_use(self) -> int:
         """Live buffer bytes of this device's runtime: every engine's weights, caches and arenas on it."""

@@ -8,6 +8,7 @@ row ranges of one fused weight where the parts share a format.
 from __future__ import annotations
 
 import os
+import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,6 +64,19 @@ class Acts:
         self.hf, self.rf = f(N * D, "hf"), f(N, "rf")
         self._xa: dict = {}
         self._split_n = K.split_scratch_floats(N, max(D, F, Hq)) if rt.tiled else 0
+
+    # what a layer's backward reads of its forward: kept per layer when training keeps activations
+    LAYER = ("h", "r1", "q", "k", "v", "att", "lse", "x1", "h2", "r2", "g", "u", "act")
+
+    def layer_copy(self, i: int) -> "Acts":
+        """These Acts with layer i's own forward buffers (LAYER and the LoRA inputs xa); inputs, the final norm
+        and scratch stay shared. Its buffers are freed with this one's."""
+        self.split_scratch()  # created before the copy so every layer shares it
+        c = copy.copy(self)
+        c._xa = {k: v for k, v in self._xa.items() if not isinstance(k, tuple)}
+        for name in self.LAYER:
+            setattr(c, name, self.alloc(getattr(self, name).nbytes // 4, f"{name}.{i}"))
+        return c
 
     def alloc(self, n, name) -> Buf:
         b = self.rt.buffer(4 * n, name)

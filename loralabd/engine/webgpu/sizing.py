@@ -103,15 +103,17 @@ def _sizing_graph(model, limits, tiled, vocab_chunk, ce_row_chunk):
 
 
 def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw", limits: dict | None = None,
-                 tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None) -> list:
+                 tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None,
+                 recompute: bool = False) -> list:
     """[(name, part, nbytes)] of every buffer WebGPUEngine(model) + its train session allocate to train
-    (batch, seq) with this LoRA config and optimizer (adamw | adam8bit) on an adapter with these limits."""
+    (batch, seq) with this LoRA config and optimizer (adamw | adam8bit) on an adapter with these limits,
+    keeping activations or recomputing them (OptimSettings.recompute)."""
     if optim not in ("adamw", "adam8bit"):
         raise ValueError(f"optimizer must be 'adamw' or 'adam8bit', not {optim!r}")
     graph, n_weights = _sizing_graph(model, limits, tiled, vocab_chunk, ce_row_chunk)
     rt = graph.rt
     del rt.allocs[n_weights:]
-    sess = WebGPUTrainSession(graph, _ZeroAdapter(model.args, lora_config), OptimSettings(kind=optim))  # type: ignore[arg-type]
+    sess = WebGPUTrainSession(graph, _ZeroAdapter(model.args, lora_config), OptimSettings(kind=optim, recompute=recompute))  # type: ignore[arg-type]
     n_sess = len(rt.allocs)
     sess.reserve(int(batch), int(seq))
     sess.prepare_eval(int(batch), int(seq))  # validation runs on its own program, kept beside the step's
@@ -129,16 +131,19 @@ def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw",
 
 
 def memory_plan(model, batch: int, seq: int, lora_config, optim: str = "adamw", limits: dict | None = None,
-                tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None) -> MemoryPlan:
+                tiled: bool = False, vocab_chunk: int | None = None, ce_row_chunk: int | None = None,
+                recompute: bool = False) -> MemoryPlan:
     """plan_buffers by part: the training step's buffers (all live together: the peak), the weights resident
     after loading, and the load peak: the weights plus at most UPLOAD_CHUNK of staging (Runtime.write)."""
-    bufs = plan_buffers(model, batch, seq, lora_config, optim, limits, tiled, vocab_chunk, ce_row_chunk)
+    bufs = plan_buffers(model, batch, seq, lora_config, optim, limits, tiled, vocab_chunk, ce_row_chunk, recompute)
     parts = dict.fromkeys(MEMORY_PARTS, 0)
     for _, part, nbytes in bufs:
         parts[part] = parts.get(part, 0) + nbytes
     resident = parts["weights"]
     notes = [f"buffers: WebGPUEngine's allocations for this shape ({'hardware' if tiled else 'software'} adapter "
              "kernels), planned by the engine's own code",
+             "activations: " + ("each layer's input kept, the rest recomputed in the backward" if recompute
+                                else "every layer's kept for the backward"),
              f"loading: the weights plus at most {UPLOAD_CHUNK >> 20} MiB of upload staging at a time"]
     total = sum(parts.values())
     return MemoryPlan("webgpu", parts, "training step", {"training step": total}, resident=resident,

@@ -3,8 +3,9 @@ gradient norm, clipping and the optimizer — in one command encoder and one sub
 
 All LoRA matrices live in one flat f32 buffer (each matrix at a 256-float-aligned offset, so views bind
 on any adapter and 8-bit blocks never straddle two matrices); gradients, m and v in buffers of the same
-layout. Per-layer activation checkpointing: the forward keeps only each layer's input (L+1 x N x D);
-the backward recomputes one layer at a time into shared work buffers. Micro-batches come in through one
+layout. Activations: kept per layer (~31 KB a token a layer on SmolLM2-135M), or with per-layer checkpointing
+(OptimSettings.recompute) only each layer's input (L+1 x N x D), the backward recomputing one layer at a time into
+shared work buffers — the same kernels on the same inputs, so both give the same bits. Micro-batches come in through one
 input buffer written per step and copied into place between their passes; the learning rate and step
 count through the small `hyp` buffer, so the optimizer is recorded once. Nothing is read back in a step:
 each step's loss sums and gradient norm are copied into a ring on the GPU that metrics() reads.
@@ -83,6 +84,7 @@ class WebGPUTrainSession:
         self.p_drop = float(adapter.config.dropout)
         self.seed = optim.seed  # dropout masks: counter-based on (seed, step, micro-batch)
         self.kind, self.betas, self.eps, self.weight_decay = optim.kind, optim.betas, optim.eps, optim.weight_decay
+        self.recompute = optim.recompute
         self.t = 0
         self.uid = adapter.uid  # snapshots keep the adapter's identity; their version is the step
         # flat layout: name -> (offset, shape)
@@ -160,9 +162,10 @@ class WebGPUTrainSession:
         scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 128 else None
         provs = [self.lora]
         drop = (self.drop_dyn, self.p_drop) if self.p_drop > 0.0 else None
+        per = [S] * L if self.recompute else [S] + [S.layer_copy(i) for i in range(1, L)]  # each layer's forward
         ops = [K.embed(rt, S.tok, eng.emb, xs[0], N)]
         for i in range(L):
-            eng.layer_forward(ops, i, S, provs, xs[i], xs[i + 1], segments=True, drop=drop)
+            eng.layer_forward(ops, i, per[i], provs, xs[i], xs[i + 1], segments=True, drop=drop)
         ops.append(K.rmsnorm(rt, xs[L], eng.norm, S.hf, S.rf, N, D, a.rms_norm_eps))
         # fused cross-entropy in row chunks: logits of a few rows over the whole vocabulary, turned into
         # their gradient in place, then dhf rows = grad · W — each logit computed once per step
@@ -178,7 +181,7 @@ class WebGPUTrainSession:
         ops.extend(K.ce_finish(rt, S.lab, st, loss, N))
         ops.append(K.rmsnorm_backward(rt, dhf, xs[L], eng.norm, S.rf, dx, N, D))
 
-        def lin_back(i, name, dy, x, dX, beta):
+        def lin_back(S, i, name, dy, x, dX, beta):
             W, row0, out_f = eng.layers[i].W[name]
             in_f = W.cols
             lora = None
@@ -202,22 +205,23 @@ class WebGPUTrainSession:
 
         seg = S.seg
         for i in reversed(range(L)):
-            Lw = eng.layers[i]
-            eng.layer_forward(ops, i, S, provs, xs[i], None, segments=True, full=False, drop=drop)  # recompute
-            lin_back(i, "down_proj", dx, S.act, dact, 0.0)
-            ops.append(K.swiglu_backward(rt, dact, S.g, S.u, dg, du, N * F))
-            lin_back(i, "gate_proj", dg, S.h2, dh, 0.0)
-            lin_back(i, "up_proj", du, S.h2, dh, 1.0)
-            ops.append(K.rmsnorm_backward(rt, dh, S.x1, Lw.ln2, S.r2, dx, N, D, beta=1.0))  # dx = d x1
-            lin_back(i, "o_proj", dx, S.att, datt, 0.0)
-            ops.extend(K.attention_backward(rt, datt, S.q, S.k, S.v, S.att, S.lse, delta, dq, dk, dv, eng.dyn0,
+            Lw, Si = eng.layers[i], per[i]
+            if self.recompute:
+                eng.layer_forward(ops, i, S, provs, xs[i], None, segments=True, full=False, drop=drop)
+            lin_back(Si, i, "down_proj", dx, Si.act, dact, 0.0)
+            ops.append(K.swiglu_backward(rt, dact, Si.g, Si.u, dg, du, N * F))
+            lin_back(Si, i, "gate_proj", dg, Si.h2, dh, 0.0)
+            lin_back(Si, i, "up_proj", du, Si.h2, dh, 1.0)
+            ops.append(K.rmsnorm_backward(rt, dh, Si.x1, Lw.ln2, Si.r2, dx, N, D, beta=1.0))  # dx = d x1
+            lin_back(Si, i, "o_proj", dx, Si.att, datt, 0.0)
+            ops.extend(K.attention_backward(rt, datt, Si.q, Si.k, Si.v, Si.att, Si.lse, delta, dq, dk, dv, eng.dyn0,
                                             B, T, H, KV, hd, seg))
             ops.append(K.rope(rt, dq, S.pos, eng.rope_tab, N, H, hd, eng.max_pos, backward=True))
             ops.append(K.rope(rt, dk, S.pos, eng.rope_tab, N, KV, hd, eng.max_pos, backward=True))
-            lin_back(i, "q_proj", dq, S.h, dh, 0.0)
-            lin_back(i, "k_proj", dk, S.h, dh, 1.0)
-            lin_back(i, "v_proj", dv, S.h, dh, 1.0)
-            ops.append(K.rmsnorm_backward(rt, dh, xs[i], Lw.ln1, S.r1, dx, N, D, beta=1.0))  # dx = d x_i
+            lin_back(Si, i, "q_proj", dq, Si.h, dh, 0.0)
+            lin_back(Si, i, "k_proj", dk, Si.h, dh, 1.0)
+            lin_back(Si, i, "v_proj", dv, Si.h, dh, 1.0)
+            ops.append(K.rmsnorm_backward(rt, dh, xs[i], Lw.ln1, Si.r1, dx, N, D, beta=1.0))  # dx = d x_i
         prog = Program(ops, S, loss)
         while len(self._programs) >= 4:
             _, old = self._programs.popitem()
