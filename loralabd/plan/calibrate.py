@@ -121,6 +121,16 @@ class Calibration:
         f = features(args, cfg, batch, seq, grad_accum, optim)
         return {"step_s": float(sum(self.coef[k] * f[k] for k in TERMS)), **f}
 
+    def predict_step(self, args, cfg: LoraConfig, micro, optim: str = "adamw") -> float:
+        """Seconds of one optimizer step whose micro-batches have these (rows, length) shapes (as the trainer cuts
+        them, plan/batches.py): each one's per-micro-batch terms, the per-step terms once."""
+        t = 0.0
+        for b, T in micro:
+            f = features(args, cfg, b, T, 1, optim)
+            t += sum(self.coef[k] * f[k] for k in PER_MICRO)
+        f = features(args, cfg, 1, 1, 1, optim)
+        return float(t + sum(self.coef[k] * f[k] for k in TERMS if k not in PER_MICRO))
+
     def runtime_cost(self) -> RuntimeCost | None:
         if self.runtime_bytes is None:
             return None

@@ -17,10 +17,11 @@ from typing import Any
 
 from ..engine.lora import LoraConfig
 from ..protocol import DEFAULTS, read_settings
-from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanAdvice, PlanCalibration, PlanDevice, \
-    PlanEstimate, PlanLimit, PlanMemoryPart
+from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanAdvice, PlanCalibration, PlanData, \
+    PlanDevice, PlanEstimate, PlanLimit, PlanMemoryPart
 from ..engine.memory import optimizer_bytes
 from . import observe
+from .batches import RunBatches
 from .calibrate import Calibration, cached, cached_calibration, memory_quantity
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
 from .memory import MemoryEstimate, binding_violations, lora_params, mib, training_memory
@@ -52,6 +53,7 @@ class Plan:
     advice: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    batches: RunBatches | None = None  # the dataset's real micro-batches the time was priced on (None: full rows)
 
     @property
     def fits(self) -> bool | None:
@@ -76,6 +78,10 @@ class Plan:
             "tokensPerSecond": self.tokens_per_s, "stepSeconds": self.step_s, "seconds": self.seconds,
             "loadBytes": self.memory.load, "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
             "notes": list(self.notes),
+            "data": None if self.batches is None else {
+                "examples": self.batches.examples, "batches": self.batches.micro_batches, "tokens": self.batches.tokens,
+                "row_fill": self.batches.row_fill, "mean_length": self.batches.mean_length,
+                "full_rows_s": self.full_rows_s},
         }
 
     def to_protocol(self) -> PlanEstimate:
@@ -115,11 +121,21 @@ class Plan:
                 "availableSource": self.available_source, "exceeded": exceeded, "advice": advice,
                 "warnings": list(self.warnings), "batchSize": self.batch, "seqLen": self.seq,
                 "gradAccum": self.grad_accum, "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
-                "stepSeconds": self.step_s, "calibration": self._cal_protocol, "notes": notes,
+                "stepSeconds": self.step_s, "calibration": self._cal_protocol, "data": self._data_protocol(),
+                "notes": notes,
                 "loadBytes": None if self.memory.load is None else int(self.memory.load),
                 "memoryMeasuredAs": observe.describe_quantity(self.memory.quantity)}
 
     _cal_protocol: PlanCalibration | None = None  # set by estimate(): the calibration's protocol summary
+    full_rows_s: float | None = None  # set by estimate() with batches: the steps' seconds as full rows
+
+    def _data_protocol(self) -> PlanData | None:
+        b = self.batches
+        if b is None:
+            return None
+        return {"examples": int(b.examples), "batches": int(b.micro_batches), "tokens": int(b.tokens),
+                "rowFill": float(b.row_fill), "meanLength": float(b.mean_length),
+                "fullRowsSeconds": None if self.full_rows_s is None else float(self.full_rows_s)}
 
 
 def limit_sentence(e: Mapping[str, Any]) -> str:
@@ -227,13 +243,16 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
              optim: OptimizerKind = _PLAN["optimizer"],
              time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
              calibration="auto", device: Device | None = None, clock: Clock = "wall",
-             checkpoint_every: int = 50):
+             checkpoint_every: int = 50, batches: RunBatches | None = None):
     """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
 
     How long: give steps, tokens, or epochs with dataset_tokens / dataset (default: 1 epoch of the
     dataset, else 100 steps). calibration: "auto" (cached, run once when missing), "cached" (use the
     cache, no run), None (no time, and the runtime's fixed memory cost estimated), or a Calibration.
-    checkpoint_every: the job's checkpoints (their time is part of the run's).
+    checkpoint_every: the job's checkpoints (their time is part of the run's). batches: the run's real
+    micro-batches (plan/batches.py run_batches over the dataset): then they set the steps and tokens, and the
+    time prices each one's cut shape instead of full batch x seq rows (memory stays at full rows: the trainer
+    reserves them).
 
     The protocol form estimate(model, params: dict) — what the daemon calls with PlanParams — returns
     the protocol's PlanEstimate dict (see plan_from_params)."""
@@ -251,7 +270,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     # -- how much work
     ds = dataset_tokens if dataset_tokens is not None else (count_dataset_tokens(dataset, T) if dataset is not None else None)
     per_step = B * T * ga
-    if steps is not None:
+    if batches is not None:
+        n_steps = batches.n_steps
+    elif steps is not None:
         n_steps = int(steps)
     elif tokens is not None:
         n_steps = math.ceil(int(tokens) / per_step)
@@ -263,7 +284,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
         n_steps = 100
         notes.append("length: 100 steps (no steps, tokens or dataset given)")
     n_steps = max(1, n_steps)
-    if ds is not None and ds < per_step:
+    if batches is None and ds is not None and ds < per_step:
         warnings.append(f"the dataset has {ds} tokens, fewer than one step's {per_step}: lower batch or seq")
 
     # -- the calibration: time, and the runtime's fixed memory cost measured on this device
@@ -302,18 +323,32 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     warnings += _memory_warnings(mem, backend)
 
     # -- time
-    tps = step_s = seconds = None
+    tps = step_s = seconds = full_s = None
+    def steps_s(c: LoraConfig) -> float:
+        """Seconds of the run's steps at LoRA settings c: each real micro-batch shape, else full rows."""
+        if batches is not None:
+            return sum(k * cal.predict_step(a, c, shapes, optim) for shapes, k in batches.steps.items())
+        return n_steps * cal.predict(a, c, B, T, ga, optim)["step_s"]
+
     if cal is not None:
-        step_s = cal.predict(a, cfg, B, T, ga, optim)["step_s"]
-        tps = per_step / step_s
+        run_s = steps_s(cfg)
+        step_s = run_s / max(1, n_steps)
+        # with the data: the real tokens a second (what TrainProgress reports); else batch x seq ones
+        tps = (batches.tokens if batches is not None else n_steps * per_step) / run_s
         jobs_s, how = _job_overhead(cal, a, cfg, optim, n_steps, checkpoint_every)
-        seconds = cal.warmup_s + n_steps * step_s + jobs_s
+        seconds = cal.warmup_s + run_s + jobs_s
         loo = "n/a" if cal.loo_residual is None else f"{100 * cal.loo_residual:.0f}%"
         notes.append(f"time: calibrated on this device ({cal.clock} clock, {len(cal.samples)} shapes, "
                      f"{cal.seconds:.1f} s; fit residual {100 * cal.residual:.0f}%, leave-one-out {loo}); "
                      f"{_achieved(cal)}; {how}")
         notes.append("time: a validation loss (a validation set, evalEvery) is not included: each validation batch "
                      "costs about a third of a training step")
+        if batches is not None:
+            full_s = n_steps * cal.predict(a, cfg, B, T, ga, optim)["step_s"]
+            notes.append(f"{batches.note()}; {run_s:.1f} s of steps (full {B} x {T} rows would be {full_s:.1f} s)")
+        else:
+            notes.append(f"time: every step priced as full {B} x {T} rows (pass the dataset to price its real "
+                         "batches: the trainer cuts each to its longest row)")
 
     # -- advice
     advice: dict[str, Any] = {"maxBatch": max_b, "maxSeq": max_t, "text": []}
@@ -324,8 +359,8 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     if cal is not None and time_budget_s is not None:
         def rank_fits(c):
             return _fits(memory, c, B, T, optim, available, limits)
-        advice.update(_rank_for_budget(model, cal, cfg, B, T, ga, n_steps, time_budget_s, per_step, rank_fits, optim,
-                                       checkpoint_every))
+        advice.update(_rank_for_budget(model, cal, cfg, n_steps, time_budget_s, per_step, rank_fits, optim,
+                                       checkpoint_every, steps_s))
         advice["text"].append(advice.pop("_text"))
 
     # -- warnings
@@ -342,13 +377,15 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     if device.memory_bytes is None and memory_cap_bytes is None and memory_override() is None:
         warnings.append(f"device memory unknown: {avail_src}")
     plan = Plan(model=model.name, backend=backend, device=device, lora=cfg, batch=B, seq=T,
-                grad_accum=ga, optim=optim, steps=n_steps, tokens=n_steps * per_step, memory=mem,
+                grad_accum=ga, optim=optim, steps=n_steps,
+                tokens=batches.tokens if batches is not None else n_steps * per_step, memory=mem,
                 available_bytes=available, available_source=avail_src, exceeded=exceeded, tokens_per_s=tps,
                 step_s=step_s, seconds=seconds, calibration=None if cal is None else {
                     "key": cal.key, "clock": cal.clock, "seconds": cal.seconds, **_achieved_dict(cal)},
-                advice=advice, warnings=warnings, notes=notes + mem.notes)
+                advice=advice, warnings=warnings, notes=notes + mem.notes, batches=batches)
     plan.memory_args = a
     plan._cal_protocol = None if cal is None else protocol_calibration(cal)
+    plan.full_rows_s = full_s
     return plan
 
 
@@ -433,17 +470,17 @@ def _what_to_change(memory, cfg, B, T, optim, max_b, max_t, ga, mem) -> str:
     return "use " + ", or ".join(opts) if opts else "free memory or raise the memory cap"
 
 
-def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits, optim="adamw", every=50) -> dict:
+def _rank_for_budget(model, cal, cfg, n_steps, budget, per_step, fits, optim, every, steps_s) -> dict:
     """The original plan's adaptive rank (LoRA Lab's hardware-aware rank scheduler, decided up front): the
     largest rank that fits the memory (within the headroom) and whose run meets the time budget; when
-    none does, how many steps the budget buys at the smallest rank."""
+    none does, how many steps the budget buys at the smallest rank. steps_s(cfg): seconds of the run's steps."""
     def with_rank(r):
         return LoraConfig(r=r, alpha=cfg.alpha * r / cfg.r if not cfg.use_rslora else cfg.alpha, dropout=cfg.dropout,
                           use_rslora=cfg.use_rslora, targets=cfg.targets, layers=cfg.layers)
 
     def run_s(r):
-        step = cal.predict(model.args, with_rank(r), B, T, ga, optim)["step_s"]
-        return n_steps * step + cal.warmup_s + _job_overhead(cal, model.args, with_rank(r), optim, n_steps, every)[0], step
+        s = steps_s(with_rank(r))
+        return s + cal.warmup_s + _job_overhead(cal, model.args, with_rank(r), optim, n_steps, every)[0], s / n_steps
 
     for r in sorted(set(RANKS) | {cfg.r}, reverse=True):
         if r > max(cfg.r, RANKS[0]) or not fits(with_rank(r)):
@@ -462,21 +499,23 @@ def _rank_for_budget(model, cal, cfg, B, T, ga, n_steps, budget, per_step, fits,
 
 # -- the protocol form ---------------------------------------------------------------------------------------
 
-def plan_from_params(model, p: Mapping, engine=None) -> PlanEstimate:
+def plan_from_params(model, p: Mapping, engine=None, batches: RunBatches | None = None) -> PlanEstimate:
     """PlanParams (protocol) -> PlanEstimate dict for a LoadedModel on an engine (None: the numpy backend).
-    Time comes from the cache only (plan/calibrate fills it): the wall-clock calibration, else the CPU-clock one."""
+    Time comes from the cache only (plan/calibrate fills it): the wall-clock calibration, else the CPU-clock one.
+    batches: the run's real micro-batches over p's `dataset` (run_batches; the daemon reads the data off the
+    model's queue first), priced instead of full rows."""
     m = model
     eng, backend = _engine_and_backend(engine if engine is not None else "numpy")
     device = describe(eng if eng is not None else backend)
     cal = cached(device, m, "wall") or cached(device, m, "cpu") or "cached"
     q = read_settings("PlanParams", p)  # every default from protocol/protocol.json; a wrong field is named
     ds = q.get("datasetTokens")
-    if p.get("epochs") is not None and ds is None and q.get("steps") is None:
-        raise ValueError("epochs needs datasetTokens (dataset/inspect's `tokens`); or give steps")
+    if p.get("epochs") is not None and ds is None and q.get("steps") is None and batches is None:
+        raise ValueError("epochs needs datasetTokens (dataset/inspect's `tokens`) or dataset; or give steps")
     plan = estimate(m, eng if eng is not None else backend, lora=LoraConfig.from_protocol(q["lora"]),
                     batch=int(q["batchSize"]), seq=int(q["seqLen"]), steps=q.get("steps"), dataset_tokens=ds,
                     epochs=float(q["epochs"]) if ds is not None else None, grad_accum=int(q["gradAccum"]),
                     optim=q["optimizer"], time_budget_s=q.get("timeBudgetSeconds"),
                     memory_cap_bytes=q.get("memoryCapBytes"), calibration=cal, device=device,
-                    checkpoint_every=int(q["checkpointEvery"]))
+                    checkpoint_every=int(q["checkpointEvery"]), batches=batches)
     return plan.to_protocol()

@@ -213,6 +213,11 @@ class PlanParams(TypedDict):
     timeBudgetSeconds: NotRequired[float]  # A time budget: the plan advises the largest rank whose run meets it.
     memoryCapBytes: NotRequired[int]  # Memory the run may use, instead of what the device reports.
     checkpointEvery: NotRequired[int]  # Steps between the job's checkpoints (as in TrainParams): their time is part of the run's.
+    dataset: NotRequired[str]  # The training data, as train/start's `dataset` (a file or folder). Given, the plan reads it off the model's queue (generation and training steps go on meanwhile) and prices the batches the trainer will run — each cut to its longest row, packed rows partly empty — instead of full `batchSize` x `seqLen` rows; the data also sets `steps` (when not given: `epochs` of it) and `tokens`. `$/progress` on `workDoneToken` reports the bytes read; `$/cancelRequest` stops the read.
+    pack: NotRequired[bool]  # With `dataset`, as in TrainParams: pack several examples into each row; false: one example a row.
+    seed: NotRequired[int]  # With `dataset`, as in TrainParams: the data order (and so how rows pack into batches).
+    validationFraction: NotRequired[float]  # With `dataset`, as in TrainParams: the fraction of examples held out for validation (not trained on).
+    workDoneToken: NotRequired["ProgressToken"]  # Token for `$/progress` while `dataset` is read (the bytes read).
 
 
 class MemoryBreakdown(TypedDict):
@@ -298,6 +303,17 @@ class PlanCalibration(TypedDict):
     memoryResidual: Union[float, None]  # RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured).
 
 
+class PlanData(TypedDict):
+    """The dataset's real batches a plan's time was priced on."""
+
+    examples: int  # Training examples read (less any held out for validation).
+    batches: int  # Micro-batches priced: the run's steps x `gradAccum` (fewer where the data runs out).
+    tokens: int  # Non-padding tokens in them (what TrainProgress's `tokensSeen` counts).
+    rowFill: float  # `tokens` over rows x `seqLen`: how full the rows are (1: every row full).
+    meanLength: float  # The length the trainer cuts batches to (their longest row, rounded up to 32), averaged over rows.
+    fullRowsSeconds: Union[float, None]  # The steps' seconds had every batch been full `batchSize` x `seqLen` rows (what the plan predicts without `dataset`); null without a calibration.
+
+
 class PlanEstimate(TypedDict):
     """Will it fit, how long will it take, what to change."""
 
@@ -306,7 +322,7 @@ class PlanEstimate(TypedDict):
     fits: Union[bool, None]  # Whether the total fits the available memory (null when unknown).
     loraParameters: int  # Trainable parameters.
     tokensPerStep: int  # batchSize * seqLen * gradAccum.
-    tokensPerSecond: Union[float, None]  # Predicted throughput (null until calibrated).
+    tokensPerSecond: Union[float, None]  # Predicted throughput: batch x seq tokens a second, or with `dataset` its non-padding tokens a second (as TrainProgress counts them); null until calibrated.
     seconds: Union[float, None]  # Predicted time of the whole run, with the engine's warm-up (null until calibrated).
     backend: str  # Engine backend the plan is for.
     device: "PlanDevice"  # The adapter: name, type, backend, limits, memory and whether the memory is an estimate.
@@ -322,9 +338,10 @@ class PlanEstimate(TypedDict):
     gradAccum: int  # Micro-batches per optimizer step.
     optimizer: "OptimizerKind"  # Optimizer.
     steps: int  # Optimizer steps of the run.
-    tokens: int  # Tokens trained over the run (steps * tokensPerStep).
-    stepSeconds: Union[float, None]  # Predicted seconds per optimizer step (null until calibrated).
+    tokens: int  # Tokens trained over the run: steps * tokensPerStep, or with `dataset` the non-padding tokens of its batches.
+    stepSeconds: Union[float, None]  # Predicted seconds per optimizer step (with `dataset`: the mean over its batches; null until calibrated).
     calibration: Union["PlanCalibration", None]  # The calibration the time comes from (null: none cached; run plan/calibrate).
+    data: Union["PlanData", None]  # The dataset's batches the time was priced on (null: no `dataset` given, every step priced as full `batchSize` x `seqLen` rows).
     notes: list[str]  # How each number was obtained, and every limit, warning and advice as a sentence.
     loadBytes: Union[int, None]  # Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects).
     memoryMeasuredAs: str  # The quantity `memory.total` predicts: the process's peak resident set (CPU), its used GPU memory (NVIDIA), or nothing measurable (then the driver's own memory is not counted: see `warnings`).
@@ -691,7 +708,7 @@ REQUESTS: dict[str, dict] = {'initialize': {'params': {'kind': 'reference', 'nam
  'model/list': {'params': None, 'result': {'kind': 'reference', 'name': 'ModelList'}, 'progress': None},
  'plan/estimate': {'params': {'kind': 'reference', 'name': 'PlanParams'},
                    'result': {'kind': 'reference', 'name': 'PlanEstimate'},
-                   'progress': None},
+                   'progress': 'workDone'},
  'plan/calibrate': {'params': {'kind': 'reference', 'name': 'CalibrateParams'},
                     'result': {'kind': 'reference', 'name': 'CalibrateResult'},
                     'progress': 'workDone'},
@@ -1135,7 +1152,46 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                                  "their time is part of the run's.",
                                 'optional': True,
                                 'minimum': 1,
-                                'default': 50}],
+                                'default': 50},
+                               {'name': 'dataset',
+                                'type': {'kind': 'base', 'name': 'string'},
+                                'documentation': "The training data, as train/start's `dataset` (a file or "
+                                                 "folder). Given, the plan reads it off the model's queue "
+                                                 '(generation and training steps go on meanwhile) and prices '
+                                                 'the batches the trainer will run — each cut to its longest '
+                                                 'row, packed rows partly empty — instead of full '
+                                                 '`batchSize` x `seqLen` rows; the data also sets `steps` '
+                                                 '(when not given: `epochs` of it) and `tokens`. '
+                                                 '`$/progress` on `workDoneToken` reports the bytes read; '
+                                                 '`$/cancelRequest` stops the read.',
+                                'optional': True,
+                                'maxLength': 4096},
+                               {'name': 'pack',
+                                'type': {'kind': 'base', 'name': 'boolean'},
+                                'documentation': 'With `dataset`, as in TrainParams: pack several examples '
+                                                 'into each row; false: one example a row.',
+                                'optional': True,
+                                'default': True},
+                               {'name': 'seed',
+                                'type': {'kind': 'base', 'name': 'integer'},
+                                'documentation': 'With `dataset`, as in TrainParams: the data order (and so '
+                                                 'how rows pack into batches).',
+                                'optional': True,
+                                'minimum': 0,
+                                'default': 0},
+                               {'name': 'validationFraction',
+                                'type': {'kind': 'base', 'name': 'number'},
+                                'documentation': 'With `dataset`, as in TrainParams: the fraction of '
+                                                 'examples held out for validation (not trained on).',
+                                'optional': True,
+                                'minimum': 0,
+                                'maximum': 0.9,
+                                'default': 0.0},
+                               {'name': 'workDoneToken',
+                                'type': {'kind': 'reference', 'name': 'ProgressToken'},
+                                'documentation': 'Token for `$/progress` while `dataset` is read (the bytes '
+                                                 'read).',
+                                'optional': True}],
                 'additionalProperties': False},
  'MemoryBreakdown': {'properties': [{'name': 'weights',
                                      'type': {'kind': 'base', 'name': 'integer'},
@@ -1363,6 +1419,33 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                                       'against the measured peaks of the shapes (null: not '
                                                       'measured).'}],
                      'additionalProperties': False},
+ 'PlanData': {'properties': [{'name': 'examples',
+                              'type': {'kind': 'base', 'name': 'integer'},
+                              'documentation': 'Training examples read (less any held out for validation).'},
+                             {'name': 'batches',
+                              'type': {'kind': 'base', 'name': 'integer'},
+                              'documentation': "Micro-batches priced: the run's steps x `gradAccum` (fewer "
+                                               'where the data runs out).'},
+                             {'name': 'tokens',
+                              'type': {'kind': 'base', 'name': 'integer'},
+                              'documentation': "Non-padding tokens in them (what TrainProgress's "
+                                               '`tokensSeen` counts).'},
+                             {'name': 'rowFill',
+                              'type': {'kind': 'base', 'name': 'number'},
+                              'documentation': '`tokens` over rows x `seqLen`: how full the rows are (1: '
+                                               'every row full).'},
+                             {'name': 'meanLength',
+                              'type': {'kind': 'base', 'name': 'number'},
+                              'documentation': 'The length the trainer cuts batches to (their longest row, '
+                                               'rounded up to 32), averaged over rows.'},
+                             {'name': 'fullRowsSeconds',
+                              'type': {'kind': 'or',
+                                       'items': [{'kind': 'base', 'name': 'number'},
+                                                 {'kind': 'base', 'name': 'null'}]},
+                              'documentation': "The steps' seconds had every batch been full `batchSize` x "
+                                               '`seqLen` rows (what the plan predicts without `dataset`); '
+                                               'null without a calibration.'}],
+              'additionalProperties': False},
  'PlanEstimate': {'properties': [{'name': 'memory',
                                   'type': {'kind': 'reference', 'name': 'MemoryBreakdown'},
                                   'documentation': 'Memory by part in fixed groups (weights includes the '
@@ -1394,7 +1477,9 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'number'},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Predicted throughput (null until calibrated).'},
+                                  'documentation': 'Predicted throughput: batch x seq tokens a second, or '
+                                                   'with `dataset` its non-padding tokens a second (as '
+                                                   'TrainProgress counts them); null until calibrated.'},
                                  {'name': 'seconds',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'number'},
@@ -1453,19 +1538,27 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': 'Optimizer steps of the run.'},
                                  {'name': 'tokens',
                                   'type': {'kind': 'base', 'name': 'integer'},
-                                  'documentation': 'Tokens trained over the run (steps * tokensPerStep).'},
+                                  'documentation': 'Tokens trained over the run: steps * tokensPerStep, or '
+                                                   'with `dataset` the non-padding tokens of its batches.'},
                                  {'name': 'stepSeconds',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'base', 'name': 'number'},
                                                      {'kind': 'base', 'name': 'null'}]},
-                                  'documentation': 'Predicted seconds per optimizer step (null until '
-                                                   'calibrated).'},
+                                  'documentation': 'Predicted seconds per optimizer step (with `dataset`: '
+                                                   'the mean over its batches; null until calibrated).'},
                                  {'name': 'calibration',
                                   'type': {'kind': 'or',
                                            'items': [{'kind': 'reference', 'name': 'PlanCalibration'},
                                                      {'kind': 'base', 'name': 'null'}]},
                                   'documentation': 'The calibration the time comes from (null: none cached; '
                                                    'run plan/calibrate).'},
+                                 {'name': 'data',
+                                  'type': {'kind': 'or',
+                                           'items': [{'kind': 'reference', 'name': 'PlanData'},
+                                                     {'kind': 'base', 'name': 'null'}]},
+                                  'documentation': "The dataset's batches the time was priced on (null: no "
+                                                   '`dataset` given, every step priced as full `batchSize` x '
+                                                   '`seqLen` rows).'},
                                  {'name': 'notes',
                                   'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
                                   'documentation': 'How each number was obtained, and every limit, warning '
@@ -2274,7 +2367,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                 'optimizer': 'adamw',
                 'epochs': 1.0,
                 'gradAccum': 1,
-                'checkpointEvery': 50},
+                'checkpointEvery': 50,
+                'pack': True,
+                'seed': 0,
+                'validationFraction': 0.0},
  'CalibrateParams': {'refresh': False, 'clock': 'wall'},
  'DatasetParams': {'seqLen': 512},
  'EvaluateParams': {'adapter': None, 'adapterScale': 1.0, 'seqLen': 512, 'batchSize': 4, 'maxBatches': None},

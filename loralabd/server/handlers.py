@@ -39,7 +39,8 @@ from .engines import available_backends, device_probe
 from .errors import DomainError
 from .generating import generation
 from .storage import check_space, dir_bytes, is_write_fault, write_failed
-from .planning import calibration_finish, calibration_result, calibration_start, plan_estimate, shape_label, time_shape
+from .planning import calibration_finish, calibration_result, calibration_start, plan_batches, plan_estimate, shape_label, \
+    time_shape
 
 log = logging.getLogger("loralabd.rpc")
 T = TypeVar("T")
@@ -348,8 +349,20 @@ class Dispatcher:
     async def plan_estimate(self, conn: Connection, p: PlanParams, rid: RequestId) -> PlanEstimate:
         e = self.manager.get(p["model"])
         _check_layers("plan/estimate", p, e.model.args.num_hidden_layers, e.id)
+        batches = None
+        if p.get("dataset"):  # its real batches: read on a data thread, the model's queue goes on meanwhile
+            src = await self.manager.on_io(access.readable, p["dataset"], "dataset")
+            prog = Progress(conn, p["workDoneToken"]) if "workDoneToken" in p else None
+            told = _ReadReports(prog, p["dataset"], asyncio.get_running_loop())
+
+            def stop() -> None:
+                if told.cancelled.is_set():
+                    raise asyncio.CancelledError()
+
+            batches = await _with_progress(prog, f"Reading {p['dataset']}", told,
+                                           self.manager.on_data(plan_batches, e.model, src, p, told, stop))
         async with e.turn():  # a calibration, when it runs, uses the engine
-            return await self.manager.on_device(plan_estimate, e.model, e.engine, p)
+            return await self.manager.on_device(plan_estimate, e.model, e.engine, p, batches)
 
     async def plan_calibrate(self, conn: Connection, p: CalibrateParams, rid: RequestId) -> CalibrateResult:
         """Time the model's engine on a few shapes, one device call per shape: progress after each,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import LoraLabError
@@ -11,20 +13,42 @@ from ..protocol.types import CalibrateResult, Clock, PlanEstimate, PlanParams
 if TYPE_CHECKING:
     from ..engine.interface import Engine
     from ..models.load import LoadedModel
+    from ..plan.batches import RunBatches
     from ..plan.calibrate import Calibration, Item
     from ..plan.hardware import Device
 from .errors import DomainError
 
 
-def plan_estimate(model: LoadedModel, engine: Engine, p: PlanParams) -> PlanEstimate:
-    """plan/estimate through loralabd.plan (issue 7): memory by part, limits, advice, time once calibrated."""
+def plan_estimate(model: LoadedModel, engine: Engine, p: PlanParams, batches: RunBatches | None = None) -> PlanEstimate:
+    """plan/estimate through loralabd.plan (issue 7): memory by part, limits, advice, time once calibrated;
+    batches: the dataset's real micro-batches (plan_batches), priced instead of full rows."""
     try:
         from ..plan import plan_from_params
     except ImportError as e:
         raise DomainError(ErrorCode.FeatureUnavailable, f"planning is not in this build ({e}); update LoRA Lab") from None
     try:
-        return plan_from_params(model, p, engine)
+        return plan_from_params(model, p, engine, batches)
     except (ValueError, LoraLabError) as e:
+        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
+
+
+def plan_batches(model: LoadedModel, path: Path, p: PlanParams, progress: Callable[[int, int], None],
+                 stop: Callable[[], None]) -> RunBatches:
+    """The micro-batches the trainer would run on plan/estimate's `dataset` (at `path`, access-checked): read and
+    tokenized as train/start reads it, on a data thread (off the model's queue). progress(done, total): the bytes
+    read; progress and stop() raise once the request is cancelled, which stops the read and the walk over the
+    batches."""
+    from ..plan.batches import read_batches
+    from ..training.data import DatasetError
+    from ..training.trainer import TrainError
+
+    try:
+        return read_batches(path, model.tokenizer, p, progress, stop)
+    except DatasetError as e:
+        raise DomainError(ErrorCode.DatasetError, str(e)) from None
+    except OSError as e:
+        raise DomainError(ErrorCode.DatasetError, f"{p.get('dataset')}: {e}; check the path") from None
+    except (TrainError, ValueError) as e:
         raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
 
 

@@ -336,6 +336,25 @@ export interface PlanParams {
    * @default 50
    */
   checkpointEvery?: number;
+  /** The training data, as train/start's `dataset` (a file or folder). Given, the plan reads it off the model's queue (generation and training steps go on meanwhile) and prices the batches the trainer will run — each cut to its longest row, packed rows partly empty — instead of full `batchSize` x `seqLen` rows; the data also sets `steps` (when not given: `epochs` of it) and `tokens`. `$/progress` on `workDoneToken` reports the bytes read; `$/cancelRequest` stops the read. */
+  dataset?: string;
+  /**
+   * With `dataset`, as in TrainParams: pack several examples into each row; false: one example a row.
+   * @default true
+   */
+  pack?: boolean;
+  /**
+   * With `dataset`, as in TrainParams: the data order (and so how rows pack into batches).
+   * @default 0
+   */
+  seed?: number;
+  /**
+   * With `dataset`, as in TrainParams: the fraction of examples held out for validation (not trained on).
+   * @default 0.0
+   */
+  validationFraction?: number;
+  /** Token for `$/progress` while `dataset` is read (the bytes read). */
+  workDoneToken?: ProgressToken;
 }
 
 /** Bytes by part. */
@@ -468,6 +487,22 @@ export interface PlanCalibration {
   memoryResidual: number | null;
 }
 
+/** The dataset's real batches a plan's time was priced on. */
+export interface PlanData {
+  /** Training examples read (less any held out for validation). */
+  examples: number;
+  /** Micro-batches priced: the run's steps x `gradAccum` (fewer where the data runs out). */
+  batches: number;
+  /** Non-padding tokens in them (what TrainProgress's `tokensSeen` counts). */
+  tokens: number;
+  /** `tokens` over rows x `seqLen`: how full the rows are (1: every row full). */
+  rowFill: number;
+  /** The length the trainer cuts batches to (their longest row, rounded up to 32), averaged over rows. */
+  meanLength: number;
+  /** The steps' seconds had every batch been full `batchSize` x `seqLen` rows (what the plan predicts without `dataset`); null without a calibration. */
+  fullRowsSeconds: number | null;
+}
+
 /** Will it fit, how long will it take, what to change. */
 export interface PlanEstimate {
   /** Memory by part in fixed groups (weights includes the numpy engine's dequantized copies, the runtime's fixed cost measured at calibration and the caches the engine holds; activations includes attention and workspace); `parts` lists every part. The total predicts `memoryMeasuredAs`. */
@@ -480,7 +515,7 @@ export interface PlanEstimate {
   loraParameters: number;
   /** batchSize * seqLen * gradAccum. */
   tokensPerStep: number;
-  /** Predicted throughput (null until calibrated). */
+  /** Predicted throughput: batch x seq tokens a second, or with `dataset` its non-padding tokens a second (as TrainProgress counts them); null until calibrated. */
   tokensPerSecond: number | null;
   /** Predicted time of the whole run, with the engine's warm-up (null until calibrated). */
   seconds: number | null;
@@ -512,12 +547,14 @@ export interface PlanEstimate {
   optimizer: OptimizerKind;
   /** Optimizer steps of the run. */
   steps: number;
-  /** Tokens trained over the run (steps * tokensPerStep). */
+  /** Tokens trained over the run: steps * tokensPerStep, or with `dataset` the non-padding tokens of its batches. */
   tokens: number;
-  /** Predicted seconds per optimizer step (null until calibrated). */
+  /** Predicted seconds per optimizer step (with `dataset`: the mean over its batches; null until calibrated). */
   stepSeconds: number | null;
   /** The calibration the time comes from (null: none cached; run plan/calibrate). */
   calibration: PlanCalibration | null;
+  /** The dataset's batches the time was priced on (null: no `dataset` given, every step priced as full `batchSize` x `seqLen` rows). */
+  data: PlanData | null;
   /** How each number was obtained, and every limit, warning and advice as a sentence. */
   notes: string[];
   /** Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects). */
@@ -1086,7 +1123,7 @@ export interface ExportResult {
 export interface ProtocolDefaults {
   ModelLoadParams: Readonly<Required<Pick<ModelLoadParams, "source" | "backend" | "weights">>>;
   LoraSettings: Readonly<Required<Pick<LoraSettings, "r" | "dropout" | "useRslora" | "targets" | "layers">>>;
-  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum" | "checkpointEvery">>>;
+  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum" | "checkpointEvery" | "pack" | "seed" | "validationFraction">>>;
   CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
@@ -1104,7 +1141,7 @@ export interface ProtocolDefaults {
 export const DEFAULTS: ProtocolDefaults = {
   ModelLoadParams: { source: "default", backend: "auto", weights: "q4_1" },
   LoraSettings: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null },
-  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1, checkpointEvery: 50 },
+  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1, checkpointEvery: 50, pack: true, seed: 0, validationFraction: 0.0 },
   CalibrateParams: { refresh: false, clock: "wall" },
   DatasetParams: { seqLen: 512 },
   EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },
