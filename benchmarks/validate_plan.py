@@ -6,7 +6,8 @@
 
 What runs, as a new user would: a private LORALAB_HOME; one daemon (`python -m loralabd.server.main`, as
 bench_daemon.py starts it) loads the model and runs `plan/calibrate`, then stops. Then, for each configuration, a
-fresh daemon: `model/load`, `plan/estimate` (the configuration, `steps`, the cached calibration), and `train/start`
+fresh daemon: `model/load`, `plan/estimate` (the configuration, `steps`, the job's dataset and seed — the plan
+prices the batches the trainer will run on it — and the cached calibration), and `train/start`
 on synthetic chat data (JSONL `messages`) or text data (JSONL `text`), packing on, evaluation and checkpoints at
 their defaults (checkpointEvery 50, no validation set), progress streamed. A fresh daemon per configuration so
 that each job's memory is its own and the engine starts cold, as the plan assumes (its time includes the first
@@ -15,8 +16,8 @@ step's warm-up).
 Measured, from outside the daemon:
 - time: the client's wall clock from train/start to its answer (data loading, the first step's warm-up, every
   step, the checkpoints and the adapter save), against the plan's `seconds`; and the median `tokensPerSecond` of
-  the TrainProgress reports after the first three, against the plan's `tokensPerSecond` times the rows' fill
-  (TrainProgress counts non-padding tokens; the plan's tokens are batch x seq);
+  the TrainProgress reports after the first three, against the plan's `tokensPerSecond` (with the dataset both
+  count non-padding tokens; with --full-rows the plan's are batch x seq, so times the rows' fill);
 - memory: the daemon's peak during the job — on the CPU its VmHWM (/proc/<pid>/status), reset through
   /proc/<pid>/clear_refs just before train/start; on NVIDIA its used GPU memory (NVML or nvidia-smi for the
   daemon's pid, sampled every 50 ms; where the driver does not list the pid, the GPU's memory.used minus what it
@@ -170,11 +171,13 @@ def _software_adapter() -> bool:
 
 # -- one configuration -------------------------------------------------------------------------------------
 
-def _params(cfg: tuple, data: dict, steps: int) -> tuple[dict, dict]:
+def _params(cfg: tuple, data: dict, steps: int, full_rows: bool = False) -> tuple[dict, dict]:
     kind, B, T, r, targets, optim, ga = cfg
     lora = {"r": r, "alpha": 2 * r, "targets": targets}
     plan = {"model": "m", "lora": lora, "batchSize": B, "seqLen": T, "gradAccum": ga, "optimizer": optim,
             "steps": steps}
+    if not full_rows:  # the job's data and order: the plan prices the batches the trainer will run
+        plan.update(dataset=str(data[kind]), seed=0)
     train = {"model": "m", "dataset": str(data[kind]), "adapter": f"v-{kind}-{B}x{T}-r{r}-g{ga}", "steps": steps,
              "batchSize": B, "seqLen": T, "gradAccum": ga, "lora": lora, "optimizer": {"kind": optim}, "seed": 0,
              "overwrite": True}
@@ -182,12 +185,12 @@ def _params(cfg: tuple, data: dict, steps: int) -> tuple[dict, dict]:
 
 
 async def run_config(d: Daemon, meter: Meter, source: str, backend: str, cfg: tuple, data: dict, steps: int,
-                     log) -> dict:
+                     log, full_rows: bool = False) -> dict:
     c = await d.client()
     try:
         async with meter.phase() as load:
             await c.request("model/load", {"source": source, "backend": backend, "name": "m"}, timeout=600)
-        plan_p, train_p = _params(cfg, data, steps)
+        plan_p, train_p = _params(cfg, data, steps, full_rows)
         plan = await c.request("plan/estimate", plan_p)
         async with meter.phase() as job:
             info, reports, wall = await train_job(c, train_p)
@@ -199,19 +202,29 @@ async def run_config(d: Daemon, meter: Meter, source: str, backend: str, cfg: tu
     later = [x["tokensPerSecond"] for x in reports[3:] if x["tokensPerSecond"]] or \
             [x["tokensPerSecond"] for x in reports[-1:]]
     fill = info["tokensSeen"] / (info["step"] * B * T * ga)
+    priced = plan["data"]  # the dataset's batches the plan priced (None: full rows)
+    tps_scale = 1.0 if priced else fill  # the plan's tokens/s counts what TrainProgress counts only with the data
     row = {"config": {"data": kind, "batch": B, "seq": T, "r": r, "targets": targets, "optimizer": optim,
                       "gradAccum": ga, "steps": steps},
            "time_pred": plan["seconds"], "time_meas": wall, "step_pred": plan["stepSeconds"],
            "tps_pred": plan["tokensPerSecond"], "tps_progress": statistics.median(later) if later else None,
            "fill": fill, "mem_pred": plan["memory"]["total"], "mem_meas": job.peak, "mem_source": job.source,
            "load_pred": plan.get("loadBytes"), "load_meas": load.peak, "peak_phase": plan["peakPhase"],
-           "tokens_seen": info["tokensSeen"], "reports": len(reports), "warnings": plan["warnings"],
+           "tokens_seen": info["tokensSeen"], "tokens_pred": plan["tokens"], "priced": priced,
+           "tps_scale": tps_scale, "reports": len(reports), "warnings": plan["warnings"],
            "parts": {p["part"]: p["bytes"] for p in plan["parts"]}}
     row["time_err"] = row["time_pred"] / wall - 1 if row["time_pred"] else None
-    row["tps_err"] = (row["tps_pred"] * fill / row["tps_progress"] - 1) if row["tps_pred"] and row["tps_progress"] else None
+    row["tps_err"] = (row["tps_pred"] * tps_scale / row["tps_progress"] - 1) if row["tps_pred"] and row["tps_progress"] \
+        else None
     row["mem_err"] = row["mem_pred"] / job.peak - 1 if job.peak else None
     row["load_err"] = row["load_pred"] / load.peak - 1 if row["load_pred"] and load.peak else None
-    log(f"{_label(row)}: time {row['time_pred'] or 0:.1f} s predicted, {wall:.1f} s measured; memory "
+    full = None
+    if priced and priced["fullRowsSeconds"] is not None and row["time_pred"]:  # the same run priced as full rows
+        full = row["time_pred"] - plan["stepSeconds"] * plan["steps"] + priced["fullRowsSeconds"]
+    row["time_full_rows"] = full
+    how = (f"priced {priced['batches']} batches, fill {100 * priced['rowFill']:.0f}%; full rows {full or 0:.1f} s"
+           if priced else "full rows")
+    log(f"{_label(row)}: time {row['time_pred'] or 0:.1f} s predicted ({how}), {wall:.1f} s measured; memory "
         f"{_mib(row['mem_pred'])} predicted, {_mib(job.peak)} measured")
     return row
 
@@ -246,12 +259,15 @@ def _label(row) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    out = ["| configuration | time predicted | job wall clock | error | tokens/s predicted × fill | TrainProgress "
-           "tokens/s | error | memory predicted | measured peak | error | load predicted | load measured |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| configuration | time predicted | job wall clock | error | as full rows (error) | tokens/s predicted | "
+           "TrainProgress tokens/s | error | memory predicted | measured peak | error | load predicted | load measured |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        tp = None if r["tps_pred"] is None else r["tps_pred"] * r["fill"]
+        tp = None if r["tps_pred"] is None else r["tps_pred"] * r["tps_scale"]
+        fr = r.get("time_full_rows")
+        full = "-" if fr is None else f"{fr:,.1f} s ({_pct(fr / r['time_meas'] - 1)})"
         out.append(f"| {_label(r)} | {r['time_pred'] or 0:,.1f} s | {r['time_meas']:,.1f} s | {_pct(r['time_err'])} "
+                   f"| {full} "
                    f"| {tp or 0:,.1f} | {r['tps_progress'] or 0:,.1f} | {_pct(r['tps_err'])} | {_mib(r['mem_pred'])} "
                    f"| {_mib(r['mem_meas'])} | {_pct(r['mem_err'])} | {_mib(r['load_pred'])} | {_mib(r['load_meas'])} |")
     return "\n".join(out)
@@ -283,7 +299,7 @@ async def main_async(a, source: str, data: dict, home: Path, log) -> dict:
         d = Daemon(home)
         try:
             meter = Meter(a.backend, d.proc.pid, baseline)
-            rows.append(await run_config(d, meter, source, a.backend, cfg, data, a.steps, log))
+            rows.append(await run_config(d, meter, source, a.backend, cfg, data, a.steps, log, a.full_rows))
         except BaseException:
             log("daemon log tail:\n" + d.tail())
             raise
@@ -304,6 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", choices=sorted(CONFIGS), default=None, help="which list (default: by backend)")
     ap.add_argument("--only", default=None, help="run these configurations only: indexes into the list, e.g. 0,3")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads of the daemons (numpy)")
+    ap.add_argument("--full-rows", action="store_true",
+                    help="plan without the dataset: every step priced as full batch x seq rows (as before issue 13)")
     ap.add_argument("--out", metavar="JSON", default=None, help="write every number here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (daemon home, data, logs)")
     a = ap.parse_args(argv)

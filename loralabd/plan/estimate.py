@@ -324,10 +324,15 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
 
     # -- time
     tps = step_s = seconds = full_s = None
+    # what a micro-batch computes: the numpy engine runs it as the trainer cut it; the WebGPU session pads every
+    # one into its single step program of batch x seq (engine/webgpu/train.py), so there only the count is real
+    cut = backend == "numpy"
+
     def steps_s(c: LoraConfig) -> float:
         """Seconds of the run's steps at LoRA settings c: each real micro-batch shape, else full rows."""
         if batches is not None:
-            return sum(k * cal.predict_step(a, c, shapes, optim) for shapes, k in batches.steps.items())
+            return sum(k * cal.predict_step(a, c, shapes if cut else [(B, T)] * len(shapes), optim)
+                       for shapes, k in batches.steps.items())
         return n_steps * cal.predict(a, c, B, T, ga, optim)["step_s"]
 
     if cal is not None:
@@ -345,7 +350,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
                      "costs about a third of a training step")
         if batches is not None:
             full_s = n_steps * cal.predict(a, cfg, B, T, ga, optim)["step_s"]
-            notes.append(f"{batches.note()}; {run_s:.1f} s of steps (full {B} x {T} rows would be {full_s:.1f} s)")
+            notes.append(f"{batches.note()}; {run_s:.1f} s of steps (full {B} x {T} rows would be {full_s:.1f} s)"
+                         + ("" if cut else f"; the {backend} engine pads every batch into its {B} x {T} step "
+                                           "program, so each is priced at that shape"))
         else:
             notes.append(f"time: every step priced as full {B} x {T} rows (pass the dataset to price its real "
                          "batches: the trainer cuts each to its longest row)")
