@@ -120,6 +120,37 @@ def test_calibrate_then_estimate_predicts_time(home, tiny_model):
         d.stop()
 
 
+def test_estimate_with_the_dataset_prices_its_batches_off_the_models_queue(home, tiny_model, dataset):
+    """plan/estimate with train/start's dataset: read on a data thread, its batches priced (PlanEstimate.data), the
+    run's length from its epochs, and a missing file a DatasetError."""
+    d = Daemon(home)
+    try:
+        async def go():
+            c = await d.client()
+            await c.request("model/load", {"source": str(tiny_model), "name": "tiny", "backend": "numpy"})
+            await c.request("plan/calibrate", {"model": "tiny"})
+            plain = await c.request("plan/estimate", PLAN)
+            assert plain["data"] is None and any("priced as full 2 x 32 rows" in n for n in plain["notes"])
+            p = await c.request("plan/estimate", {**PLAN, "dataset": str(dataset), "workDoneToken": "plan-1"})
+            data = p["data"]
+            assert data["examples"] == 24 and data["batches"] == 10 and p["steps"] == 10
+            assert 0 < data["rowFill"] <= 1 and 0 < data["meanLength"] <= 32 and p["tokens"] == data["tokens"]
+            assert data["fullRowsSeconds"] > 0 and p["seconds"] > 0
+            assert any("priced 10 batches of the dataset's real shapes" in n for n in p["notes"])
+            # no steps: epochs of the dataset, as train/start counts them
+            no_steps = {k: v for k, v in PLAN.items() if k != "steps"}
+            e2 = await c.request("plan/estimate", {**no_steps, "dataset": str(dataset), "epochs": 2})
+            job = await c.request("train/start", {**no_steps, "dataset": str(dataset), "epochs": 2, "adapter": "e2"})
+            assert e2["steps"] == job["totalSteps"] and e2["tokens"] == job["tokensSeen"]
+            with pytest.raises(Exception) as ei:
+                await c.request("plan/estimate", {**PLAN, "dataset": str(dataset) + ".missing"})
+            assert ei.value.code == -32057
+            await c.close()
+        run(go())
+    finally:
+        d.stop()
+
+
 def loralab(home, *args, ok=True):
     p = subprocess.run([PY, "-m", "loralabd.cli", *args], env=env_for(home), capture_output=True, text=True, timeout=180)
     if ok:

@@ -205,6 +205,65 @@ def test_the_fit_recovers_a_per_step_term_and_reports_its_residual():
     assert 0.01 < res_n < 0.2 and loo_n > res_n
 
 
+def test_a_dataset_of_short_chat_rows_is_priced_as_the_batches_the_trainer_runs(default_model, tmp_path):
+    """With the dataset the plan prices the batches the trainer will run — chat examples of 112-161 tokens at batch
+    1 x seq 256 pack one or two a row, and each batch is cut to its longest row — so it predicts less time than full
+    rows, and exactly the shapes a real Trainer then runs, priced one by one. The calibration is the fit of steps
+    made from known coefficients (as above): the test times nothing."""
+    from collections import Counter
+
+    from loralabd.engine.numpy_engine import NumpyEngine
+    from loralabd.models.random import random_model, tiny_args
+    from loralabd.plan.batches import read_batches
+    from loralabd.plan.calibrate import Calibration, fit, shapes_for
+    from loralabd.plan.hardware import Device
+    from loralabd.protocol.validate import check_structure
+    from loralabd.training.data import Example
+    from loralabd.training.packing import Dataset
+    from loralabd.training.trainer import TrainConfig, Trainer
+
+    truth = {"micro_batches": 2e-3, "matmul_flops": 1.2e-11, "lora_flops": 4e-10, "attention_flops": 2.5e-10,
+             "lora_params": 4e-8}
+    coef, terms, _, _ = fit(_samples(truth, shapes_for(Device(backend="numpy", name="cpu", type="cpu"))))
+    cal = Calibration(key="test", device={}, clock="cpu", coef=coef, fitted=terms)
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about the number {i}."},
+                          {"role": "assistant", "content": " ".join(["It is a fine number."] * (12 + i % 9))}]}
+            for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = {"batchSize": 1, "seqLen": 256, "steps": 12}
+    rb = read_batches(path, default_model.tokenizer, p)
+    assert rb.n_steps == 12 and rb.row_fill < 0.85 and rb.mean_length < 240
+
+    # the shapes a real Trainer runs on the same examples (ids folded into a tiny model's vocabulary: same lengths)
+    tiny = random_model(tiny_args(), seed=0)
+    ds = Dataset.load(path, default_model.tokenizer, max_seq_len=256)
+    ds.train = [Example(e.ids % tiny.args.vocab_size, e.mask, e.file, e.line) for e in ds.train]
+    tr = Trainer(NumpyEngine(tiny), ds, TrainConfig.from_protocol(p))
+    ran, step = [], tr.sess.step
+    tr.sess.step = lambda bs, lr, clip: (ran.append(tuple(b.tokens.shape for b in bs)), step(bs, lr, clip))[1]
+    tr.run()
+    assert Counter(ran) == rb.steps and tr.tokens_seen == rb.tokens
+
+    args, cfg = default_model.args, LoraConfig(r=8)
+    full = estimate(default_model, "numpy", lora=cfg, batch=1, seq=256, steps=12, calibration=cal)
+    data = estimate(default_model, "numpy", lora=cfg, batch=1, seq=256, steps=12, calibration=cal, batches=rb)
+    priced = sum(cal.predict(args, cfg, b, t)["step_s"] for (b, t), in ran)  # one micro-batch a step
+    assert data.steps == full.steps == 12 and data.tokens == rb.tokens < full.tokens
+    assert data.seconds - cal.warmup_s == pytest.approx(priced, rel=1e-9)
+    assert full.seconds - cal.warmup_s == pytest.approx(12 * cal.predict(args, cfg, 1, 256)["step_s"], rel=1e-9)
+    assert data.seconds < 0.9 * full.seconds
+    assert data.tokens_per_s == pytest.approx(rb.tokens / priced)  # non-padding tokens, as TrainProgress counts
+    # a step of several micro-batches: each one's per-micro-batch work, the per-step work once
+    assert cal.predict_step(args, cfg, [(2, 64)] * 3) == pytest.approx(cal.predict(args, cfg, 2, 64, 3)["step_s"])
+    out = data.to_protocol()
+    check_structure(out, "PlanEstimate", "result")
+    assert out["data"]["batches"] == 12 and out["data"]["rowFill"] == pytest.approx(rb.row_fill)
+    assert out["data"]["fullRowsSeconds"] == pytest.approx(full.seconds - cal.warmup_s)
+    assert any("priced 12 batches of the dataset's real shapes" in n for n in out["notes"])
+    assert full.to_protocol()["data"] is None
+
+
 def test_every_calibration_times_more_shapes_than_its_model_has_terms():
     from loralabd.models.random import smollm2_135m_args
     from loralabd.plan.calibrate import shapes_for, varied_terms

@@ -78,10 +78,7 @@ class Plan:
             "tokensPerSecond": self.tokens_per_s, "stepSeconds": self.step_s, "seconds": self.seconds,
             "loadBytes": self.memory.load, "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
             "notes": list(self.notes),
-            "data": None if self.batches is None else {
-                "examples": self.batches.examples, "batches": self.batches.micro_batches, "tokens": self.batches.tokens,
-                "row_fill": self.batches.row_fill, "mean_length": self.batches.mean_length,
-                "full_rows_s": self.full_rows_s},
+            "data": self._data_protocol(),
         }
 
     def to_protocol(self) -> PlanEstimate:
