@@ -8,13 +8,15 @@ from typing import Generator, Sequence
 import numpy as np
 
 from ..models.load import LoadedModel
+from . import cpu_ops as C
 from . import reference as R
 from .interface import AdapterScales, OptimSettings, Sampling
 from .memory import MemoryPlan, numpy_memory_plan
 from .lora import LoraAdapter
 from .numpy_train import NumpyTrainSession
 
-ATTN = ("q_proj", "k_proj", "v_proj")
+# projections that read the same input, multiplied as one matrix (their weights stacked by rows)
+QKV, O, GU, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 @dataclass
@@ -39,16 +41,37 @@ class NumpyEngine:
         self.model = model
         self.args = model.args
         self.vocab_chunk = vocab_chunk
-        self._dense: dict = {}  # dequantized f32 weights, built on first use
+        self._dense: dict = {}  # (layer, group) -> (W (sum of outs, in) f32, bias or None, name -> rows), built on first use
         self._out_cache: np.ndarray | None = None
 
     # -- weights ---------------------------------------------------------------------------------
 
-    def W(self, i: int, name: str) -> np.ndarray:
-        key = (i, name)
+    def group(self, i: int, names: tuple) -> tuple:
+        """The projections `names` of layer i dequantized once and stacked: W (sum of outs, in), the stacked bias
+        (None without biases), and each name's rows."""
+        key = (i, names)
         if key not in self._dense:
-            self._dense[key] = self.model.layers[i].linear[name].dequantize()
+            L = self.model.layers[i]
+            ws = [L.linear[n].dequantize() for n in names]
+            W = ws[0] if len(ws) == 1 else np.concatenate(ws)
+            del ws
+            rows, r0 = {}, 0
+            for n in names:
+                out_f = self.args.linear_shape(n)[0]
+                rows[n] = (r0, r0 + out_f)
+                r0 += out_f
+            bias = None
+            if any(n in L.bias for n in names):
+                bias = np.concatenate([np.asarray(L.bias[n], np.float32) if n in L.bias
+                                       else np.zeros(rows[n][1] - rows[n][0], np.float32) for n in names])
+            self._dense[key] = (np.ascontiguousarray(W, np.float32), bias, rows)
         return self._dense[key]
+
+    def W(self, i: int, name: str) -> np.ndarray:
+        """(out, in) f32 weight of one projection (a view of its group's stacked matrix)."""
+        g = next(g for g in (QKV, O, GU, DOWN) if name in g)
+        W, _, rows = self.group(i, g)
+        return W[rows[name][0]:rows[name][1]]
 
     def out_rows(self, start: int, stop: int) -> np.ndarray:
         if self._out_cache is None:
@@ -63,27 +86,58 @@ class NumpyEngine:
         rows = np.stack([self.model.embed_tokens.rows(int(t), int(t) + 1)[0] for t in uniq])
         return rows[inv].reshape(*tokens.shape, -1)
 
-    # -- one projection with any adapters ----------------------------------------------------------
+    # -- projections with any adapters ----------------------------------------------------------
 
-    def _lin(self, i, name, x, adapters, saved=None, drop_rng=None):
-        L = self.model.layers[i]
-        y = x @ self.W(i, name).T
-        if name in L.bias:
-            y = y + L.bias[name]
+    def _proj(self, i, names, x, adapters, saved=None, drop_rng=None):
+        """x (N, in) -> (N, sum of outs): the projections `names` (one matmul) plus each adapter's LoRA term;
+        saved (training) gets each name's (x·Aᵀ, dropout mask) of the first adapter."""
+        W, bias, rows = self.group(i, names)
+        y = x @ W.T
+        if bias is not None:
+            y += bias
         for j, (ad, s) in enumerate(adapters):
-            ab = ad.get(i, name)
-            if ab is None or s == 0.0:
+            if s == 0.0:
+                continue
+            c = np.float32(s * ad.config.scale)
+            p = ad.config.dropout
+            for name in names:
+                ab = ad.get(i, name)
+                if ab is None:
+                    continue
+                A, Bm = ab
+                mask = None
+                if saved is not None and j == 0 and p > 0.0 and drop_rng is not None:  # one mask per projection, in order
+                    mask = (drop_rng.random(x.shape) >= p).astype(np.float32) / (1.0 - p)
+                xa = (x if mask is None else x * mask) @ A.T  # (N, r)
+                r0, r1 = rows[name]
+                y[:, r0:r1] += (xa * c) @ Bm.T
+                if saved is not None and j == 0:
+                    saved[name] = (xa, mask)
+        return y
+
+    def _proj_back(self, i, names, dy, x, saved, adapter, grads, need_dx=True):
+        """dy (N, sum of outs) -> dx (N, in) (None when not needed); d(A, B) of the adapter's matrices into grads,
+        as reference.lora_linear_backward."""
+        W, _, rows = self.group(i, names)
+        dx = dy @ W if need_dx else None
+        s = adapter.config.scale
+        for name in names:
+            ab = adapter.get(i, name)
+            if ab is None:
                 continue
             A, Bm = ab
-            mask = None
-            p = ad.config.dropout
-            if saved is not None and j == 0 and p > 0.0 and drop_rng is not None:
-                mask = (drop_rng.random(x.shape) >= p).astype(np.float32) / (1.0 - p)
-            xa = (x if mask is None else x * mask) @ A.T
-            y = y + (s * ad.config.scale) * (xa @ Bm.T)
-            if saved is not None and j == 0:
-                saved[name] = (xa, mask)
-        return y
+            xa, dm = saved[name]
+            r0, r1 = rows[name]
+            dyj = dy[:, r0:r1]  # (N, out): a strided view, BLAS takes it as is
+            grads[f"{i}.{name}.B"] = s * (dyj.T @ xa)
+            dxa = s * (dyj @ Bm)  # (N, r)
+            grads[f"{i}.{name}.A"] = dxa.T @ (x if dm is None else x * dm)
+            if dx is not None:
+                dxd = dxa @ A
+                if dm is not None:
+                    dxd *= dm
+                dx += dxd
+        return dx
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -96,37 +150,37 @@ class NumpyEngine:
             positions = np.broadcast_to(np.arange(start, start + T), (Bsz, T))
         cos, sin = R.rope_tables(positions, a.head_dim, a.rope_theta)  # (B, T, hd)
         Tk = start + T
-        mask = R.attention_mask(T, segments, t_offset=start, t_keys=Tk)
+        H, KV, hd, D, F = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size, a.intermediate_size
+        blocks = C.attention_blocks(T, Tk, start, segments, H // KV)
         x = self.embed(tokens).astype(np.float32)  # (B, T, D)
         saved_layers = []
-        H, KV, hd, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size
         for i, L in enumerate(self.model.layers):
             sv: dict[str, np.ndarray] | None = {} if keep else None
             if sv is not None:
                 sv["x"] = x
             h, r1 = R.rmsnorm(x, L.input_layernorm, a.rms_norm_eps)
             hN = h.reshape(-1, D)
-            q = self._lin(i, "q_proj", hN, adapters, sv, drop_rng).reshape(Bsz, T, H, hd)
-            k = self._lin(i, "k_proj", hN, adapters, sv, drop_rng).reshape(Bsz, T, KV, hd)
-            v = self._lin(i, "v_proj", hN, adapters, sv, drop_rng).reshape(Bsz, T, KV, hd)
-            q = R.rope(q, cos, sin)
-            k = R.rope(k, cos, sin)
+            qkv = self._proj(i, QKV, hN, adapters, sv, drop_rng)  # (N, (H + 2 KV) hd)
+            q = R.rope(qkv[:, :H * hd].reshape(Bsz, T, H, hd), cos, sin)
+            k = R.rope(qkv[:, H * hd:(H + KV) * hd].reshape(Bsz, T, KV, hd), cos, sin)
+            v = np.ascontiguousarray(qkv[:, (H + KV) * hd:]).reshape(Bsz, T, KV, hd)
+            del qkv
             if cache is not None:
                 cache.k[i][:, start:Tk] = k
                 cache.v[i][:, start:Tk] = v
                 k_all, v_all = cache.k[i][:, :Tk], cache.v[i][:, :Tk]
             else:
                 k_all, v_all = k, v
-            att, lse = R.attention(q, k_all, v_all, mask)
+            att, lse = C.attention(q, k_all, v_all, blocks)
             attN = att.reshape(-1, H * hd)
-            o = self._lin(i, "o_proj", attN, adapters, sv, drop_rng).reshape(Bsz, T, D)
+            o = self._proj(i, O, attN, adapters, sv, drop_rng).reshape(Bsz, T, D)
             x1 = x + o
             h2, r2 = R.rmsnorm(x1, L.post_attention_layernorm, a.rms_norm_eps)
             h2N = h2.reshape(-1, D)
-            g = self._lin(i, "gate_proj", h2N, adapters, sv, drop_rng)
-            u = self._lin(i, "up_proj", h2N, adapters, sv, drop_rng)
-            act = R.swiglu(g, u)
-            d = self._lin(i, "down_proj", act, adapters, sv, drop_rng).reshape(Bsz, T, D)
+            gu = self._proj(i, GU, h2N, adapters, sv, drop_rng)  # (N, 2F)
+            g, u = gu[:, :F], gu[:, F:]
+            act = C.swiglu(g, u)
+            d = self._proj(i, DOWN, act, adapters, sv, drop_rng).reshape(Bsz, T, D)
             x = x1 + d
             if sv is not None:
                 sv.update(r1=r1, hN=hN, q=q, k=k, v=v, lse=lse, attN=attN, x1=x1, r2=r2, h2N=h2N, g=g, u=u, act=act)
@@ -134,7 +188,7 @@ class NumpyEngine:
         if cache is not None:
             cache.length = Tk
         hf, rf = R.rmsnorm(x, self.model.norm, a.rms_norm_eps)
-        ctx = dict(layers=saved_layers, cos=cos, sin=sin, mask=mask, x_final=x, rf=rf)
+        ctx = dict(layers=saved_layers, cos=cos, sin=sin, blocks=blocks, x_final=x, rf=rf)
         return hf, ctx
 
     def logits(self, tokens, adapters=()) -> np.ndarray:
@@ -161,40 +215,34 @@ class NumpyEngine:
         N = Bsz * T
         lab = labels.reshape(N)
         hfN = hf.reshape(N, D)
-        loss, lse, n = R.cross_entropy(hfN, self.out_rows, a.vocab_size, lab, self.vocab_chunk)
-        dh = R.cross_entropy_backward(hfN, self.out_rows, a.vocab_size, lab, lse, n, self.vocab_chunk)
+        loss, dh, n = C.cross_entropy_grad(hfN, self.out_rows(0, a.vocab_size), lab, self.vocab_chunk)
         dx = R.rmsnorm_backward(dh.reshape(Bsz, T, D), ctx["x_final"], self.model.norm, ctx["rf"])
         grads: dict[str, np.ndarray] = {}
-        s = adapter.config.scale
-        cos, sin, mask = ctx["cos"], ctx["sin"], ctx["mask"]
-
-        def lin_back(i, name, dy, x, sv):
-            ab = adapter.get(i, name)
-            if ab is None:
-                return dy @ self.W(i, name)
-            xa, dm = sv[name]
-            dxx, dA, dB = R.lora_linear_backward(dy, x, self.W(i, name), ab[0], ab[1], s, xa, dm)
-            grads[f"{i}.{name}.A"] = dA.astype(np.float32)
-            grads[f"{i}.{name}.B"] = dB.astype(np.float32)
-            return dxx
-
+        cos, sin, blocks = ctx["cos"], ctx["sin"], ctx["blocks"]
+        F, Hd, KVd = a.intermediate_size, H * hd, KV * hd
         for i in reversed(range(a.num_hidden_layers)):
             L, sv = self.model.layers[i], ctx["layers"][i]
-            dxN = dx.reshape(N, D)
             # MLP
-            dact = lin_back(i, "down_proj", dxN, sv["act"], sv)
-            dg, du = R.swiglu_backward(dact, sv["g"], sv["u"])
-            dh2 = lin_back(i, "gate_proj", dg, sv["h2N"], sv) + lin_back(i, "up_proj", du, sv["h2N"], sv)
+            dact = self._proj_back(i, DOWN, dx.reshape(N, D), sv["act"], sv, adapter, grads)
+            dgu = np.empty((N, 2 * F), np.float32)
+            C.swiglu_backward(dact, sv["g"], sv["u"], dgu)
+            del dact
+            dh2 = self._proj_back(i, GU, dgu, sv["h2N"], sv, adapter, grads)
+            del dgu
             dx1 = dx + R.rmsnorm_backward(dh2.reshape(Bsz, T, D), sv["x1"], L.post_attention_layernorm, sv["r2"])
             # attention
-            datt = lin_back(i, "o_proj", dx1.reshape(N, D), sv["attN"], sv).reshape(Bsz, T, H, hd)
-            dq, dk, dv = R.attention_backward(datt, sv["q"], sv["k"], sv["v"], mask, sv["lse"])
-            dq = R.rope_backward(dq, cos, sin).reshape(N, H * hd)
-            dk = R.rope_backward(dk, cos, sin).reshape(N, KV * hd)
-            dv = dv.reshape(N, KV * hd)
-            dh = (lin_back(i, "q_proj", dq, sv["hN"], sv) + lin_back(i, "k_proj", dk, sv["hN"], sv)
-                  + lin_back(i, "v_proj", dv, sv["hN"], sv))
-            dx = dx1 + R.rmsnorm_backward(dh.reshape(Bsz, T, D), sv["x"], L.input_layernorm, sv["r1"])
+            datt = self._proj_back(i, O, dx1.reshape(N, D), sv["attN"], sv, adapter, grads).reshape(Bsz, T, H, hd)
+            dq, dk, dv = C.attention_backward(datt, sv["attN"].reshape(Bsz, T, H, hd), sv["q"], sv["k"], sv["v"],
+                                              sv["lse"], blocks)
+            dqkv = np.empty((N, Hd + 2 * KVd), np.float32)
+            dqkv[:, :Hd] = R.rope_backward(dq, cos, sin).reshape(N, Hd)
+            dqkv[:, Hd:Hd + KVd] = R.rope_backward(dk, cos, sin).reshape(N, KVd)
+            dqkv[:, Hd + KVd:] = dv.reshape(N, KVd)
+            del dq, dk, dv
+            # the embeddings are frozen: below layer 0 only the LoRA gradients are wanted
+            dh = self._proj_back(i, QKV, dqkv, sv["hN"], sv, adapter, grads, need_dx=i > 0)
+            if i > 0:
+                dx = dx1 + R.rmsnorm_backward(dh.reshape(Bsz, T, D), sv["x"], L.input_layernorm, sv["r1"])
         return loss, grads, n
 
     def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> NumpyTrainSession:
@@ -239,7 +287,7 @@ class NumpyEngine:
 
     def memory_in_use(self) -> int:
         """Bytes of the model's tensors and of the f32 copies this engine has made of them so far."""
-        dense = sum(w.nbytes for w in self._dense.values())
+        dense = sum(w.nbytes + (0 if b is None else b.nbytes) for w, b, _ in self._dense.values())
         return int(self.model.weight_bytes()) + dense + (0 if self._out_cache is None else self._out_cache.nbytes)
 
     def close(self) -> None:
