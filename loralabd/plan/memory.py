@@ -71,24 +71,25 @@ def default_runtime(backend: str) -> RuntimeCost:
 
 
 def engine_plan(model, backend: str, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw",
-                limits: dict | None = None, engine=None, hardware: bool = True) -> MemoryPlan:
+                limits: dict | None = None, engine=None, hardware: bool = True, recompute: bool = False) -> MemoryPlan:
     """The engine's own account: from the engine when there is one, else from its code for this model."""
     if engine is not None:
-        return engine.memory_plan(batch, seq, cfg, optim)
+        return engine.memory_plan(batch, seq, cfg, optim, recompute=recompute)
     from ..engine.select import memory_plan
 
-    return memory_plan(model, backend, batch, seq, cfg, optim, limits, hardware)
+    return memory_plan(model, backend, batch, seq, cfg, optim, limits, hardware, recompute=recompute)
 
 
 def training_memory(model, backend: str, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw",
                     limits: dict | None = None, engine=None, hardware: bool = True,
-                    runtime: RuntimeCost | None = None, quantity: str | None = None) -> MemoryEstimate:
+                    runtime: RuntimeCost | None = None, quantity: str | None = None,
+                    recompute: bool = False) -> MemoryEstimate:
     """limits: the WebGPU adapter's (they size the logits); engine: to ask it (and what it holds now);
     hardware: without an engine, whether the adapter runs the hardware-GPU kernel variants; runtime: the
-    calibration's fixed cost (default: default_runtime)."""
+    calibration's fixed cost (default: default_runtime); recompute: activation checkpointing (plan/activations.py)."""
     if backend not in ("numpy", "webgpu"):
         raise ValueError(f"unknown backend {backend!r}; use 'numpy' or 'webgpu'")
-    mp = engine_plan(model, backend, cfg, batch, seq, optim, limits, engine, hardware)
+    mp = engine_plan(model, backend, cfg, batch, seq, optim, limits, engine, hardware, recompute)
     rt = runtime or default_runtime(backend)
     caches = max(0, int(engine.memory_in_use()) - mp.resident) if engine is not None else 0
     parts = {p: int(mp.parts.get(p, 0)) for p in ENGINE_PARTS}

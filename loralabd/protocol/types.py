@@ -29,6 +29,8 @@ FinishReason = Literal["stop", "length", "cancelled"]  # Why generation stopped.
 
 ExportFormat = Literal["peft", "gguf", "mlx", "merged"]  # Adapter export format: an adapter (peft, gguf, mlx) or the base model with the adapter merged in (merged: a Hugging Face directory, f16).
 
+ActivationMode = Literal["auto", "keep", "recompute"]  # What training keeps for the backward.
+
 Clock = Literal["wall", "cpu"]  # What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines).
 
 
@@ -485,6 +487,7 @@ class TrainParams(TypedDict):
     batchSize: NotRequired[int]  # Sequences per step.
     seqLen: NotRequired[int]  # Tokens per sequence.
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
+    activations: NotRequired["ActivationMode"]  # `keep` every layer's activations for the backward (faster, more memory), `recompute` them (per-layer gradient checkpointing: about a quarter slower, much less memory), or `auto`: keep when the step fits the device's memory, else recompute. Both give the same results.
     warmupSteps: NotRequired[int]  # Linear warmup steps.
     schedule: NotRequired["Schedule"]  # LR decay after warmup.
     maxGradNorm: NotRequired[Union[float, None]]  # Global-norm clipping threshold; null: no clipping.
@@ -1976,6 +1979,15 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                  'minimum': 1,
                                  'maximum': 4096,
                                  'default': 1},
+                                {'name': 'activations',
+                                 'type': {'kind': 'reference', 'name': 'ActivationMode'},
+                                 'documentation': "`keep` every layer's activations for the backward "
+                                                  '(faster, more memory), `recompute` them (per-layer '
+                                                  'gradient checkpointing: about a quarter slower, much less '
+                                                  "memory), or `auto`: keep when the step fits the device's "
+                                                  'memory, else recompute. Both give the same results.',
+                                 'optional': True,
+                                 'default': 'auto'},
                                 {'name': 'warmupSteps',
                                  'type': {'kind': 'base', 'name': 'integer'},
                                  'documentation': 'Linear warmup steps.',
@@ -2352,6 +2364,7 @@ ENUMERATIONS: dict[str, list] = {'Backend': ['auto', 'numpy', 'webgpu'],
  'Role': ['system', 'user', 'assistant'],
  'FinishReason': ['stop', 'length', 'cancelled'],
  'ExportFormat': ['peft', 'gguf', 'mlx', 'merged'],
+ 'ActivationMode': ['auto', 'keep', 'recompute'],
  'Clock': ['wall', 'cpu']}
 
 ALIASES: dict[str, dict] = {'ProgressToken': {'kind': 'or',
@@ -2395,6 +2408,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                  'batchSize': 4,
                  'seqLen': 512,
                  'gradAccum': 1,
+                 'activations': 'auto',
                  'warmupSteps': 0,
                  'schedule': 'cosine',
                  'maxGradNorm': 1.0,

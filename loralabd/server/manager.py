@@ -252,8 +252,8 @@ class ModelManager:
                 self.journal.update(jid, state="failed", error=str(e))
             raise
         note = job.run.note
-        if note is not None:
-            log.warning("job %s: %s", jid, note)
+        if note is not None:  # a warning when a resume passed over damaged checkpoints
+            (log.warning if job.run.tr.passed_over else log.info)("job %s: %s", jid, note)
         await self.journal_update(jid, state="running", step=job.run.step_count, total_steps=job.run.total, error=None,
                                   **({"note": note} if note is not None else {}))
         job.task = asyncio.get_running_loop().create_task(self._train(job), name=f"job-{jid}")

@@ -66,12 +66,15 @@ class TrainRun:
 
     @property
     def note(self) -> str | None:
-        """What the resume passed over: the damaged checkpoints (set aside) and the step it continued from."""
-        if not self.tr.passed_over:
-            return None
-        lc = self.tr.last_checkpoint
-        gone = "; ".join(f"{why} (set aside as {where.name})" for where, why in self.tr.passed_over)
-        return f"resumed from {lc.name if lc else 'step 0'} (step {self.tr.step_num}), the newest whole checkpoint: {gone}"
+        """The activation mode chosen and why (GPU engines), and what a resume passed over: the damaged checkpoints
+        (set aside) and the step it continued from."""
+        out = [] if self.tr.engine.backend == "numpy" else [self.tr.activations.reason]
+        if self.tr.passed_over:
+            lc = self.tr.last_checkpoint
+            gone = "; ".join(f"{why} (set aside as {where.name})" for where, why in self.tr.passed_over)
+            out.append(f"resumed from {lc.name if lc else 'step 0'} (step {self.tr.step_num}), the newest whole "
+                       f"checkpoint: {gone}")
+        return "; ".join(out) or None
 
     @property
     def done(self) -> bool:

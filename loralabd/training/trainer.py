@@ -97,6 +97,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 1
     seed: int = 0
+    activations: str = "auto"  # auto | keep | recompute (plan/activations.py)
 
     def __post_init__(self):
         self.targets = tuple(self.targets)
@@ -110,6 +111,8 @@ class TrainConfig:
                 raise TrainError(f"{k} must be >= 1, got {getattr(self, k)}")
         if self.lr <= 0:
             raise TrainError(f"lr must be > 0, got {self.lr}")
+        if self.activations not in ("auto", "keep", "recompute"):
+            raise TrainError(f"activations must be 'auto', 'keep' or 'recompute', not {self.activations!r}")
 
     @property
     def lora(self) -> LoraConfig:
@@ -162,7 +165,8 @@ class TrainConfig:
                    # epochs counts only without steps (a given one is kept as given: a resume compares settings)
                    epochs=float(q["epochs"]) if steps is None else given.get("epochs"),
                    eval_every=int(q["evalEvery"]), save_every=int(q["checkpointEvery"]), seed=int(q["seed"]),
-                   pack=bool(q["pack"]), min_lr_ratio=float(q["minLrRatio"]), keep_last=int(q["keepLast"]))
+                   pack=bool(q["pack"]), min_lr_ratio=float(q["minLrRatio"]), keep_last=int(q["keepLast"]),
+                   activations=q["activations"])
 
 
 def _fingerprint(examples) -> str:
@@ -219,7 +223,11 @@ class Trainer:
         self.schedule = Schedule(c.lr, self.total_steps, min(warm, self.total_steps), c.lr_schedule, c.min_lr_ratio)
         if adapter is None:
             adapter = LoraAdapter.init(engine.args, c.lora, seed=c.seed)
-        self.sess = engine.train_session(adapter, c.optim())
+        from ..plan.activations import choose_for_engine
+
+        # keep activations when they fit, else recompute them: the same bits either way
+        self.activations = choose_for_engine(engine, c.lora, c.batch_size, c.seq_len, c.optimizer, c.activations)
+        self.sess = engine.train_session(adapter, replace(c.optim(), recompute=self.activations.recompute))
         self.sess.reserve(c.batch_size, c.seq_len)  # micro-batches are at most this: one program from step 0
         self.step_num = 0
         self.tokens_seen = 0

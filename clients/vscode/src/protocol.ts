@@ -38,6 +38,10 @@ export const FinishReasonValues: readonly FinishReason[] = ["stop", "length", "c
 export type ExportFormat = "peft" | "gguf" | "mlx" | "merged";
 export const ExportFormatValues: readonly ExportFormat[] = ["peft", "gguf", "mlx", "merged"];
 
+/** What training keeps for the backward. */
+export type ActivationMode = "auto" | "keep" | "recompute";
+export const ActivationModeValues: readonly ActivationMode[] = ["auto", "keep", "recompute"];
+
 /** What calibration times: `wall` (what a user waits) or `cpu` (process CPU time, for shared machines). */
 export type Clock = "wall" | "cpu";
 export const ClockValues: readonly Clock[] = ["wall", "cpu"];
@@ -845,6 +849,11 @@ export interface TrainParams {
    */
   gradAccum?: number;
   /**
+   * `keep` every layer's activations for the backward (faster, more memory), `recompute` them (per-layer gradient checkpointing: about a quarter slower, much less memory), or `auto`: keep when the step fits the device's memory, else recompute. Both give the same results.
+   * @default "auto"
+   */
+  activations?: ActivationMode;
+  /**
    * Linear warmup steps.
    * @default 0
    */
@@ -1128,7 +1137,7 @@ export interface ProtocolDefaults {
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
   OptimizerSettings: Readonly<Required<Pick<OptimizerSettings, "kind" | "lr" | "betas" | "eps" | "weightDecay">>>;
-  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "evalAtStart" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
+  TrainParams: Readonly<Required<Pick<TrainParams, "lora" | "optimizer" | "epochs" | "evalEvery" | "evalAtStart" | "validationFraction" | "pack" | "minLrRatio" | "keepLast" | "batchSize" | "seqLen" | "gradAccum" | "activations" | "warmupSteps" | "schedule" | "maxGradNorm" | "seed" | "checkpointEvery" | "overwrite" | "wait">>>;
   TrainFollowParams: Readonly<Required<Pick<TrainFollowParams, "wait">>>;
   ResumeParams: Readonly<Required<Pick<ResumeParams, "wait">>>;
   GenerateParams: Readonly<Required<Pick<GenerateParams, "adapter" | "adapterScale" | "maxTokens" | "temperature" | "topK" | "topP" | "seed" | "stop">>>;
@@ -1146,7 +1155,7 @@ export const DEFAULTS: ProtocolDefaults = {
   DatasetParams: { seqLen: 512 },
   EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },
   OptimizerSettings: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 },
-  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, evalAtStart: false, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
+  TrainParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, optimizer: { kind: "adamw", lr: 0.0002, betas: [0.9, 0.999], eps: 1e-08, weightDecay: 0.0 }, epochs: 1.0, evalEvery: 0, evalAtStart: false, validationFraction: 0.0, pack: true, minLrRatio: 0.0, keepLast: 3, batchSize: 4, seqLen: 512, gradAccum: 1, activations: "auto", warmupSteps: 0, schedule: "cosine", maxGradNorm: 1.0, seed: 0, checkpointEvery: 50, overwrite: false, wait: true },
   TrainFollowParams: { wait: true },
   ResumeParams: { wait: true },
   GenerateParams: { adapter: null, adapterScale: 1.0, maxTokens: 256, temperature: 0.0, topK: 0, topP: 1.0, seed: 0, stop: [] },
