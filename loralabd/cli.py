@@ -318,7 +318,7 @@ def cmd_train(a):
                       "optimizer": {"lr": _T["optimizer"]["lr"] if a.lr is None else a.lr},
                       "warmupSteps": a.warmup, "seed": a.seed, "overwrite": a.overwrite, "pack": not a.no_pack,
                       "validationFraction": a.valid_fraction, "minLrRatio": a.min_lr_ratio, "keepLast": a.keep_last,
-                      "evalAtStart": a.eval_at_start}
+                      "evalAtStart": a.eval_at_start, "activations": a.activations}
             if a.valid:
                 params["validation"] = os.path.abspath(a.valid)
             r = _train_stream(c, "train/start", params)
@@ -501,6 +501,9 @@ def build_parser():
     s.add_argument("--min-lr-ratio", type=float, default=_T["minLrRatio"], help="the schedule's floor, x lr")
     s.add_argument("--keep-last", type=int, default=_T["keepLast"], help="checkpoints kept on disk")
     s.add_argument("--eval-at-start", action="store_true", help="validation loss before the first step too")
+    s.add_argument("--activations", choices=["auto", "keep", "recompute"], default=_T["activations"],
+                   help="keep every layer's activations (faster), recompute them in the backward (less memory), or "
+                        "auto: keep when they fit (default)")
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("--list", action="store_true", help="list jobs")
     s.add_argument("--resume", metavar="JOB", help="continue an interrupted job (or a diverged one, with a lower --lr)")
