@@ -72,3 +72,34 @@ def test_a_run_keeps_or_recomputes_as_the_memory_says(tmp_path, monkeypatch):
         tr.sess.close()
     finally:
         eng.close()
+
+
+def test_the_plan_shows_both_modes_and_picks_the_faster_that_fits():
+    """plan/estimate on the WebGPU engine's allocation code: each mode's memory and time side by side; `auto` keeps
+    activations when the step fits (faster: no second forward), recomputes them under a tighter cap, and is refused
+    only when neither fits; the protocol form carries it."""
+    from loralabd.plan.calibrate import Calibration
+    from loralabd.plan.estimate import estimate
+    from loralabd.plan.hardware import Device
+    from loralabd.protocol.validate import check_structure
+
+    model = random_model(tiny_args(), seed=0)
+    coef = {"micro_batches": 1e-3, "matmul_flops": 1e-12, "lora_flops": 1e-11, "attention_flops": 1e-11,
+            "lora_mats": 0.0, "lora_params": 1e-9, "adam8bit_params": 0.0}
+    cal = Calibration(key="t", device={}, clock="wall", coef=coef, fitted=list(coef))
+    dev = Device(backend="webgpu", name="test gpu", type="discrete-gpu", memory_bytes=1 << 40, memory_source="given")
+    kw = dict(lora=LoraConfig(r=4, alpha=8), batch=4, seq=128, steps=10, calibration=cal, device=dev)
+    free = estimate(model, "webgpu", **kw)
+    a = free.activations
+    keep, rec = a["keep"], a["recompute"]
+    assert a["mode"] == "keep" and keep["memoryBytes"] > rec["memoryBytes"] and keep["seconds"] < rec["seconds"]
+    assert free.seconds == pytest.approx(keep["seconds"]) and free.memory.total == keep["memoryBytes"]
+    tight = estimate(model, "webgpu", memory_cap_bytes=(keep["memoryBytes"] + rec["memoryBytes"]) // 2, **kw)
+    assert tight.activations["mode"] == "recompute" and tight.fits
+    assert tight.seconds == pytest.approx(rec["seconds"]) and "recomputed" in tight.activations["reason"]
+    forced = estimate(model, "webgpu", memory_cap_bytes=(keep["memoryBytes"] + rec["memoryBytes"]) // 2,
+                      activations="keep", **kw)
+    assert forced.activations["mode"] == "keep" and forced.fits is False  # given: kept, and it does not fit
+    none = estimate(model, "webgpu", memory_cap_bytes=rec["memoryBytes"] // 2, **kw)
+    assert none.fits is False and none.activations["mode"] == "recompute"
+    check_structure(tight.to_protocol(), "PlanEstimate", "result")

@@ -53,21 +53,3 @@ def choose(mode: str, keep_bytes: int | None, recompute_bytes: int | None, avail
     return Choice(True, f"activations recomputed in the backward: keeping them needs {mib(keep_bytes)}, more than the "
                         f"{mib(available)} available (recomputing: {mib(recompute_bytes or 0)})",
                   keep_bytes, recompute_bytes, available)
-
-
-def choose_for_engine(engine, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw", mode: str = "auto") -> Choice:
-    """What a run on this engine chooses: the plan's memory of both modes against the device's available memory."""
-    if mode not in MODES:
-        raise ValueError(f"activations must be one of {', '.join(MODES)}, not {mode!r}")
-    if engine.backend == "numpy" or mode != "auto":
-        return choose(mode, None, None, None, engine.backend)
-    from .calibrate import memory_quantity
-    from .estimate import _available
-    from .hardware import describe
-
-    device = describe(engine)
-    quantity = memory_quantity(device)
-    p = peaks(engine.model, engine.backend, cfg, batch, seq, optim, engine=engine, quantity=quantity,
-              hardware=not device.software)
-    available, _ = _available(device, None, quantity)
-    return choose(mode, p["keep"].total, p["recompute"].total, available, engine.backend)

@@ -17,7 +17,10 @@ so its parts are not timed apart: a shape with two micro-batches per step separa
 from the per-step one. A term no shape varies is left out (zero): lora_mats where every shape adapts every
 projection. The coefficients come from a non-negative least-squares fit of relative errors; the calibration
 reports its residual (RMS relative error over the timed shapes) and the leave-one-out error (each shape
-predicted by the fit of the others), which is what a prediction for an untimed shape can expect.
+predicted by the fit of the others), which is what a prediction for an untimed shape can expect. Shapes are
+timed keeping activations (plan/activations.py); recomputing them adds the layers' forward once more — the
+frozen projections but the down projection's base product (2 N (dense - down) per layer), a third of the LoRA
+FLOPs, a quarter of the attention ones — priced at the same coefficients (features(recompute=True)).
 
 Memory. Around each shape a PeakProbe (plan/observe.py) measures the process's peak — resident set on the CPU,
 the driver's used memory on NVIDIA — and the engine's own account for that shape (Engine.memory_plan, plus
@@ -52,7 +55,7 @@ from .memory import RuntimeCost
 if TYPE_CHECKING:
     from ..protocol.types import Clock
 
-VERSION = 9  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 10  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
 TERMS = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats", "lora_params", "adam8bit_params")
@@ -61,7 +64,8 @@ PER_MICRO = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "
 
 # -- features -----------------------------------------------------------------------------------------
 
-def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw") -> dict:
+def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw",
+             recompute: bool = False) -> dict:
     B, T, ga = int(batch), int(seq), int(grad_accum)
     N = B * T
     L = args.num_hidden_layers
@@ -70,6 +74,10 @@ def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, o
     n_lay = len(cfg.layer_ids(L))
     lora = 6.0 * N * cfg.r * n_lay * sum(sum(args.linear_shape(t)) for t in cfg.targets)
     att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
+    if recompute:  # the backward runs each layer's forward again (all but the down projection's base product)
+        o, i = args.linear_shape("down_proj")
+        mm += 2.0 * N * L * (dense - o * i)
+        lora, att = lora * 4 / 3, att * 5 / 4
     params = n_lay * sum(cfg.r * sum(args.linear_shape(t)) for t in cfg.targets)
     return {"micro_batches": float(ga), "matmul_flops": ga * mm, "lora_flops": ga * lora, "attention_flops": ga * att,
             "lora_mats": float(ga * n_lay * len(cfg.targets)), "lora_params": float(params),
@@ -117,16 +125,17 @@ class Calibration:
     memory_residual: float | None = None  # RMS relative error of fixed cost + engine account vs measured peaks
     checkpoint_s_per_byte: float | None = None  # a checkpoint's seconds per byte of state
 
-    def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw") -> dict:
-        f = features(args, cfg, batch, seq, grad_accum, optim)
+    def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw",
+                recompute: bool = False) -> dict:
+        f = features(args, cfg, batch, seq, grad_accum, optim, recompute)
         return {"step_s": float(sum(self.coef[k] * f[k] for k in TERMS)), **f}
 
-    def predict_step(self, args, cfg: LoraConfig, micro, optim: str = "adamw") -> float:
+    def predict_step(self, args, cfg: LoraConfig, micro, optim: str = "adamw", recompute: bool = False) -> float:
         """Seconds of one optimizer step whose micro-batches have these (rows, length) shapes (as the trainer cuts
         them, plan/batches.py): each one's per-micro-batch terms, the per-step terms once."""
         t = 0.0
         for b, T in micro:
-            f = features(args, cfg, b, T, 1, optim)
+            f = features(args, cfg, b, T, 1, optim, recompute)
             t += sum(self.coef[k] * f[k] for k in PER_MICRO)
         f = features(args, cfg, 1, 1, 1, optim)
         return float(t + sum(self.coef[k] * f[k] for k in TERMS if k not in PER_MICRO))

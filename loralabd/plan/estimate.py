@@ -13,14 +13,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..engine.lora import LoraConfig
 from ..protocol import DEFAULTS, read_settings
-from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanAdvice, PlanCalibration, PlanData, \
-    PlanDevice, PlanEstimate, PlanLimit, PlanMemoryPart
+from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanActivations, PlanAdvice, PlanCalibration, \
+    PlanData, PlanDevice, PlanEstimate, PlanLimit, PlanMemoryPart
 from ..engine.memory import optimizer_bytes
 from . import observe
+from .activations import MODES as ACTIVATION_MODES, Choice, choose as choose_activations, peaks as activation_peaks
 from .batches import RunBatches
 from .calibrate import Calibration, cached, cached_calibration, memory_quantity
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
@@ -54,6 +55,7 @@ class Plan:
     warnings: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     batches: RunBatches | None = None  # the dataset's real micro-batches the time was priced on (None: full rows)
+    activations: PlanActivations | None = None  # keep or recompute: mode, reason, each mode's memory and time
 
     @property
     def fits(self) -> bool | None:
@@ -78,7 +80,7 @@ class Plan:
             "tokensPerSecond": self.tokens_per_s, "stepSeconds": self.step_s, "seconds": self.seconds,
             "loadBytes": self.memory.load, "calibration": self.calibration, "advice": dict(self.advice), "warnings": list(self.warnings),
             "notes": list(self.notes),
-            "data": self._data_protocol(),
+            "data": self._data_protocol(), "activations": self.activations,
         }
 
     def to_protocol(self) -> PlanEstimate:
@@ -119,7 +121,7 @@ class Plan:
                 "warnings": list(self.warnings), "batchSize": self.batch, "seqLen": self.seq,
                 "gradAccum": self.grad_accum, "optimizer": self.optim, "steps": self.steps, "tokens": self.tokens,
                 "stepSeconds": self.step_s, "calibration": self._cal_protocol, "data": self._data_protocol(),
-                "notes": notes,
+                "activations": self.activations, "notes": notes,
                 "loadBytes": None if self.memory.load is None else int(self.memory.load),
                 "memoryMeasuredAs": observe.describe_quantity(self.memory.quantity)}
 
@@ -211,6 +213,23 @@ def _available(device: Device, cap: int | None, quantity: str | None = None) -> 
                                                 "or memory_cap_bytes to the real amount)")
 
 
+def activations_for_engine(engine, cfg: LoraConfig, batch: int, seq: int, optim: str = "adamw",
+                           mode: str = "auto") -> Choice:
+    """What a run on this engine chooses: the plan's memory of both modes (with the runtime's fixed cost when this
+    device is calibrated) against the device's available memory — as plan/estimate decides it."""
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, not {mode!r}")
+    if engine.backend == "numpy" or mode != "auto":
+        return choose_activations(mode, None, None, None, engine.backend)
+    device = describe(engine)
+    cal = cached(device, engine.model, "wall") or cached(device, engine.model, "cpu")
+    quantity = cal.memory_quantity if cal is not None else memory_quantity(device)
+    p = activation_peaks(engine.model, engine.backend, cfg, batch, seq, optim, engine=engine, quantity=quantity,
+                        hardware=not device.software, runtime=None if cal is None else cal.runtime_cost())
+    available, _ = _available(device, None, quantity)
+    return choose_activations(mode, p["keep"].total, p["recompute"].total, available, engine.backend)
+
+
 # -- the search for what fits -----------------------------------------------------------------------------
 
 def _fits(memory, cfg, B, T, optim, available, limits) -> bool:
@@ -240,7 +259,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
              optim: OptimizerKind = _PLAN["optimizer"],
              time_budget_s: float | None = None, memory_cap_bytes: int | None = None,
              calibration="auto", device: Device | None = None, clock: Clock = "wall",
-             checkpoint_every: int = 50, batches: RunBatches | None = None):
+             checkpoint_every: int = 50, batches: RunBatches | None = None, activations: str = "auto"):
     """A Plan for training `model` with LoRA on `engine` (an engine object or a backend name).
 
     How long: give steps, tokens, or epochs with dataset_tokens / dataset (default: 1 epoch of the
@@ -249,7 +268,8 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     checkpoint_every: the job's checkpoints (their time is part of the run's). batches: the run's real
     micro-batches (plan/batches.py run_batches over the dataset): then they set the steps and tokens, and the
     time prices each one's cut shape instead of full batch x seq rows (memory stays at full rows: the trainer
-    reserves them).
+    reserves them). activations: "auto" (keep them when the step fits, as train/start does), "keep" or
+    "recompute" (plan/activations.py): the plan is the chosen mode's, with both modes' memory and time beside.
 
     The protocol form estimate(model, params: dict) — what the daemon calls with PlanParams — returns
     the protocol's PlanEstimate dict (see plan_from_params)."""
@@ -292,12 +312,20 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     # -- memory and limits
     limits = device.limits if backend == "webgpu" else {}
 
-    def memory(c, b, t, o):
+    def memory_as(c, b, t, o, recompute):
         return training_memory(model, backend, c, b, t, o, limits, engine=eng, hardware=not device.software,
-                               runtime=runtime, quantity=quantity)
+                               runtime=runtime, quantity=quantity, recompute=recompute)
 
-    mem = memory(cfg, B, T, optim)
     available, avail_src = _available(device, memory_cap_bytes, quantity)
+    both = {m: memory_as(cfg, B, T, optim, m == "recompute") for m in ("keep", "recompute")}
+    choice = choose_activations(activations, both["keep"].total, both["recompute"].total, available, backend)
+    mem = both[choice.mode]
+    # what fits: with "auto" a run that does not fit keeping its activations recomputes them
+    least = activations == "keep" or backend == "numpy"
+
+    def memory(c, b, t, o):
+        return memory_as(c, b, t, o, not least)
+
     exceeded = []
     fits_batch = lambda b: _fits(memory, cfg, b, T, optim, available, limits)  # noqa: E731
     fits_seq = lambda t: _fits(memory, cfg, B, t, optim, available, limits)  # noqa: E731
@@ -325,13 +353,14 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     # one into its single step program of batch x seq (engine/webgpu/train.py), so there only the count is real
     cut = backend == "numpy"
 
-    def steps_s(c: LoraConfig) -> float:
+    def steps_s(c: LoraConfig, recompute: bool = choice.recompute) -> float:
         """Seconds of the run's steps at LoRA settings c: each real micro-batch shape, else full rows."""
         if batches is not None:
-            return sum(k * cal.predict_step(a, c, shapes if cut else [(B, T)] * len(shapes), optim)
+            return sum(k * cal.predict_step(a, c, shapes if cut else [(B, T)] * len(shapes), optim, recompute)
                        for shapes, k in batches.steps.items())
-        return n_steps * cal.predict(a, c, B, T, ga, optim)["step_s"]
+        return n_steps * cal.predict(a, c, B, T, ga, optim, recompute)["step_s"]
 
+    modes = {m: {"memoryBytes": int(both[m].total), "seconds": None} for m in ("keep", "recompute")}
     if cal is not None:
         run_s = steps_s(cfg)
         step_s = run_s / max(1, n_steps)
@@ -339,6 +368,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
         tps = (batches.tokens if batches is not None else n_steps * per_step) / run_s
         jobs_s, how = _job_overhead(cal, a, cfg, optim, n_steps, checkpoint_every)
         seconds = cal.warmup_s + run_s + jobs_s
+        for m in modes:
+            modes[m]["seconds"] = cal.warmup_s + jobs_s + (run_s if (m == "recompute") == choice.recompute
+                                                            else steps_s(cfg, m == "recompute"))
         loo = "n/a" if cal.loo_residual is None else f"{100 * cal.loo_residual:.0f}%"
         notes.append(f"time: calibrated on this device ({cal.clock} clock, {len(cal.samples)} shapes, "
                      f"{cal.seconds:.1f} s; fit residual {100 * cal.residual:.0f}%, leave-one-out {loo}); "
@@ -375,9 +407,6 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     if device.software:
         warnings.append(f"software adapter: {device.name} runs WebGPU on the CPU; it works, slowly — "
                         "a hardware GPU adapter is much faster")
-    if backend == "webgpu" and cfg.dropout > 0:
-        warnings.append("the WebGPU engine does not implement LoRA dropout yet: train with dropout 0, "
-                        "or with --backend numpy")
     if device.memory_bytes is None and memory_cap_bytes is None and memory_override() is None:
         warnings.append(f"device memory unknown: {avail_src}")
     plan = Plan(model=model.name, backend=backend, device=device, lora=cfg, batch=B, seq=T,
@@ -386,7 +415,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
                 available_bytes=available, available_source=avail_src, exceeded=exceeded, tokens_per_s=tps,
                 step_s=step_s, seconds=seconds, calibration=None if cal is None else {
                     "key": cal.key, "clock": cal.clock, "seconds": cal.seconds, **_achieved_dict(cal)},
-                advice=advice, warnings=warnings, notes=notes + mem.notes, batches=batches)
+                advice=advice, warnings=warnings, notes=notes + [choice.reason] + mem.notes, batches=batches,
+                activations=None if backend == "numpy" else cast(PlanActivations, {"mode": choice.mode,
+                                                                                   "reason": choice.reason, **modes}))
     plan.memory_args = a
     plan._cal_protocol = None if cal is None else protocol_calibration(cal)
     plan.full_rows_s = full_s
@@ -521,5 +552,5 @@ def plan_from_params(model, p: Mapping, engine=None, batches: RunBatches | None 
                     epochs=float(q["epochs"]) if ds is not None else None, grad_accum=int(q["gradAccum"]),
                     optim=q["optimizer"], time_budget_s=q.get("timeBudgetSeconds"),
                     memory_cap_bytes=q.get("memoryCapBytes"), calibration=cal, device=device,
-                    checkpoint_every=int(q["checkpointEvery"]), batches=batches)
+                    checkpoint_every=int(q["checkpointEvery"]), batches=batches, activations=q["activations"])
     return plan.to_protocol()

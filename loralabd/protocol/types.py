@@ -212,6 +212,7 @@ class PlanParams(TypedDict):
     datasetTokens: NotRequired[int]  # Tokens in the dataset (e.g. `dataset/inspect`'s `tokens`); with `epochs` it sets the run's length.
     epochs: NotRequired[float]  # Passes over `datasetTokens` when `steps` is not given (ignored without `datasetTokens`).
     gradAccum: NotRequired[int]  # Micro-batches per optimizer step.
+    activations: NotRequired["ActivationMode"]  # As train/start's `activations`: `auto` plans what the run would choose (keep them when the step fits), `keep` or `recompute` plan that mode.
     timeBudgetSeconds: NotRequired[float]  # A time budget: the plan advises the largest rank whose run meets it.
     memoryCapBytes: NotRequired[int]  # Memory the run may use, instead of what the device reports.
     checkpointEvery: NotRequired[int]  # Steps between the job's checkpoints (as in TrainParams): their time is part of the run's.
@@ -305,6 +306,22 @@ class PlanCalibration(TypedDict):
     memoryResidual: Union[float, None]  # RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured).
 
 
+class PlanActivationMode(TypedDict):
+    """A training step's memory and the run's time in one activation mode."""
+
+    memoryBytes: int  # The step's peak memory in this mode (the plan's quantity, as `memory.total`).
+    seconds: Union[float, None]  # The whole run's predicted seconds in this mode (null until calibrated).
+
+
+class PlanActivations(TypedDict):
+    """Keep every layer's activations for the backward, or recompute them (GPU engines): what the run would choose, and both modes."""
+
+    mode: "ActivationMode"  # `keep` or `recompute`: the mode this plan's memory and time are for (`auto` resolved as train/start resolves it).
+    reason: str  # Why, in a sentence.
+    keep: "PlanActivationMode"  # Keeping every layer's activations.
+    recompute: "PlanActivationMode"  # Recomputing them in the backward (per-layer gradient checkpointing).
+
+
 class PlanData(TypedDict):
     """The dataset's real batches a plan's time was priced on."""
 
@@ -344,6 +361,7 @@ class PlanEstimate(TypedDict):
     stepSeconds: Union[float, None]  # Predicted seconds per optimizer step (with `dataset`: the mean over its batches; null until calibrated).
     calibration: Union["PlanCalibration", None]  # The calibration the time comes from (null: none cached; run plan/calibrate).
     data: Union["PlanData", None]  # The dataset's batches the time was priced on (null: no `dataset` given, every step priced as full `batchSize` x `seqLen` rows).
+    activations: Union["PlanActivations", None]  # Keep or recompute activations: the mode chosen and each mode's memory and time (null on the numpy engine, which always keeps them).
     notes: list[str]  # How each number was obtained, and every limit, warning and advice as a sentence.
     loadBytes: Union[int, None]  # Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects).
     memoryMeasuredAs: str  # The quantity `memory.total` predicts: the process's peak resident set (CPU), its used GPU memory (NVIDIA), or nothing measurable (then the driver's own memory is not counted: see `warnings`).
@@ -1137,6 +1155,13 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                 'minimum': 1,
                                 'maximum': 4096,
                                 'default': 1},
+                               {'name': 'activations',
+                                'type': {'kind': 'reference', 'name': 'ActivationMode'},
+                                'documentation': "As train/start's `activations`: `auto` plans what the run "
+                                                 'would choose (keep them when the step fits), `keep` or '
+                                                 '`recompute` plan that mode.',
+                                'optional': True,
+                                'default': 'auto'},
                                {'name': 'timeBudgetSeconds',
                                 'type': {'kind': 'base', 'name': 'number'},
                                 'documentation': 'A time budget: the plan advises the largest rank whose run '
@@ -1422,6 +1447,33 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                                       'against the measured peaks of the shapes (null: not '
                                                       'measured).'}],
                      'additionalProperties': False},
+ 'PlanActivationMode': {'properties': [{'name': 'memoryBytes',
+                                        'type': {'kind': 'base', 'name': 'integer'},
+                                        'documentation': "The step's peak memory in this mode (the plan's "
+                                                         'quantity, as `memory.total`).'},
+                                       {'name': 'seconds',
+                                        'type': {'kind': 'or',
+                                                 'items': [{'kind': 'base', 'name': 'number'},
+                                                           {'kind': 'base', 'name': 'null'}]},
+                                        'documentation': "The whole run's predicted seconds in this mode "
+                                                         '(null until calibrated).'}],
+                        'additionalProperties': False},
+ 'PlanActivations': {'properties': [{'name': 'mode',
+                                     'type': {'kind': 'reference', 'name': 'ActivationMode'},
+                                     'documentation': "`keep` or `recompute`: the mode this plan's memory "
+                                                      'and time are for (`auto` resolved as train/start '
+                                                      'resolves it).'},
+                                    {'name': 'reason',
+                                     'type': {'kind': 'base', 'name': 'string'},
+                                     'documentation': 'Why, in a sentence.'},
+                                    {'name': 'keep',
+                                     'type': {'kind': 'reference', 'name': 'PlanActivationMode'},
+                                     'documentation': "Keeping every layer's activations."},
+                                    {'name': 'recompute',
+                                     'type': {'kind': 'reference', 'name': 'PlanActivationMode'},
+                                     'documentation': 'Recomputing them in the backward (per-layer gradient '
+                                                      'checkpointing).'}],
+                     'additionalProperties': False},
  'PlanData': {'properties': [{'name': 'examples',
                               'type': {'kind': 'base', 'name': 'integer'},
                               'documentation': 'Training examples read (less any held out for validation).'},
@@ -1562,6 +1614,13 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                   'documentation': "The dataset's batches the time was priced on (null: no "
                                                    '`dataset` given, every step priced as full `batchSize` x '
                                                    '`seqLen` rows).'},
+                                 {'name': 'activations',
+                                  'type': {'kind': 'or',
+                                           'items': [{'kind': 'reference', 'name': 'PlanActivations'},
+                                                     {'kind': 'base', 'name': 'null'}]},
+                                  'documentation': 'Keep or recompute activations: the mode chosen and each '
+                                                   "mode's memory and time (null on the numpy engine, which "
+                                                   'always keeps them).'},
                                  {'name': 'notes',
                                   'type': {'kind': 'array', 'element': {'kind': 'base', 'name': 'string'}},
                                   'documentation': 'How each number was obtained, and every limit, warning '
@@ -2380,6 +2439,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {'ModelLoadParams': {'source': 'default', 
                 'optimizer': 'adamw',
                 'epochs': 1.0,
                 'gradAccum': 1,
+                'activations': 'auto',
                 'checkpointEvery': 50,
                 'pack': True,
                 'seed': 0,

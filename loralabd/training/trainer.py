@@ -223,10 +223,10 @@ class Trainer:
         self.schedule = Schedule(c.lr, self.total_steps, min(warm, self.total_steps), c.lr_schedule, c.min_lr_ratio)
         if adapter is None:
             adapter = LoraAdapter.init(engine.args, c.lora, seed=c.seed)
-        from ..plan.activations import choose_for_engine
+        from ..plan.estimate import activations_for_engine
 
         # keep activations when they fit, else recompute them: the same bits either way
-        self.activations = choose_for_engine(engine, c.lora, c.batch_size, c.seq_len, c.optimizer, c.activations)
+        self.activations = activations_for_engine(engine, c.lora, c.batch_size, c.seq_len, c.optimizer, c.activations)
         self.sess = engine.train_session(adapter, replace(c.optim(), recompute=self.activations.recompute))
         self.sess.reserve(c.batch_size, c.seq_len)  # micro-batches are at most this: one program from step 0
         self.step_num = 0

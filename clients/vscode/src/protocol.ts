@@ -331,6 +331,11 @@ export interface PlanParams {
    * @default 1
    */
   gradAccum?: number;
+  /**
+   * As train/start's `activations`: `auto` plans what the run would choose (keep them when the step fits), `keep` or `recompute` plan that mode.
+   * @default "auto"
+   */
+  activations?: ActivationMode;
   /** A time budget: the plan advises the largest rank whose run meets it. */
   timeBudgetSeconds?: number;
   /** Memory the run may use, instead of what the device reports. */
@@ -491,6 +496,26 @@ export interface PlanCalibration {
   memoryResidual: number | null;
 }
 
+/** A training step's memory and the run's time in one activation mode. */
+export interface PlanActivationMode {
+  /** The step's peak memory in this mode (the plan's quantity, as `memory.total`). */
+  memoryBytes: number;
+  /** The whole run's predicted seconds in this mode (null until calibrated). */
+  seconds: number | null;
+}
+
+/** Keep every layer's activations for the backward, or recompute them (GPU engines): what the run would choose, and both modes. */
+export interface PlanActivations {
+  /** `keep` or `recompute`: the mode this plan's memory and time are for (`auto` resolved as train/start resolves it). */
+  mode: ActivationMode;
+  /** Why, in a sentence. */
+  reason: string;
+  /** Keeping every layer's activations. */
+  keep: PlanActivationMode;
+  /** Recomputing them in the backward (per-layer gradient checkpointing). */
+  recompute: PlanActivationMode;
+}
+
 /** The dataset's real batches a plan's time was priced on. */
 export interface PlanData {
   /** Training examples read (less any held out for validation). */
@@ -559,6 +584,8 @@ export interface PlanEstimate {
   calibration: PlanCalibration | null;
   /** The dataset's batches the time was priced on (null: no `dataset` given, every step priced as full `batchSize` x `seqLen` rows). */
   data: PlanData | null;
+  /** Keep or recompute activations: the mode chosen and each mode's memory and time (null on the numpy engine, which always keeps them). */
+  activations: PlanActivations | null;
   /** How each number was obtained, and every limit, warning and advice as a sentence. */
   notes: string[];
   /** Predicted peak while the model loads, in the same quantity as `memory.total` (WebGPU: weights plus the bounded upload staging, plus the runtime's fixed cost); null where it is not predicted (the CPU: the model file reader's own objects). */
@@ -1132,7 +1159,7 @@ export interface ExportResult {
 export interface ProtocolDefaults {
   ModelLoadParams: Readonly<Required<Pick<ModelLoadParams, "source" | "backend" | "weights">>>;
   LoraSettings: Readonly<Required<Pick<LoraSettings, "r" | "dropout" | "useRslora" | "targets" | "layers">>>;
-  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum" | "checkpointEvery" | "pack" | "seed" | "validationFraction">>>;
+  PlanParams: Readonly<Required<Pick<PlanParams, "lora" | "batchSize" | "seqLen" | "optimizer" | "epochs" | "gradAccum" | "activations" | "checkpointEvery" | "pack" | "seed" | "validationFraction">>>;
   CalibrateParams: Readonly<Required<Pick<CalibrateParams, "refresh" | "clock">>>;
   DatasetParams: Readonly<Required<Pick<DatasetParams, "seqLen">>>;
   EvaluateParams: Readonly<Required<Pick<EvaluateParams, "adapter" | "adapterScale" | "seqLen" | "batchSize" | "maxBatches">>>;
@@ -1150,7 +1177,7 @@ export interface ProtocolDefaults {
 export const DEFAULTS: ProtocolDefaults = {
   ModelLoadParams: { source: "default", backend: "auto", weights: "q4_1" },
   LoraSettings: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null },
-  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1, checkpointEvery: 50, pack: true, seed: 0, validationFraction: 0.0 },
+  PlanParams: { lora: { r: 8, dropout: 0.0, useRslora: false, targets: ["all"], layers: null }, batchSize: 4, seqLen: 512, optimizer: "adamw", epochs: 1.0, gradAccum: 1, activations: "auto", checkpointEvery: 50, pack: true, seed: 0, validationFraction: 0.0 },
   CalibrateParams: { refresh: false, clock: "wall" },
   DatasetParams: { seqLen: 512 },
   EvaluateParams: { adapter: null, adapterScale: 1.0, seqLen: 512, batchSize: 4, maxBatches: null },
