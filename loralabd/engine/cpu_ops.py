@@ -5,7 +5,9 @@ vocabulary, SwiGLU in place, elementwise work split over a thread pool (numpy re
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +18,8 @@ Q_BLOCK = 128  # query rows per attention block: the causal triangle above the d
 
 
 def n_threads() -> int:
-    """Worker threads for the non-BLAS work: the BLAS thread count the process was given, else the cores."""
+    """Worker threads: the BLAS thread count the process was given (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS), else
+    the cores; LORALAB_CPU_THREADS overrides."""
     for var in ("LORALAB_CPU_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         v = os.environ.get(var, "").strip()
         if v.isdigit() and int(v) > 0:
@@ -24,21 +27,82 @@ def n_threads() -> int:
     return os.cpu_count() or 1
 
 
+def _find_openblas():
+    """(set, get) of the OpenBLAS thread count numpy is linked with, or None (another BLAS, or not Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
+    except OSError:
+        return None
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_%s_num_threads64_", "openblas_%s_num_threads64_", "openblas_%s_num_threads"):
+            setter, getter = getattr(lib, name % "set", None), getattr(lib, name % "get", None)
+            if setter is not None and getter is not None:
+                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+                return setter, getter
+    return None
+
+
+_blas = _find_openblas()
 _pool: ThreadPoolExecutor | None = None
+_lock = threading.Lock()
+_depth = 0  # nesting of own_threads()
+_saved_blas = 1
+_worker = threading.local()  # set in pool threads: work they submit runs inline (no nested waits)
 
 
-def parallel(fn, items) -> None:
-    """fn(item) for every item, on the pool when there are threads to spare (each item writes its own rows,
-    so the result does not depend on which thread ran it)."""
+def _split() -> bool:
+    """Split BLAS work over our own threads: inside own_threads(), where BLAS runs one thread per caller."""
+    return _depth > 0 and not getattr(_worker, "on", False)
+
+
+class own_threads:
+    """Within it, OpenBLAS runs single-threaded and the engine splits matmuls and elementwise work over its own
+    threads: on two cores this keeps both busy outside the matmuls too, and no BLAS threads spin against ours.
+    Without OpenBLAS (or with one thread) it changes nothing."""
+
+    def __enter__(self):
+        global _depth, _saved_blas
+        if _blas is None or n_threads() <= 1 or os.environ.get("LORALAB_CPU_SPLIT", "1") == "0":
+            return self
+        with _lock:
+            if _depth == 0:
+                _saved_blas = _blas[1]()
+                _blas[0](1)
+            _depth += 1
+        self.on = True
+        return self
+
+    def __exit__(self, *exc):
+        global _depth
+        if getattr(self, "on", False):
+            with _lock:
+                _depth -= 1
+                if _depth == 0:
+                    _blas[0](_saved_blas)
+
+
+def _init_worker():
+    _worker.on = True
+
+
+def parallel(fn, items, blas: bool = False, inline: bool = False) -> None:
+    """fn(item) for every item, on the pool when there are threads to spare (each item writes its own rows, so
+    the result does not depend on which thread ran it). blas: fn calls BLAS, so only inside own_threads();
+    inline: too little work to be worth a hand-off."""
     global _pool
     items = list(items)
     n = n_threads()
-    if n <= 1 or len(items) <= 1:
+    if inline or n <= 1 or len(items) <= 1 or getattr(_worker, "on", False) or (blas and not _split()):
         for it in items:
             fn(it)
         return
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="loralab-cpu")
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="loralab-cpu", initializer=_init_worker)
     for f in [_pool.submit(fn, it) for it in items]:
         f.result()
 
@@ -50,20 +114,44 @@ def row_parts(n: int, min_rows: int = 64) -> list[tuple[int, int]]:
     return [(edges[j], edges[j + 1]) for j in range(k)]
 
 
+def mm(a, b):
+    """a @ b (2-D, f32); inside own_threads() the rows of a (the columns of b for one row) split over the threads."""
+    M, N = a.shape[0], b.shape[1]
+    if not _split() or M * N * a.shape[1] < (1 << 18):
+        return a @ b
+    out = np.empty((M, N), np.float32)
+    if M >= 2 * 32:
+        def rows(r):
+            np.matmul(a[r[0]:r[1]], b, out=out[r[0]:r[1]])
+        parallel(rows, row_parts(M, 32), blas=True)
+    else:
+        def cols(r):
+            out[:, r[0]:r[1]] = a @ b[:, r[0]:r[1]]
+        parallel(cols, row_parts(N, 256), blas=True)
+    return out
+
+
 # --- SwiGLU ---------------------------------------------------------------------------------------
+
+CHUNK_ROWS = 16  # elementwise work in row chunks: a chunk's temporaries stay in the core's cache
+
+
+def _chunks(lo, hi):
+    return ((r, min(hi, r + CHUNK_ROWS)) for r in range(lo, hi, CHUNK_ROWS))
+
 
 def swiglu(g, u):
     """silu(g) * u (N, F), as reference.swiglu."""
-    out = np.empty_like(g)
+    out = np.empty(g.shape, np.float32)
 
-    def part(r):
-        lo, hi = r
-        o = out[lo:hi]
-        np.negative(g[lo:hi], out=o)
-        np.exp(o, out=o)
-        o += 1.0
-        np.divide(g[lo:hi], o, out=o)
-        o *= u[lo:hi]
+    def part(rows):
+        for lo, hi in _chunks(*rows):
+            o = out[lo:hi]
+            np.negative(g[lo:hi], out=o)
+            np.exp(o, out=o)
+            o += 1.0
+            np.divide(g[lo:hi], o, out=o)
+            o *= u[lo:hi]
 
     parallel(part, row_parts(g.shape[0]))
     return out
@@ -72,25 +160,55 @@ def swiglu(g, u):
 def swiglu_backward(da, g, u, dgu):
     """reference.swiglu_backward written into dgu (N, 2F): dg in the first F columns, du in the rest."""
     F = g.shape[1]
+    s = np.empty((CHUNK_ROWS * n_threads(), F), np.float32)  # sigmoid(g), one slab per thread
 
-    def part(r):
-        lo, hi = r
-        s = np.negative(g[lo:hi])
-        np.exp(s, out=s)
-        s += 1.0
-        np.reciprocal(s, out=s)  # sigmoid(g)
-        du = dgu[lo:hi, F:]
-        np.multiply(g[lo:hi], s, out=du)
-        du *= da[lo:hi]  # da * silu(g)
-        dg = dgu[lo:hi, :F]
-        np.subtract(1.0, s, out=dg)
-        dg *= g[lo:hi]
-        dg += 1.0
-        dg *= s
-        dg *= u[lo:hi]
-        dg *= da[lo:hi]  # da * u * s * (1 + g (1 - s))
+    def part(job):
+        k, (rlo, rhi) = job
+        for lo, hi in _chunks(rlo, rhi):
+            sg = s[k * CHUNK_ROWS:k * CHUNK_ROWS + hi - lo]
+            gg, dd = g[lo:hi], da[lo:hi]
+            np.negative(gg, out=sg)
+            np.exp(sg, out=sg)
+            sg += 1.0
+            np.reciprocal(sg, out=sg)
+            du, dg = dgu[lo:hi, F:], dgu[lo:hi, :F]
+            np.multiply(gg, sg, out=du)
+            du *= dd  # da * silu(g)
+            np.subtract(1.0, sg, out=dg)
+            dg *= gg
+            dg += 1.0
+            dg *= sg
+            dg *= u[lo:hi]
+            dg *= dd  # da * u * s * (1 + g (1 - s))
 
-    parallel(part, row_parts(g.shape[0]))
+    parallel(part, list(enumerate(row_parts(g.shape[0]))))
+
+
+# --- RoPE (reference.rope's rotate-half, written into halves instead of concatenated) -------------
+
+def rope(x, cos, sin):
+    """x (B, T, nh, hd) (any strides); cos/sin (B, T, hd) whose halves are equal. Returns a new array."""
+    h = x.shape[-1] // 2
+    c, sn = cos[:, :, None, :h], sin[:, :, None, :h]
+    out = np.empty(x.shape, np.float32)
+    x1, x2 = x[..., :h], x[..., h:]
+    np.multiply(x1, c, out=out[..., :h])
+    out[..., :h] -= x2 * sn
+    np.multiply(x2, c, out=out[..., h:])
+    out[..., h:] += x1 * sn
+    return out
+
+
+def rope_backward(dy, cos, sin, out):
+    """reference.rope_backward written into out (B, T, nh, hd)."""
+    h = dy.shape[-1] // 2
+    c, sn = cos[:, :, None, :h], sin[:, :, None, :h]
+    d1, d2 = dy[..., :h], dy[..., h:]
+    np.multiply(d1, c, out=out[..., :h])
+    out[..., :h] += d2 * sn
+    np.multiply(d2, c, out=out[..., h:])
+    out[..., h:] -= d1 * sn
+    return out
 
 
 # --- causal GQA attention -------------------------------------------------------------------------
@@ -148,7 +266,7 @@ def attention(q, k, v, blocks):
             out[b, t0:t1, hs] = o.reshape(t1 - t0, g, hd)
             lse[b, hs, t0:t1] = (mx + np.log(den)).reshape(t1 - t0, g).T
 
-    parallel(one, [(b, j) for b in range(B) for j in range(KV)])
+    parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=T * k.shape[1] * H < 1 << 16)
     return out, lse
 
 
@@ -187,7 +305,7 @@ def attention_backward(dout, out, q, k, v, lse, blocks):
             dq[b, t0:t1, hs] = (ds @ K[:kk]).reshape(t1 - t0, g, hd)
             dK[:kk] += ds.T @ Q
 
-    parallel(one, [(b, j) for b in range(B) for j in range(KV)])
+    parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=T * k.shape[1] * H < 1 << 16)
     return dq, dk, dv
 
 
@@ -210,28 +328,28 @@ def cross_entropy_grad(h, W, labels, chunk=8192):
     m = np.full(n, -np.inf, np.float32)
     s = np.zeros(n, np.float32)
     target = np.zeros(n, np.float32)
-    acc = np.zeros((n, D), np.float32)  # sum over seen chunks of exp(z - m) W
-    parts = row_parts(n)
-    for c0 in range(0, V, chunk):
-        c1 = min(V, c0 + chunk)
-        Wc = W[c0:c1]
-        z = hv @ Wc.T  # (n, c)
-        hit = np.nonzero((lab >= c0) & (lab < c1))[0]
-        target[hit] = z[hit, lab[hit] - c0]
+    acc = np.zeros((n, D), np.float32)  # sum over the chunks seen of exp(z - m) W
 
-        def part(r):
-            lo, hi = r
-            zz = z[lo:hi]
-            m_new = np.maximum(m[lo:hi], zz.max(axis=1))
-            alpha = np.exp(m[lo:hi] - m_new)
-            zz -= m_new[:, None]
-            np.exp(zz, out=zz)
-            s[lo:hi] = s[lo:hi] * alpha + zz.sum(axis=1)
-            acc[lo:hi] *= alpha[:, None]
-            m[lo:hi] = m_new
+    def part(r):
+        lo, hi = r
+        h_, lab_, m_, s_, acc_ = hv[lo:hi], lab[lo:hi], m[lo:hi], s[lo:hi], acc[lo:hi]
+        for c0 in range(0, V, chunk):
+            c1 = min(V, c0 + chunk)
+            Wc = W[c0:c1]
+            z = h_ @ Wc.T  # (rows, c)
+            hit = np.nonzero((lab_ >= c0) & (lab_ < c1))[0]
+            target[lo + hit] = z[hit, lab_[hit] - c0]
+            m_new = np.maximum(m_, z.max(axis=1))
+            alpha = np.exp(m_ - m_new)
+            z -= m_new[:, None]
+            np.exp(z, out=z)
+            s_ *= alpha
+            s_ += z.sum(axis=1)
+            acc_ *= alpha[:, None]
+            acc_ += z @ Wc
+            m_[:] = m_new
 
-        parallel(part, parts)
-        acc += z @ Wc
+    parallel(part, row_parts(n) if _split() else [(0, n)], blas=True)
     lse = m + np.log(s)
     loss = float(np.sum(lse - target) / n)
     acc /= s[:, None]  # softmax(z) W

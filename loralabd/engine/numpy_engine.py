@@ -92,50 +92,68 @@ class NumpyEngine:
         """x (N, in) -> (N, sum of outs): the projections `names` (one matmul) plus each adapter's LoRA term;
         saved (training) gets each name's (x·Aᵀ, dropout mask) of the first adapter."""
         W, bias, rows = self.group(i, names)
-        y = x @ W.T
+        y = C.mm(x, W.T)
         if bias is not None:
             y += bias
         for j, (ad, s) in enumerate(adapters):
             if s == 0.0:
                 continue
             c = np.float32(s * ad.config.scale)
+            here = [n for n in names if ad.get(i, n) is not None]
+            if not here:
+                continue
             p = ad.config.dropout
-            for name in names:
-                ab = ad.get(i, name)
-                if ab is None:
-                    continue
-                A, Bm = ab
-                mask = None
-                if saved is not None and j == 0 and p > 0.0 and drop_rng is not None:  # one mask per projection, in order
+            if saved is not None and j == 0 and p > 0.0 and drop_rng is not None:
+                xas = []
+                for name in here:  # one mask per projection, drawn in order
                     mask = (drop_rng.random(x.shape) >= p).astype(np.float32) / (1.0 - p)
-                xa = (x if mask is None else x * mask) @ A.T  # (N, r)
-                r0, r1 = rows[name]
-                y[:, r0:r1] += (xa * c) @ Bm.T
+                    xas.append((x * mask) @ ad.get(i, name)[0].T)
+                    saved[name] = (xas[-1], mask)
+            else:  # x·Aᵀ of the group's projections in one pass over x
+                A = ad.get(i, here[0])[0] if len(here) == 1 else np.concatenate([ad.get(i, n)[0] for n in here])
+                xa_all = x @ A.T  # (N, r * len(here))
+                r = ad.config.r
+                xas = [np.ascontiguousarray(xa_all[:, k * r:(k + 1) * r]) for k in range(len(here))]
                 if saved is not None and j == 0:
-                    saved[name] = (xa, mask)
+                    saved.update({n: (xa, None) for n, xa in zip(here, xas)})
+            for name, xa in zip(here, xas):
+                r0, r1 = rows[name]
+                y[:, r0:r1] += (xa * c) @ ad.get(i, name)[1].T
         return y
 
     def _proj_back(self, i, names, dy, x, saved, adapter, grads, need_dx=True):
         """dy (N, sum of outs) -> dx (N, in) (None when not needed); d(A, B) of the adapter's matrices into grads,
         as reference.lora_linear_backward."""
         W, _, rows = self.group(i, names)
-        dx = dy @ W if need_dx else None
+        dx = C.mm(dy, W) if need_dx else None
         s = adapter.config.scale
-        for name in names:
-            ab = adapter.get(i, name)
-            if ab is None:
-                continue
-            A, Bm = ab
-            xa, dm = saved[name]
+        here = [n for n in names if adapter.get(i, n) is not None]
+        dxas = []
+        for name in here:
+            Bm = adapter.get(i, name)[1]
+            xa = saved[name][0]
             r0, r1 = rows[name]
             dyj = dy[:, r0:r1]  # (N, out): a strided view, BLAS takes it as is
             grads[f"{i}.{name}.B"] = s * (dyj.T @ xa)
-            dxa = s * (dyj @ Bm)  # (N, r)
-            grads[f"{i}.{name}.A"] = dxa.T @ (x if dm is None else x * dm)
+            dxas.append(s * (dyj @ Bm))  # (N, r)
+        if not here:
+            return dx
+        if all(saved[n][1] is None for n in here):  # no dropout: the group's dA and dx in one matmul each
+            dxa = dxas[0] if len(here) == 1 else np.concatenate(dxas, axis=1)  # (N, r * len(here))
+            dA = dxa.T @ x
+            r = adapter.config.r
+            for k, name in enumerate(here):
+                grads[f"{i}.{name}.A"] = dA[k * r:(k + 1) * r]
             if dx is not None:
-                dxd = dxa @ A
-                if dm is not None:
-                    dxd *= dm
+                A = adapter.get(i, here[0])[0] if len(here) == 1 else np.concatenate([adapter.get(i, n)[0] for n in here])
+                dx += dxa @ A
+            return dx
+        for name, dxa in zip(here, dxas):
+            dm = saved[name][1]
+            grads[f"{i}.{name}.A"] = dxa.T @ (x * dm)
+            if dx is not None:
+                dxd = dxa @ adapter.get(i, name)[0]
+                dxd *= dm
                 dx += dxd
         return dx
 
@@ -143,6 +161,10 @@ class NumpyEngine:
 
     def _forward(self, tokens, adapters, positions=None, segments=None, cache=None, keep=False, drop_rng=None):
         """tokens (B, T) -> final hidden (B, T, D) and, when keep, what backward needs per layer."""
+        with C.own_threads():
+            return self._forward_layers(tokens, adapters, positions, segments, cache, keep, drop_rng)
+
+    def _forward_layers(self, tokens, adapters, positions, segments, cache, keep, drop_rng):
         a = self.args
         Bsz, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -161,8 +183,8 @@ class NumpyEngine:
             h, r1 = R.rmsnorm(x, L.input_layernorm, a.rms_norm_eps)
             hN = h.reshape(-1, D)
             qkv = self._proj(i, QKV, hN, adapters, sv, drop_rng)  # (N, (H + 2 KV) hd)
-            q = R.rope(qkv[:, :H * hd].reshape(Bsz, T, H, hd), cos, sin)
-            k = R.rope(qkv[:, H * hd:(H + KV) * hd].reshape(Bsz, T, KV, hd), cos, sin)
+            q = C.rope(qkv[:, :H * hd].reshape(Bsz, T, H, hd), cos, sin)
+            k = C.rope(qkv[:, H * hd:(H + KV) * hd].reshape(Bsz, T, KV, hd), cos, sin)
             v = np.ascontiguousarray(qkv[:, (H + KV) * hd:]).reshape(Bsz, T, KV, hd)
             del qkv
             if cache is not None:
@@ -207,6 +229,10 @@ class NumpyEngine:
 
     def loss_and_grads(self, tokens, labels, adapter: LoraAdapter, segments=None, positions=None, drop_rng=None):
         """Mean loss over labelled positions and d(loss)/d(A, B) for every adapter matrix."""
+        with C.own_threads():
+            return self._loss_and_grads(tokens, labels, adapter, segments, positions, drop_rng)
+
+    def _loss_and_grads(self, tokens, labels, adapter, segments, positions, drop_rng):
         a = self.args
         tokens, labels = np.asarray(tokens), np.asarray(labels)
         Bsz, T = tokens.shape
@@ -235,8 +261,8 @@ class NumpyEngine:
             dq, dk, dv = C.attention_backward(datt, sv["attN"].reshape(Bsz, T, H, hd), sv["q"], sv["k"], sv["v"],
                                               sv["lse"], blocks)
             dqkv = np.empty((N, Hd + 2 * KVd), np.float32)
-            dqkv[:, :Hd] = R.rope_backward(dq, cos, sin).reshape(N, Hd)
-            dqkv[:, Hd:Hd + KVd] = R.rope_backward(dk, cos, sin).reshape(N, KVd)
+            C.rope_backward(dq, cos, sin, out=dqkv[:, :Hd].reshape(Bsz, T, H, hd))
+            C.rope_backward(dk, cos, sin, out=dqkv[:, Hd:Hd + KVd].reshape(Bsz, T, KV, hd))
             dqkv[:, Hd + KVd:] = dv.reshape(N, KVd)
             del dq, dk, dv
             # the embeddings are frozen: below layer 0 only the LoRA gradients are wanted
@@ -256,7 +282,9 @@ class NumpyEngine:
     def step_logits(self, tokens, cache: KVCache, adapters=()) -> np.ndarray:
         """Feed tokens (B, T) after what the cache holds; logits of the last position (B, V)."""
         hf, _ = self._forward(np.asarray(tokens), list(adapters), cache=cache)
-        return hf[:, -1] @ self.out_rows(0, self.args.vocab_size).T
+        out = self.out_rows(0, self.args.vocab_size)
+        with C.own_threads():
+            return C.mm(np.ascontiguousarray(hf[:, -1]), out.T)
 
     def decode(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
                adapters: AdapterScales = ()) -> Generator[int, None, None]:
