@@ -378,7 +378,7 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
         notes.append("time: a validation loss (a validation set, evalEvery) is not included: each validation batch "
                      "costs about a third of a training step")
         if batches is not None:
-            full_s = n_steps * cal.predict(a, cfg, B, T, ga, optim)["step_s"]
+            full_s = n_steps * cal.predict(a, cfg, B, T, ga, optim, choice.recompute)["step_s"]
             notes.append(f"{batches.note()}; {run_s:.1f} s of steps (full {B} x {T} rows would be {full_s:.1f} s)"
                          + ("" if cut else f"; the {backend} engine pads every batch into its {B} x {T} step "
                                            "program, so each is priced at that shape"))
