@@ -114,13 +114,20 @@ def row_parts(n: int, min_rows: int = 64) -> list[tuple[int, int]]:
     return [(edges[j], edges[j + 1]) for j in range(k)]
 
 
-def mm(a, b):
-    """a @ b (2-D, f32); inside own_threads() the rows of a (the columns of b for one row) split over the threads."""
+def parts(n: int) -> list[tuple[int, int]]:
+    """Row blocks for work that is split over the threads: one per thread inside own_threads(), else one."""
+    return row_parts(n) if _split() else [(0, n)]
+
+
+def mm(a, b, out=None):
+    """a @ b (2-D, f32) into out (a new array if None); inside own_threads() the rows of a (the columns of b when
+    a has few rows) split over the threads."""
     M, N = a.shape[0], b.shape[1]
     if not _split() or M * N * a.shape[1] < (1 << 18):
-        return a @ b
-    out = np.empty((M, N), np.float32)
-    if M >= 2 * 32:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        out = np.empty((M, N), np.float32)
+    if M >= 64:
         def rows(r):
             np.matmul(a[r[0]:r[1]], b, out=out[r[0]:r[1]])
         parallel(rows, row_parts(M, 32), blas=True)
@@ -140,9 +147,9 @@ def _chunks(lo, hi):
     return ((r, min(hi, r + CHUNK_ROWS)) for r in range(lo, hi, CHUNK_ROWS))
 
 
-def swiglu(g, u):
-    """silu(g) * u (N, F), as reference.swiglu."""
-    out = np.empty(g.shape, np.float32)
+def swiglu(g, u, out=None):
+    """silu(g) * u (N, F), as reference.swiglu, into out."""
+    out = np.empty(g.shape, np.float32) if out is None else out
 
     def part(rows):
         for lo, hi in _chunks(*rows):
@@ -186,11 +193,10 @@ def swiglu_backward(da, g, u, dgu):
 
 # --- RoPE (reference.rope's rotate-half, written into halves instead of concatenated) -------------
 
-def rope(x, cos, sin):
-    """x (B, T, nh, hd) (any strides); cos/sin (B, T, hd) whose halves are equal. Returns a new array."""
+def rope(x, cos, sin, out):
+    """x (..., nh, hd) (any strides); cos/sin (..., hd) whose halves are equal; the result into out."""
     h = x.shape[-1] // 2
-    c, sn = cos[:, :, None, :h], sin[:, :, None, :h]
-    out = np.empty(x.shape, np.float32)
+    c, sn = cos[..., None, :h], sin[..., None, :h]
     x1, x2 = x[..., :h], x[..., h:]
     np.multiply(x1, c, out=out[..., :h])
     out[..., :h] -= x2 * sn
@@ -200,9 +206,9 @@ def rope(x, cos, sin):
 
 
 def rope_backward(dy, cos, sin, out):
-    """reference.rope_backward written into out (B, T, nh, hd)."""
+    """reference.rope_backward of dy (..., nh, hd) written into out."""
     h = dy.shape[-1] // 2
-    c, sn = cos[:, :, None, :h], sin[:, :, None, :h]
+    c, sn = cos[..., None, :h], sin[..., None, :h]
     d1, d2 = dy[..., :h], dy[..., h:]
     np.multiply(d1, c, out=out[..., :h])
     out[..., :h] += d2 * sn

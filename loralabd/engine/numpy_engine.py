@@ -10,13 +10,12 @@ import numpy as np
 from ..models.load import LoadedModel
 from . import cpu_ops as C
 from . import reference as R
+from .cpu_layer import DOWN, GU, O, QKV, layer_backward, layer_forward
 from .interface import AdapterScales, OptimSettings, Sampling
 from .memory import MemoryPlan, numpy_memory_plan
 from .lora import LoraAdapter
 from .numpy_train import NumpyTrainSession
 
-# projections that read the same input, multiplied as one matrix (their weights stacked by rows)
-QKV, O, GU, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
 
 
 @dataclass
@@ -86,77 +85,6 @@ class NumpyEngine:
         rows = np.stack([self.model.embed_tokens.rows(int(t), int(t) + 1)[0] for t in uniq])
         return rows[inv].reshape(*tokens.shape, -1)
 
-    # -- projections with any adapters ----------------------------------------------------------
-
-    def _proj(self, i, names, x, adapters, saved=None, drop_rng=None):
-        """x (N, in) -> (N, sum of outs): the projections `names` (one matmul) plus each adapter's LoRA term;
-        saved (training) gets each name's (x·Aᵀ, dropout mask) of the first adapter."""
-        W, bias, rows = self.group(i, names)
-        y = C.mm(x, W.T)
-        if bias is not None:
-            y += bias
-        for j, (ad, s) in enumerate(adapters):
-            if s == 0.0:
-                continue
-            c = np.float32(s * ad.config.scale)
-            here = [n for n in names if ad.get(i, n) is not None]
-            if not here:
-                continue
-            p = ad.config.dropout
-            if saved is not None and j == 0 and p > 0.0 and drop_rng is not None:
-                xas = []
-                for name in here:  # one mask per projection, drawn in order
-                    mask = (drop_rng.random(x.shape) >= p).astype(np.float32) / (1.0 - p)
-                    xas.append((x * mask) @ ad.get(i, name)[0].T)
-                    saved[name] = (xas[-1], mask)
-            else:  # x·Aᵀ of the group's projections in one pass over x
-                A = ad.get(i, here[0])[0] if len(here) == 1 else np.concatenate([ad.get(i, n)[0] for n in here])
-                xa_all = x @ A.T  # (N, r * len(here))
-                r = ad.config.r
-                xas = [np.ascontiguousarray(xa_all[:, k * r:(k + 1) * r]) for k in range(len(here))]
-                if saved is not None and j == 0:
-                    saved.update({n: (xa, None) for n, xa in zip(here, xas)})
-            for name, xa in zip(here, xas):
-                r0, r1 = rows[name]
-                y[:, r0:r1] += (xa * c) @ ad.get(i, name)[1].T
-        return y
-
-    def _proj_back(self, i, names, dy, x, saved, adapter, grads, need_dx=True):
-        """dy (N, sum of outs) -> dx (N, in) (None when not needed); d(A, B) of the adapter's matrices into grads,
-        as reference.lora_linear_backward."""
-        W, _, rows = self.group(i, names)
-        dx = C.mm(dy, W) if need_dx else None
-        s = adapter.config.scale
-        here = [n for n in names if adapter.get(i, n) is not None]
-        dxas = []
-        for name in here:
-            Bm = adapter.get(i, name)[1]
-            xa = saved[name][0]
-            r0, r1 = rows[name]
-            dyj = dy[:, r0:r1]  # (N, out): a strided view, BLAS takes it as is
-            grads[f"{i}.{name}.B"] = s * (dyj.T @ xa)
-            dxas.append(s * (dyj @ Bm))  # (N, r)
-        if not here:
-            return dx
-        if all(saved[n][1] is None for n in here):  # no dropout: the group's dA and dx in one matmul each
-            dxa = dxas[0] if len(here) == 1 else np.concatenate(dxas, axis=1)  # (N, r * len(here))
-            dA = dxa.T @ x
-            r = adapter.config.r
-            for k, name in enumerate(here):
-                grads[f"{i}.{name}.A"] = dA[k * r:(k + 1) * r]
-            if dx is not None:
-                A = adapter.get(i, here[0])[0] if len(here) == 1 else np.concatenate([adapter.get(i, n)[0] for n in here])
-                dx += dxa @ A
-            return dx
-        for name, dxa in zip(here, dxas):
-            dm = saved[name][1]
-            grads[f"{i}.{name}.A"] = dxa.T @ (x * dm)
-            if dx is not None:
-                dxd = dxa @ adapter.get(i, name)[0]
-                dxd *= dm
-                dx += dxd
-        return dx
-
     # -- forward ---------------------------------------------------------------------------------
 
     def _forward(self, tokens, adapters, positions=None, segments=None, cache=None, keep=False, drop_rng=None):
@@ -171,44 +99,15 @@ class NumpyEngine:
         if positions is None:
             positions = np.broadcast_to(np.arange(start, start + T), (Bsz, T))
         cos, sin = R.rope_tables(positions, a.head_dim, a.rope_theta)  # (B, T, hd)
-        Tk = start + T
-        H, KV, hd, D, F = a.num_attention_heads, a.num_key_value_heads, a.head_dim, a.hidden_size, a.intermediate_size
-        blocks = C.attention_blocks(T, Tk, start, segments, H // KV)
+        cos, sin = (np.ascontiguousarray(np.broadcast_to(t, (Bsz, T, a.head_dim))) for t in (cos, sin))
+        blocks = C.attention_blocks(T, start + T, start, segments, a.num_attention_heads // a.num_key_value_heads)
         x = self.embed(tokens).astype(np.float32)  # (B, T, D)
         saved_layers = []
-        for i, L in enumerate(self.model.layers):
-            sv: dict[str, np.ndarray] | None = {} if keep else None
-            if sv is not None:
-                sv["x"] = x
-            h, r1 = R.rmsnorm(x, L.input_layernorm, a.rms_norm_eps)
-            hN = h.reshape(-1, D)
-            qkv = self._proj(i, QKV, hN, adapters, sv, drop_rng)  # (N, (H + 2 KV) hd)
-            q = C.rope(qkv[:, :H * hd].reshape(Bsz, T, H, hd), cos, sin)
-            k = C.rope(qkv[:, H * hd:(H + KV) * hd].reshape(Bsz, T, KV, hd), cos, sin)
-            v = np.ascontiguousarray(qkv[:, (H + KV) * hd:]).reshape(Bsz, T, KV, hd)
-            del qkv
-            if cache is not None:
-                cache.k[i][:, start:Tk] = k
-                cache.v[i][:, start:Tk] = v
-                k_all, v_all = cache.k[i][:, :Tk], cache.v[i][:, :Tk]
-            else:
-                k_all, v_all = k, v
-            att, lse = C.attention(q, k_all, v_all, blocks)
-            attN = att.reshape(-1, H * hd)
-            o = self._proj(i, O, attN, adapters, sv, drop_rng).reshape(Bsz, T, D)
-            x1 = x + o
-            h2, r2 = R.rmsnorm(x1, L.post_attention_layernorm, a.rms_norm_eps)
-            h2N = h2.reshape(-1, D)
-            gu = self._proj(i, GU, h2N, adapters, sv, drop_rng)  # (N, 2F)
-            g, u = gu[:, :F], gu[:, F:]
-            act = C.swiglu(g, u)
-            d = self._proj(i, DOWN, act, adapters, sv, drop_rng).reshape(Bsz, T, D)
-            x = x1 + d
-            if sv is not None:
-                sv.update(r1=r1, hN=hN, q=q, k=k, v=v, lse=lse, attN=attN, x1=x1, r2=r2, h2N=h2N, g=g, u=u, act=act)
-                saved_layers.append(sv)
+        for i in range(a.num_hidden_layers):
+            x, sv = layer_forward(self, i, x, adapters, cos, sin, blocks, cache, start, keep, drop_rng)
+            saved_layers.append(sv)
         if cache is not None:
-            cache.length = Tk
+            cache.length = start + T
         hf, rf = R.rmsnorm(x, self.model.norm, a.rms_norm_eps)
         ctx = dict(layers=saved_layers, cos=cos, sin=sin, blocks=blocks, x_final=x, rf=rf)
         return hf, ctx
@@ -236,39 +135,16 @@ class NumpyEngine:
         a = self.args
         tokens, labels = np.asarray(tokens), np.asarray(labels)
         Bsz, T = tokens.shape
-        D, H, KV, hd = a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim
+        D, N = a.hidden_size, Bsz * T
         hf, ctx = self._forward(tokens, [(adapter, 1.0)], positions, segments, keep=True, drop_rng=drop_rng)
-        N = Bsz * T
-        lab = labels.reshape(N)
-        hfN = hf.reshape(N, D)
-        loss, dh, n = C.cross_entropy_grad(hfN, self.out_rows(0, a.vocab_size), lab, self.vocab_chunk)
-        dx = R.rmsnorm_backward(dh.reshape(Bsz, T, D), ctx["x_final"], self.model.norm, ctx["rf"])
+        loss, dh, n = C.cross_entropy_grad(hf.reshape(N, D), self.out_rows(0, a.vocab_size), labels.reshape(N),
+                                           self.vocab_chunk)
+        dx = R.rmsnorm_backward(dh.reshape(Bsz, T, D), ctx["x_final"], self.model.norm, ctx["rf"]).reshape(N, D)
         grads: dict[str, np.ndarray] = {}
-        cos, sin, blocks = ctx["cos"], ctx["sin"], ctx["blocks"]
-        F, Hd, KVd = a.intermediate_size, H * hd, KV * hd
         for i in reversed(range(a.num_hidden_layers)):
-            L, sv = self.model.layers[i], ctx["layers"][i]
-            # MLP
-            dact = self._proj_back(i, DOWN, dx.reshape(N, D), sv["act"], sv, adapter, grads)
-            dgu = np.empty((N, 2 * F), np.float32)
-            C.swiglu_backward(dact, sv["g"], sv["u"], dgu)
-            del dact
-            dh2 = self._proj_back(i, GU, dgu, sv["h2N"], sv, adapter, grads)
-            del dgu
-            dx1 = dx + R.rmsnorm_backward(dh2.reshape(Bsz, T, D), sv["x1"], L.post_attention_layernorm, sv["r2"])
-            # attention
-            datt = self._proj_back(i, O, dx1.reshape(N, D), sv["attN"], sv, adapter, grads).reshape(Bsz, T, H, hd)
-            dq, dk, dv = C.attention_backward(datt, sv["attN"].reshape(Bsz, T, H, hd), sv["q"], sv["k"], sv["v"],
-                                              sv["lse"], blocks)
-            dqkv = np.empty((N, Hd + 2 * KVd), np.float32)
-            C.rope_backward(dq, cos, sin, out=dqkv[:, :Hd].reshape(Bsz, T, H, hd))
-            C.rope_backward(dk, cos, sin, out=dqkv[:, Hd:Hd + KVd].reshape(Bsz, T, KV, hd))
-            dqkv[:, Hd + KVd:] = dv.reshape(N, KVd)
-            del dq, dk, dv
             # the embeddings are frozen: below layer 0 only the LoRA gradients are wanted
-            dh = self._proj_back(i, QKV, dqkv, sv["hN"], sv, adapter, grads, need_dx=i > 0)
-            if i > 0:
-                dx = dx1 + R.rmsnorm_backward(dh.reshape(Bsz, T, D), sv["x"], L.input_layernorm, sv["r1"])
+            dx = layer_backward(self, i, ctx["layers"][i], dx, adapter, ctx["cos"], ctx["sin"], ctx["blocks"], grads,
+                                need_dx=i > 0)
         return loss, grads, n
 
     def train_session(self, adapter: LoraAdapter, optim: OptimSettings = OptimSettings()) -> NumpyTrainSession:
