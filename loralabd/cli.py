@@ -202,7 +202,7 @@ def _plan_params(a, mid) -> dict:
     from .plan.hardware import parse_bytes
 
     p = {"model": mid, "lora": _lora(a), "batchSize": a.batch, "seqLen": a.seq, "gradAccum": a.grad_accum,
-         "optimizer": a.optimizer}
+         "optimizer": a.optimizer, "activations": a.activations}
     if a.steps is not None:
         p["steps"] = a.steps
     if a.time_budget:
@@ -238,6 +238,11 @@ def _show_plan(p: dict, mid: str, a) -> None:
         print(f"  {'loading':<16} {_size(p['loadBytes']):>12} {'':>13}   (peak while the model loads)")
     if avail is not None:
         print(f"  {'available':<16} {_size(avail):>12} {'':>13}   ({p['availableSource']})")
+    act = p.get("activations")
+    if act is not None:
+        t = {m: "" if act[m]["seconds"] is None else f", {_fmt_s(act[m]['seconds'])}" for m in ("keep", "recompute")}
+        print(f"  activations: {act['mode']} — {act['reason']} (keep: {_size(act['keep']['memoryBytes'])}{t['keep']}; "
+              f"recompute: {_size(act['recompute']['memoryBytes'])}{t['recompute']})")
     print()
     if p["fits"] is True:
         print(f"fits: {_size(avail - total)} to spare")
@@ -275,6 +280,7 @@ def cmd_plan(a):
         if a.data:
             info = c.request("dataset/inspect", {"path": os.path.abspath(a.data), "model": mid, "seqLen": a.seq})
             params["datasetTokens"] = info["tokens"]
+            params["dataset"] = os.path.abspath(a.data)  # its real batches are priced, as the trainer will cut them
             if a.steps is None:
                 params["epochs"] = a.epochs or 1.0
             if not a.json:
@@ -476,6 +482,8 @@ def build_parser():
     s.add_argument("--epochs", type=float, default=None, help="passes over --data (default 1; --steps overrides)")
     s.add_argument("--grad-accum", type=int, default=_T["gradAccum"], help="micro-batches per optimizer step")
     s.add_argument("--optimizer", choices=["adamw", "adam8bit"], default=_T["optimizer"]["kind"])
+    s.add_argument("--activations", choices=["auto", "keep", "recompute"], default=_T["activations"],
+                   help="plan keeping activations, recomputing them, or auto: what train would choose (default)")
     s.add_argument("--time-budget", metavar="T", help="e.g. 90s, 30m, 2h: advise the largest rank that meets it")
     s.add_argument("--memory-cap", metavar="BYTES", help="memory the run may use, e.g. 6GiB (default: what the "
                    "device reports)")
