@@ -279,17 +279,6 @@ def test_split_k_weight_gradient(rt, M, N, Kd, splits):
     assert rel(get(rt, c, (M, N)) - c0, 0.5 * a.T @ b) <= 1e-4  # the difference loses a few bits to c0
 
 
-def test_flat_partials_slices_stay_bounded():
-    """dw_slices: min(64, rows // 64) slices of the flat gradient, within one 128 MiB binding; 0 (per-matrix
-    reduces) on lavapipe's kernels, below 2 slices, or where the cap would halve the per-matrix slices."""
-    hw = type("HW", (), {"tiled": True, "limits": {}})()
-    n = 2442240  # SmolLM2-135M, r 8, all 7 projections
-    assert [K.dw_slices(hw, rows, n) for rows in (64, 128, 512, 1024, 2048)] == [0, 2, 8, 13, 0]
-    assert K.dw_slices(hw, 512, 1024) == 8 and K.dw_slices(hw, 1 << 20, 1024) == 64
-    assert K.dw_slices(type("SW", (), {"tiled": False, "limits": {}})(), 512, 1024) == 0
-    assert K.dw_slices(hw, 512, 40 << 20) == 0  # one slice would not fit
-
-
 @pytest.mark.parametrize("n,splits", [(1000, 3), (70, 7), (321, 2)])
 def test_flat_gradient_reduce(rt, n, splits):
     """dw_reduce: grad(n) += the sum of `splits` slices of partials (n floats each), sizes not multiples of 64."""

@@ -261,23 +261,16 @@ def matmul_dw(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int,
     return [split, red]
 
 
-DW_PARTIALS_BYTES = 128 << 20  # the flat dA/dB partials' cap: WebGPU's default storage binding limit
+DW_PARTIALS_BYTES = 64 << 20  # cap of the flat dA/dB partials: SmolLM2-135M, r 8, 7 projections: 6 slices
 
 
 def dw_slices(rt, K: int, n: int) -> int:
-    """Slices S of the batch*seq (K) reduction of every dA / dB into flat partials of S x n floats (n: the flat
-    gradient buffer's), or 0: each matrix reduces its own slices (matmul_dw with scratch). S = min(64, K // 64),
-    slices of >= 64 rows as per matrix, but the partials are one binding of at most DW_PARTIALS_BYTES (and the
-    adapter's limit) — SmolLM2-135M, r 8 on 7 projections (n = 2.44M floats): 8 slices at 512 rows (78 MB),
-    at most 13 (127 MB); 0 where that leaves fewer than 2 slices or under half the per-matrix path's (from
-    2048 rows there): each slice walks K / S rows in one chain of loads, and at large K the per-matrix
-    reduces are a small part of the step."""
-    if not rt.tiled:
-        return 0
-    want = min(64, K // 64)
-    cap = min(DW_PARTIALS_BYTES, rt.limits.get("max-storage-buffer-binding-size", 1 << 27))
-    s = min(want, cap // (4 * max(n, 1)))
-    return s if s >= 2 and 2 * s >= want else 0
+    """Slices of the batch*seq (K) reduction of every dA / dB into flat partials of S x n floats (n: the flat
+    gradient buffer's): min(64, K // 64), slices of >= 64 rows as per matrix, but no more than fit
+    DW_PARTIALS_BYTES, so the partials stay a modest buffer whatever the adapter; 0 where fewer than 2 fit or
+    not on a hardware GPU (then each matrix reduces its own slices, matmul_dw with scratch)."""
+    s = min(64, K // 64, DW_PARTIALS_BYTES // (4 * max(n, 1))) if rt.tiled else 0
+    return s if s >= 2 else 0
 
 
 def dw_reduce(rt, parts: Buf, grad: Buf, n: int, splits: int) -> Op:

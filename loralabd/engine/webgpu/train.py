@@ -158,11 +158,11 @@ class WebGPUTrainSession:
         dk, dv = S.alloc(N * KV * hd, "dk"), S.alloc(N * KV * hd, "dv")
         delta, dxa = S.alloc(B * H * T, "delta"), S.alloc(N * r, "dxa")
         # split-K partials of dA / dB on hardware GPUs (from 2 slices of 64 rows: unsplit, a (r, features) output
-        # leaves the GPU idle — 150 µs a dispatch at 512 rows on an H200). Where K.dw_slices allows (enough
-        # slices of the whole flat gradient fit one 128 MiB binding), every matrix writes its slices into
-        # partials laid out like self.grad (slice z of the matrix at offset o: z*n + o) and one dw_reduce after
-        # the backward adds them all to self.grad — not 420 per-matrix reduces (SmolLM2-135M, 7 projections);
-        # else 64 slices x the largest r x features, reduced per matrix
+        # leaves the GPU idle — 150 µs a dispatch at 512 rows on an H200). Where K.dw_slices allows (S >= 2 slices
+        # of the whole flat gradient fit 64 MiB), every matrix writes its slices into partials laid out like
+        # self.grad (slice z of the matrix at offset o: z*n + o) and one dw_reduce after the backward adds them
+        # all to self.grad — not 420 per-matrix reduces (SmolLM2-135M, 7 projections); else 64 slices x the
+        # largest r x features, reduced per matrix
         nsl = K.dw_slices(rt, N, self.n)
         parts = S.alloc(nsl * self.n, "dw_split") if nsl else None
         scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 128 and not nsl else None
