@@ -454,11 +454,9 @@ fn gemv_lanes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_i
     }
 }
 
-// dA / dB on large GPUs: the batch*seq reduction of backward_dw split over num_workgroups.z slices, slice z's
-// partial (alpha * its sum) to c at c_off + z * ldc (c: a scratch buffer). Per matrix (c_off 0, ldc M*N,
-// alpha 1), split_reduce then sums them into the real C (bound as c, the partials as x): C = alpha * sum_z
-// partial_z + beta * C, K = slices; in training every matrix writes into flat partials laid out like the
-// gradient buffer (c_off: its offset there, ldc: the buffer's floats) and one dw_reduce sums them all.
+// dA / dB on large GPUs: the batch*seq reduction of backward_dw split over num_workgroups.z slices
+// (partials to a scratch buffer bound as c), then split_reduce sums them into the real C (bound as c,
+// the partials as x): C = alpha * sum_z partial_z + beta * C. K = slices in split_reduce.
 // workgroup shape (WX, WY), WX * WY = 64, set at pipeline creation: dA (r x in) and dB (out x r) have one
 // side of r = 8..16 columns, which an 8 x 8 shape would cover with 2 of 8 lanes
 override WX: u32 = 8u;
@@ -487,11 +485,11 @@ fn backward_dw_split(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num
         c2 += a.z * w;
         c3 += a.w * w;
     }
-    let base = p.c_off + gid.z * p.ldc;
-    split_store(base, m0, n0, p.alpha * c0);
-    split_store(base, m0 + 1u, n0, p.alpha * c1);
-    split_store(base, m0 + 2u, n0, p.alpha * c2);
-    split_store(base, m0 + 3u, n0, p.alpha * c3);
+    let base = gid.z * p.M * p.N;
+    split_store(base, m0, n0, c0);
+    split_store(base, m0 + 1u, n0, c1);
+    split_store(base, m0 + 2u, n0, c2);
+    split_store(base, m0 + 3u, n0, c3);
 }
 
 fn split_store(base: u32, m: u32, n0: u32, v: vec4<f32>) {
@@ -513,17 +511,6 @@ fn split_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_work
     var y = p.alpha * s;
     if (p.beta != 0.0) { y += p.beta * c[i]; }
     c[i] = y;
-}
-
-// Every LoRA gradient at once: x holds K slices of partials (slice z at z * ldc), each laid out like C (N
-// floats); C += their sum, slice 0 first (a fixed order: the same bits every run).
-@compute @workgroup_size(64)
-fn dw_reduce(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nw: vec3<u32>) {
-    let i = gid.x + gid.y * nw.x * 64u;
-    if (i >= p.N) { return; }
-    var s = 0.0;
-    for (var z = 0u; z < p.K; z++) { s += x[z * p.ldc + i]; }
-    c[i] += s;
 }
 
 // Skinny products on hardware GPUs (N <= 16 outputs: the LoRA x·Aᵀ and dY·B): a workgroup of 64 = SKR rows x

@@ -279,41 +279,6 @@ def test_split_k_weight_gradient(rt, M, N, Kd, splits):
     assert rel(get(rt, c, (M, N)) - c0, 0.5 * a.T @ b) <= 1e-4  # the difference loses a few bits to c0
 
 
-@pytest.mark.parametrize("n,splits", [(1000, 3), (70, 7), (321, 2)])
-def test_flat_gradient_reduce(rt, n, splits):
-    """dw_reduce: grad(n) += the sum of `splits` slices of partials (n floats each), sizes not multiples of 64."""
-    rng = np.random.default_rng(n)
-    parts = rng.standard_normal((splits, n)).astype(np.float32)
-    g0 = rng.standard_normal(n).astype(np.float32)
-    grad = up(rt, g0)
-    op = K.dw_reduce(rt, up(rt, parts), grad, n, splits)
-    assert op.kernel.split(":")[1].split("[")[0] == "dw_reduce"
-    rt.run([op])
-    assert rel(get(rt, grad, (n,)), g0 + parts.astype(np.float64).sum(0)) <= TOL
-
-
-@pytest.mark.parametrize("Kd,splits", [(1000, 3), (300, 5)])
-def test_weight_gradients_through_flat_partials(rt, Kd, splits):
-    """Two matrices' dA / dB written as alpha-scaled slices into flat partials (each at its offset in a
-    256-aligned flat layout), then one dw_reduce adds both to the flat gradient: as C += alpha*Xᵀ·W each."""
-    rng = np.random.default_rng(Kd)
-    shapes, offs, n = [(3, 70), (70, 8)], [0, 256], 256 + 256 * 3  # (M, N) of each; 70*8 = 560 floats
-    g0 = rng.standard_normal(n).astype(np.float32)
-    grad, parts = up(rt, g0), out(rt, splits * n)
-    want = g0.astype(np.float64)
-    ops = []
-    for (M, N), o, alpha in zip(shapes, offs, (0.5, 2.0)):
-        a = rng.standard_normal((Kd, M)).astype(np.float32)
-        b = rng.standard_normal((Kd, N)).astype(np.float32)
-        ops += K.matmul_dw(rt, up(rt, a), K.dense_weight(up(rt, b), Kd, N), None, M, N, Kd, alpha=alpha,
-                           splits=splits, part=(parts, o, n))
-        want[o:o + M * N] += alpha * (a.T.astype(np.float64) @ b).reshape(-1)
-    ops.append(K.dw_reduce(rt, parts, grad, n, splits))
-    assert [o.kernel.split(":")[1].split("[")[0] for o in ops] == ["backward_dw_split"] * 2 + ["dw_reduce"]
-    rt.run(ops)
-    assert rel(get(rt, grad, (n,)) - g0, want - g0) <= 1e-4  # the difference loses a few bits to g0
-
-
 # --- embedding and tied LM head (q8_0) ------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind,V,D", [("q8_0", 301, 64), ("f32", 50, 36), ("f16", 77, 20)])

@@ -232,52 +232,22 @@ def mm_tile(rt, N) -> tuple:
 
 
 def matmul_dw(rt: Runtime, x: Buf, w: GpuWeight, c: Buf, M: int, N: int, K: int, *, alpha=1.0, beta=0.0,
-              drop=None, scratch: Buf | None = None, splits: int | None = None, part=None) -> list:
+              drop=None, scratch: Buf | None = None, splits: int | None = None) -> list:
     """C(M,N) = alpha*X(K,M)ᵀ·W(K,N) + beta*C — with the K reduction split over `splits` slices on hardware
-    GPUs (K = batch*seq is long, M*N = r*features small: one slice would leave most of the GPU idle).
-    part = (partials buf, offset, stride): the slices' alpha-scaled partials go to partials[z*stride + offset ..]
-    and nothing is added to C here (dw_reduce sums every matrix's at once; `splits` >= 2 required)."""
-    if part is not None:
-        if splits is None or splits < 2:
-            raise WebGPUError("matmul_dw: flat partials need splits >= 2")
-        scratch, c_off, ldc = part
-    else:
-        c_off, ldc = 0, M * N
-        if splits is None:  # slices of >= 64 rows: M*N = r*features outputs alone are a few hundred workgroups
-            splits = min(64, K // 64) if rt.tiled and scratch is not None else 1
-        if splits <= 1 or scratch is None or scratch.n < splits * M * N:
-            return [matmul(rt, x, w, c, M, N, K, mode="backward_dw", alpha=alpha, beta=beta, drop=drop)]
-    split_alpha = 1.0 if part is None else alpha  # per matrix: split_reduce applies alpha
-    bufs, params = _mm_args(x, w, scratch, M, N, K, "backward_dw", 0, None, c_off, ldc, 0, None, None, None, 0.0,
-                            split_alpha, drop)
+    GPUs (K = batch*seq is long, M*N = r*features small: one slice would leave most of the GPU idle)."""
+    if splits is None:  # slices of >= 64 rows: M*N = r*features outputs alone are a few hundred workgroups
+        splits = min(64, K // 64) if rt.tiled and scratch is not None else 1
+    if splits <= 1 or scratch is None or scratch.n < splits * M * N:
+        return [matmul(rt, x, w, c, M, N, K, mode="backward_dw", alpha=alpha, beta=beta, drop=drop)]
+    bufs, params = _mm_args(x, w, scratch, M, N, K, "backward_dw", 0, None, 0, None, 0, None, None, None, 0.0,
+                            1.0, drop)
     wx = 8 if min(M, N) > 16 else (2 if N <= 8 else 4 if N <= 16 else 32 if M <= 8 else 16)
     wy = 64 // wx
     split = rt.op("matmul.wgsl", "backward_dw_split", (-(-N // (4 * wx)), -(-M // (4 * wy)), splits), bufs, params,
                   w.define, {"WX": wx, "WY": wy})
-    if part is not None:
-        return [split]
-    red_p = dict(params, K=splits, c_off=0, ldc=N, alpha=float(alpha), beta=float(beta))
+    red_p = dict(params, K=splits, alpha=float(alpha), beta=float(beta))
     red = rt.op("matmul.wgsl", "split_reduce", grid1d(M * N, 64), dict(x=scratch, c=c), red_p, w.define)
     return [split, red]
-
-
-DW_PARTIALS_BYTES = 64 << 20  # cap of the flat dA/dB partials: SmolLM2-135M, r 8, 7 projections: 6 slices
-
-
-def dw_slices(rt, K: int, n: int) -> int:
-    """Slices of the batch*seq (K) reduction of every dA / dB into flat partials of S x n floats (n: the flat
-    gradient buffer's): min(64, K // 64), slices of >= 64 rows as per matrix, but no more than fit
-    DW_PARTIALS_BYTES, so the partials stay a modest buffer whatever the adapter; 0 where fewer than 2 fit or
-    not on a hardware GPU (then each matrix reduces its own slices, matmul_dw with scratch)."""
-    s = min(64, K // 64, DW_PARTIALS_BYTES // (4 * max(n, 1))) if rt.tiled else 0
-    return s if s >= 2 else 0
-
-
-def dw_reduce(rt, parts: Buf, grad: Buf, n: int, splits: int) -> Op:
-    """grad(n) += sum_z parts[z*n : (z+1)*n] over `splits` slices: every LoRA gradient in one dispatch."""
-    bufs, params = _mm_args(parts, dense_weight(parts, splits, n), grad, 1, n, splits, "backward_dw", 0, None, 0, n,
-                            0, None, None, None, 1.0, 1.0, None)
-    return rt.op("matmul.wgsl", "dw_reduce", grid1d(n, 64), dict(x=parts, c=grad), params, {"F32": 1})
 
 
 def drop_threshold(p: float) -> int:

@@ -158,14 +158,8 @@ class WebGPUTrainSession:
         dk, dv = S.alloc(N * KV * hd, "dk"), S.alloc(N * KV * hd, "dv")
         delta, dxa = S.alloc(B * H * T, "delta"), S.alloc(N * r, "dxa")
         # split-K partials of dA / dB on hardware GPUs (from 2 slices of 64 rows: unsplit, a (r, features) output
-        # leaves the GPU idle — 150 µs a dispatch at 512 rows on an H200). Where K.dw_slices allows (S >= 2 slices
-        # of the whole flat gradient fit 64 MiB), every matrix writes its slices into partials laid out like
-        # self.grad (slice z of the matrix at offset o: z*n + o) and one dw_reduce after the backward adds them
-        # all to self.grad — not 420 per-matrix reduces (SmolLM2-135M, 7 projections); else 64 slices x the
-        # largest r x features, reduced per matrix
-        nsl = K.dw_slices(rt, N, self.n)
-        parts = S.alloc(nsl * self.n, "dw_split") if nsl else None
-        scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 128 and not nsl else None
+        # leaves the GPU idle — 150 µs a dispatch at 512 rows on an H200): 64 slices x the largest r x features
+        scratch = S.alloc(64 * r * max(D, F, H * hd), "dw_split") if rt.tiled and N >= 128 else None
         provs = [self.lora]
         drop = (self.drop_dyn, self.p_drop) if self.p_drop > 0.0 else None
         per = [S] * L if self.recompute else [S] + [S.layer_copy(i) for i in range(1, L)]  # each layer's forward
@@ -200,13 +194,11 @@ class WebGPUTrainSession:
                 dw_drop = None if drop is None else (2, self.drop_dyn, self.p_drop, salt, in_f)
                 dx_drop = None if drop is None else (3, self.drop_dyn, self.p_drop, salt, in_f)
                 # dB (out, r) += s·dyᵀ·xa ; dxa = dy·B ; dA (r, in) += s·dxaᵀ·drop(x) ; dX += drop(s·dxa·A)
-                flat = {p: None if parts is None else (parts, self.layout[f"{i}.{name}.{p}"][0], self.n)
-                        for p in "AB"}
                 ops.extend(K.matmul_dw(rt, dy, K.dense_weight(xa, N, r), gB, out_f, r, N, alpha=s, beta=1.0,
-                                       scratch=scratch, splits=nsl or None, part=flat["B"]))
+                                       scratch=scratch))
                 ops.append(K.matmul(rt, dy, K.dense_weight(Bv, out_f, r), dxa, N, r, out_f, mode="backward_dx"))
                 ops.extend(K.matmul_dw(rt, dxa, K.dense_weight(x, N, in_f), gA, r, in_f, N, alpha=s, beta=1.0,
-                                       drop=dw_drop, scratch=scratch, splits=nsl or None, part=flat["A"]))
+                                       drop=dw_drop, scratch=scratch))
                 lora = (dxa, A, r, 1, in_f, s)
             ops.extend(K.matmul_ops(rt, dy, W, dX, N, in_f, out_f, mode="backward_dx", lora=lora, beta=beta,
                                     drop=None if lora is None else dx_drop, w_row0=row0, scratch=S.split_scratch()))
@@ -230,8 +222,6 @@ class WebGPUTrainSession:
             lin_back(Si, i, "k_proj", dk, Si.h, dh, 1.0)
             lin_back(Si, i, "v_proj", dv, Si.h, dh, 1.0)
             ops.append(K.rmsnorm_backward(rt, dh, xs[i], Lw.ln1, Si.r1, dx, N, D, beta=1.0))  # dx = d x_i
-        if parts is not None:  # grad += this micro-batch's dA / dB (the partials are rewritten by the next)
-            ops.append(K.dw_reduce(rt, parts, self.grad, self.n, nsl))
         prog = Program(ops, S, loss)
         while len(self._programs) >= 4:
             _, old = self._programs.popitem()
