@@ -113,7 +113,7 @@ def layer_forward(eng, i, x, adapters, cos, sin, blocks, cache=None, start=0, ke
 
     def pre(rr):
         lo, hi = rr
-        hN[lo:hi], r1[lo:hi] = R.rmsnorm(xN[lo:hi], L.input_layernorm, eps)
+        hN[lo:hi], r1[lo:hi] = C.rmsnorm(xN[lo:hi], L.input_layernorm, eps)
         y = proj(eng, i, QKV, hN, adapters, lo, hi, np.empty((hi - lo, Hd + 2 * KVd), np.float32), m_qkv, xa)
         C.rope(y[:, :Hd].reshape(-1, H, hd), cosN[lo:hi], sinN[lo:hi], out=q[lo:hi])
         C.rope(y[:, Hd:Hd + KVd].reshape(-1, KV, hd), cosN[lo:hi], sinN[lo:hi], out=k[lo:hi])
@@ -142,7 +142,7 @@ def layer_forward(eng, i, x, adapters, cos, sin, blocks, cache=None, start=0, ke
         lo, hi = rr
         proj(eng, i, O, attN, adapters, lo, hi, x1[lo:hi], m_rest, xa)
         x1[lo:hi] += xN[lo:hi]
-        h2N[lo:hi], r2[lo:hi] = R.rmsnorm(x1[lo:hi], L.post_attention_layernorm, eps)
+        h2N[lo:hi], r2[lo:hi] = C.rmsnorm(x1[lo:hi], L.post_attention_layernorm, eps)
         proj(eng, i, GU, h2N, adapters, lo, hi, gu[lo:hi], m_rest, xa)
         C.swiglu(gu[lo:hi, :F], gu[lo:hi, F:], out=act[lo:hi])
         proj(eng, i, DOWN, act, adapters, lo, hi, out[lo:hi], m_rest, xa)
@@ -195,7 +195,7 @@ def layer_backward(eng, i, sv, dx, adapter, cos, sin, blocks, grads, need_dx=Tru
         del dact
         dh2, sh = proj_back(eng, i, GU, dgu, sv["h2N"][lo:hi], *rows(GU, lo, hi), adapter)
         shares_b[j].update(sh)
-        dx1[lo:hi] = dx[lo:hi] + R.rmsnorm_backward(dh2, sv["x1"][lo:hi], L.post_attention_layernorm, sv["r2"][lo:hi])
+        C.rmsnorm_backward(dh2, sv["x1"][lo:hi], L.post_attention_layernorm, sv["r2"][lo:hi], dx[lo:hi], dx1[lo:hi])
         datt[lo:hi], sh = proj_back(eng, i, O, dx1[lo:hi], sv["attN"][lo:hi], *rows(O, lo, hi), adapter)
         shares_b[j].update(sh)
 
@@ -220,7 +220,7 @@ def layer_backward(eng, i, sv, dx, adapter, cos, sin, blocks, grads, need_dx=Tru
         dh, sh = proj_back(eng, i, QKV, dqkv, sv["hN"][lo:hi], *rows(QKV, lo, hi), adapter, need_dx)
         shares_a[j].update(sh)
         if dxo is not None:
-            dxo[lo:hi] = dx1[lo:hi] + R.rmsnorm_backward(dh, sv["x"][lo:hi], L.input_layernorm, sv["r1"][lo:hi])
+            C.rmsnorm_backward(dh, sv["x"][lo:hi], L.input_layernorm, sv["r1"][lo:hi], dx1[lo:hi], dxo[lo:hi])
 
     C.parallel(pre, list(enumerate(parts)), blas=True)
     _sum_parts(grads, shares_a)

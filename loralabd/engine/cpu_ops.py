@@ -6,6 +6,7 @@ vocabulary, SwiGLU in place, elementwise work split over a thread pool (numpy re
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,14 +18,21 @@ from .reference import IGNORE
 Q_BLOCK = 128  # query rows per attention block: the causal triangle above the diagonal blocks is skipped
 
 
+@functools.cache
 def n_threads() -> int:
     """Worker threads: the BLAS thread count the process was given (OPENBLAS_NUM_THREADS, OMP_NUM_THREADS), else
-    the cores; LORALAB_CPU_THREADS overrides."""
+    the cores; LORALAB_CPU_THREADS overrides. Read once (the BLAS reads its own once too)."""
     for var in ("LORALAB_CPU_THREADS", "OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         v = os.environ.get(var, "").strip()
         if v.isdigit() and int(v) > 0:
             return int(v)
     return os.cpu_count() or 1
+
+
+@functools.cache
+def _split_env() -> tuple[bool, int]:
+    """LORALAB_CPU_SPLIT=0 leaves all threading to BLAS; LORALAB_CPU_SPLIT_ROWS: fewest rows worth splitting."""
+    return os.environ.get("LORALAB_CPU_SPLIT", "1") != "0", int(os.environ.get("LORALAB_CPU_SPLIT_ROWS", "64"))
 
 
 def _find_openblas():
@@ -65,9 +73,13 @@ class own_threads:
     threads: on two cores this keeps both busy outside the matmuls too, and no BLAS threads spin against ours.
     Without OpenBLAS (or with one thread) it changes nothing."""
 
+    def __init__(self, rows: int = 1 << 30):
+        self.rows = rows  # rows of the work: a few (decoding) are left to BLAS's own threads, which wake faster
+
     def __enter__(self):
         global _depth, _saved_blas
-        if _blas is None or n_threads() <= 1 or os.environ.get("LORALAB_CPU_SPLIT", "1") == "0":
+        on, min_rows = _split_env()
+        if _blas is None or n_threads() <= 1 or not on or self.rows < min_rows:
             return self
         with _lock:
             if _depth == 0:
@@ -143,8 +155,8 @@ def mm(a, b, out=None):
 CHUNK_ROWS = 16  # elementwise work in row chunks: a chunk's temporaries stay in the core's cache
 
 
-def _chunks(lo, hi):
-    return ((r, min(hi, r + CHUNK_ROWS)) for r in range(lo, hi, CHUNK_ROWS))
+def _chunks(lo, hi, rows=CHUNK_ROWS):
+    return ((r, min(hi, r + rows)) for r in range(lo, hi, rows))
 
 
 def swiglu(g, u, out=None):
@@ -191,6 +203,39 @@ def swiglu_backward(da, g, u, dgu):
     parallel(part, list(enumerate(row_parts(g.shape[0]))))
 
 
+# --- RMSNorm (reference.rmsnorm's arithmetic, without np.mean's Python-level overhead) ---------------
+
+def rmsnorm(x, w, eps):
+    """x (rows, D) -> (x * rstd) * w and rstd (rows, 1)."""
+    ms = np.add.reduce(x * x, axis=-1, keepdims=True)
+    ms /= x.shape[-1]
+    ms += eps
+    np.sqrt(ms, out=ms)
+    rstd = np.divide(1.0, ms, out=ms)
+    y = x * rstd
+    y *= w
+    return y, rstd
+
+
+def rmsnorm_backward(dy, x, w, rstd, add=None, out=None):
+    """add + reference.rmsnorm_backward(dy, x, w, rstd) for rows (rows, D), into out, in row chunks."""
+    out = np.empty(dy.shape, np.float32) if out is None else out
+    D = dy.shape[-1]
+    for lo, hi in _chunks(0, dy.shape[0], 64):
+        xhat = x[lo:hi] * rstd[lo:hi]
+        g = dy[lo:hi] * w
+        m = np.einsum("ij,ij->i", g, xhat)[:, None]
+        m /= D  # mean(g * xhat)
+        xhat *= m
+        g -= xhat
+        g *= rstd[lo:hi]
+        if add is None:
+            out[lo:hi] = g
+        else:
+            np.add(add[lo:hi], g, out=out[lo:hi])
+    return out
+
+
 # --- RoPE (reference.rope's rotate-half, written into halves instead of concatenated) -------------
 
 def rope(x, cos, sin, out):
@@ -220,21 +265,24 @@ def rope_backward(dy, cos, sin, out):
 # --- causal GQA attention -------------------------------------------------------------------------
 
 def attention_blocks(T, Tk, t_offset, segments, g):
-    """The query blocks of one forward: (t0, t1, keys, bias) with bias (B|1, (t1-t0)*g, keys) f32, 0 where the
-    key is visible and -inf where not (rows ordered query-major: row = t * g + head within the group), or
-    None where every key is visible. The keys past a block's last query are never visible, so skipped."""
+    """The query blocks of one forward: (t0, t1, keys, c0, bias): keys past a block's last query are never visible,
+    so skipped; bias (B|1, (t1-t0)*g, keys-c0) f32 is 0 where a key is visible and -inf where not, for the keys
+    from c0 on (before c0 every key is visible to every row), or None when all are (rows query-major:
+    row = t * g + head within the key/value group)."""
     out = []
     for t0 in range(0, T, Q_BLOCK):
         t1 = min(T, t0 + Q_BLOCK)
-        kk = t1 + t_offset
+        kk = min(t1 + t_offset, Tk)
         vis = np.arange(kk)[None, :] <= (np.arange(t0, t1) + t_offset)[:, None]  # (bq, kk)
         vis = vis[None]
         if segments is not None:
             vis = vis & (segments[:, t0:t1, None] == segments[:, None, :kk])
-        bias = None
-        if not vis.all():
-            bias = np.where(np.repeat(vis, g, axis=1), np.float32(0.0), np.float32(-np.inf))
-        out.append((t0, t1, min(kk, Tk), bias))
+        full = vis.all(axis=(0, 1))  # (kk,) keys every row sees
+        c0, bias = kk, None
+        if not full.all():
+            c0 = int(np.argmin(full))
+            bias = np.where(np.repeat(vis[:, :, c0:], g, axis=1), np.float32(0.0), np.float32(-np.inf))
+        out.append((t0, t1, kk, c0, bias))
     return out
 
 
@@ -249,6 +297,9 @@ def attention(q, k, v, blocks):
     KV = k.shape[2]
     g = H // KV
     scale = np.float32(1.0 / np.sqrt(hd))
+    small = T * k.shape[1] * H < 1 << 16
+    if small and len(blocks) == 1:  # decoding: every key/value head in one batched matmul, fewer calls
+        return _attention_batched(q, k, v, blocks[0][3], blocks[0][4], scale)
     out = np.empty((B, T, H, hd), np.float32)
     lse = np.empty((B, H, T), np.float32)
 
@@ -256,13 +307,12 @@ def attention(q, k, v, blocks):
         b, j = item
         hs = slice(j * g, (j + 1) * g)
         K, V = k[b, :, j], v[b, :, j]  # (Tk, hd)
-        for t0, t1, kk, bias in blocks:
-            Q = q[b, t0:t1, hs].reshape(-1, hd)  # ((t1-t0)*g, hd)
+        for t0, t1, kk, c0, bias in blocks:
+            Q = q[b, t0:t1, hs].reshape(-1, hd) * scale  # ((t1-t0)*g, hd), a new array
             s = Q @ K[:kk].T
-            s *= scale
             bb = _bias(bias, b)
             if bb is not None:
-                s += bb
+                s[:, c0:] += bb
             mx = s.max(axis=1, keepdims=True)
             s -= mx
             np.exp(s, out=s)
@@ -272,7 +322,27 @@ def attention(q, k, v, blocks):
             out[b, t0:t1, hs] = o.reshape(t1 - t0, g, hd)
             lse[b, hs, t0:t1] = (mx + np.log(den)).reshape(t1 - t0, g).T
 
-    parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=T * k.shape[1] * H < 1 << 16)
+    parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=small)
+    return out, lse
+
+
+def _attention_batched(q, k, v, c0, bias, scale):
+    """attention() for one query block of few rows: a (B, KV) stack of matmuls."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    g = H // KV
+    Q = q.reshape(B, T, KV, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * g, hd) * scale
+    s = Q @ k.transpose(0, 2, 3, 1)  # (B, KV, T*g, Tk)
+    if bias is not None:
+        s[..., c0:] += bias[:, None]
+    mx = s.max(axis=-1, keepdims=True)
+    s -= mx
+    np.exp(s, out=s)
+    den = s.sum(axis=-1, keepdims=True)
+    o = s @ v.transpose(0, 2, 1, 3)  # (B, KV, T*g, hd)
+    o /= den
+    out = o.reshape(B, KV, T, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H, hd)
+    lse = (mx + np.log(den)).reshape(B, KV, T, g).transpose(0, 1, 3, 2).reshape(B, H, T)
     return out, lse
 
 
@@ -292,23 +362,23 @@ def attention_backward(dout, out, q, k, v, lse, blocks):
         hs = slice(j * g, (j + 1) * g)
         K, V = k[b, :, j], v[b, :, j]
         dK, dV = dk[b, :, j], dv[b, :, j]
-        for t0, t1, kk, bias in blocks:
-            Q = q[b, t0:t1, hs].reshape(-1, hd)
+        for t0, t1, kk, c0, bias in blocks:
+            Q = q[b, t0:t1, hs].reshape(-1, hd) * scale  # as in the forward, so P is the forward's
             dO = dout[b, t0:t1, hs].reshape(-1, hd)
             delta = np.einsum("ij,ij->i", dO, out[b, t0:t1, hs].reshape(-1, hd))[:, None]
             p = Q @ K[:kk].T
-            p *= scale
             bb = _bias(bias, b)
             if bb is not None:
-                p += bb
+                p[:, c0:] += bb
             p -= lse[b, hs, t0:t1].T.reshape(-1, 1)
             np.exp(p, out=p)  # P
             dV[:kk] += p.T @ dO
             ds = dO @ V[:kk].T  # dP
             ds -= delta
-            ds *= p
-            ds *= scale
-            dq[b, t0:t1, hs] = (ds @ K[:kk]).reshape(t1 - t0, g, hd)
+            ds *= p  # dS / scale
+            dQ = ds @ K[:kk]
+            dQ *= scale
+            dq[b, t0:t1, hs] = dQ.reshape(t1 - t0, g, hd)
             dK[:kk] += ds.T @ Q
 
     parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=T * k.shape[1] * H < 1 << 16)

@@ -89,7 +89,7 @@ class NumpyEngine:
 
     def _forward(self, tokens, adapters, positions=None, segments=None, cache=None, keep=False, drop_rng=None):
         """tokens (B, T) -> final hidden (B, T, D) and, when keep, what backward needs per layer."""
-        with C.own_threads():
+        with C.own_threads(int(np.size(tokens))):
             return self._forward_layers(tokens, adapters, positions, segments, cache, keep, drop_rng)
 
     def _forward_layers(self, tokens, adapters, positions, segments, cache, keep, drop_rng):
@@ -139,7 +139,7 @@ class NumpyEngine:
         hf, ctx = self._forward(tokens, [(adapter, 1.0)], positions, segments, keep=True, drop_rng=drop_rng)
         loss, dh, n = C.cross_entropy_grad(hf.reshape(N, D), self.out_rows(0, a.vocab_size), labels.reshape(N),
                                            self.vocab_chunk)
-        dx = R.rmsnorm_backward(dh.reshape(Bsz, T, D), ctx["x_final"], self.model.norm, ctx["rf"]).reshape(N, D)
+        dx = C.rmsnorm_backward(dh, ctx["x_final"].reshape(N, D), self.model.norm, ctx["rf"].reshape(N, 1))
         grads: dict[str, np.ndarray] = {}
         for i in reversed(range(a.num_hidden_layers)):
             # the embeddings are frozen: below layer 0 only the LoRA gradients are wanted
@@ -158,9 +158,7 @@ class NumpyEngine:
     def step_logits(self, tokens, cache: KVCache, adapters=()) -> np.ndarray:
         """Feed tokens (B, T) after what the cache holds; logits of the last position (B, V)."""
         hf, _ = self._forward(np.asarray(tokens), list(adapters), cache=cache)
-        out = self.out_rows(0, self.args.vocab_size)
-        with C.own_threads():
-            return C.mm(np.ascontiguousarray(hf[:, -1]), out.T)
+        return hf[:, -1] @ self.out_rows(0, self.args.vocab_size).T
 
     def decode(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
                adapters: AdapterScales = ()) -> Generator[int, None, None]:
