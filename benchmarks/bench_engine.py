@@ -166,7 +166,7 @@ def bench_torch(args, batches, seq, steps, decode_tokens, r):
             torch.cuda.synchronize()
 
     for B in batches:
-        t, lb = batch_data(args, B, seq)
+        t = np.asarray(batch_data(args, B, seq).tokens, np.int64)  # the same tokens our side trains on
         tok, lab = torch.tensor(t, device=dev), torch.tensor(t, device=dev)  # HF shifts labels itself
         if cuda:
             torch.cuda.empty_cache()

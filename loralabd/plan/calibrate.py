@@ -252,9 +252,10 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
     what a larger shape took, and a later shape's measured peak would start from it). Discrete GPUs: 2k-8k tokens a step, where the step is
     compute-bound (at <= 1k tokens a big GPU measures mostly the fixed cost of ~2,700 dispatches), the large
     rank at two batch sizes, two shapes with fewer adapted projections (q,v and attention: the per-dispatch cost
-    of LoRA), two micro-batches, a longer sequence, a middle rank and the large rank with 8-bit Adam, and one
-    small step (8 x 64: bound by its dispatches, where the issue's 8 x 64 job ran 40% under its plan) — 10 shapes
-    for 7 coefficients, in rising memory order
+    of LoRA), two micro-batches, two longer sequences (2x and 4x: with one, the attention coefficient rested on a
+    single shape and a 2 x 2048 job on an H200 ran 35% faster than planned), a middle rank and the large rank with
+    8-bit Adam, and one small step (8 x 64: bound by its dispatches, where the issue's 8 x 64 job ran 40% under its
+    plan) — 11 shapes for 7 coefficients, in rising memory order
     (a driver's pools keep what a larger shape took). Other GPUs: the CPU list at 256-1k tokens.
     With the model's args, the shapes scale with it: the longest stays within the context, and the large
     rank within the width (a tiny test model calibrates in about a second)."""
@@ -266,7 +267,8 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
         s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
         qv = ("q_proj", "v_proj")
         attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8),
+        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(1, 4 * s, 8),
+                Shape(2, 2 * s, 8),
                 Shape(4, s, r_hi, None, 1, "adam8bit"),
                 Shape(4, s, r_hi), Shape(8, s, 8, qv), Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn),
                 Shape(64, max(8, s // 4), 8)]
