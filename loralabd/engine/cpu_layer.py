@@ -44,7 +44,7 @@ def proj(eng, i, names, x, adapters, lo, hi, out, masks=None, xa_keep=None):
             xas = [xa_all[:, k * r:(k + 1) * r] for k in range(len(here))]
         for n, xa in zip(here, xas):
             r0, r1 = rows[n]
-            out[:, r0:r1] += (xa * c) @ ad.get(i, n)[1].T
+            C.gemm_acc(xa, ad.get(i, n)[1].T, out[:, r0:r1], c)
             if j == 0 and xa_keep is not None:
                 xa_keep[n][lo:hi] = xa
     return out
@@ -71,7 +71,7 @@ def proj_back(eng, i, names, dy, x, xa, masks, adapter, need_dx=True):
         for k, n in enumerate(here):
             part[f"{i}.{n}.A"] = dA[k * r:(k + 1) * r]
         if dx is not None:
-            dx += dxa @ _stacked_A(adapter, i, here)
+            C.gemm_acc(dxa, _stacked_A(adapter, i, here), dx)
     elif here:
         for n, dxa in zip(here, dxas):
             part[f"{i}.{n}.A"] = dxa.T @ (x * masks[n])

@@ -15,7 +15,7 @@ import numpy as np
 
 from .reference import IGNORE
 
-Q_BLOCK = 128  # query rows per attention block: the causal triangle above the diagonal blocks is skipped
+Q_BLOCK = 64  # query rows per attention block: the causal triangle above the diagonal blocks is skipped
 
 
 @functools.cache
@@ -36,7 +36,8 @@ def _split_env() -> tuple[bool, int]:
 
 
 def _find_openblas():
-    """(set, get) of the OpenBLAS thread count numpy is linked with, or None (another BLAS, or not Linux)."""
+    """(set threads, get threads, cblas_sgemm or None) of the OpenBLAS numpy is linked with, or None (another BLAS,
+    or not Linux): numpy sets no thread count at run time and has no C += A·B."""
     try:
         with open("/proc/self/maps") as f:
             paths = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower() and ".so" in ln})
@@ -47,11 +48,18 @@ def _find_openblas():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for name in ("scipy_openblas_%s_num_threads64_", "openblas_%s_num_threads64_", "openblas_%s_num_threads"):
-            setter, getter = getattr(lib, name % "set", None), getattr(lib, name % "get", None)
-            if setter is not None and getter is not None:
-                setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
-                return setter, getter
+        for prefix, suffix, blasint in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64), ("", "", ctypes.c_int)):
+            setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
+            getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
+            if setter is None or getter is None:
+                continue
+            setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+            gemm = getattr(lib, f"{prefix}cblas_sgemm{suffix}", None)
+            if gemm is not None:
+                i, f, p = blasint, ctypes.c_float, ctypes.c_void_p
+                gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, f, p, i, p, i, f, p, i]
+                gemm.restype = None
+            return setter, getter, gemm
     return None
 
 
@@ -124,6 +132,33 @@ def row_parts(n: int, min_rows: int = 64) -> list[tuple[int, int]]:
     k = max(1, min(n_threads(), n // min_rows))
     edges = [n * j // k for j in range(k + 1)]
     return [(edges[j], edges[j + 1]) for j in range(k)]
+
+
+def _operand(x):
+    """(transposed, leading dimension) of a 2-D f32 array for row-major cblas, or None if its layout will not do."""
+    if x.dtype != np.float32 or x.ndim != 2:
+        return None
+    s0, s1 = x.strides
+    if s1 == 4 and s0 % 4 == 0 and (s0 >= 4 * x.shape[1] or x.shape[0] == 1):
+        return 111, max(s0 // 4, x.shape[1], 1)  # CblasNoTrans
+    if s0 == 4 and s1 % 4 == 0 and (s1 >= 4 * x.shape[0] or x.shape[1] == 1):
+        return 112, max(s1 // 4, x.shape[0], 1)  # CblasTrans: x is the transpose of a row-major array
+    return None
+
+
+def gemm_acc(a, b, c, alpha=1.0) -> None:
+    """c += alpha · a @ b in place (one BLAS call, no temporary where the layouts allow). a (M, K), b (K, N),
+    c (M, N) with unit column stride; views of bigger arrays are fine."""
+    M, K = a.shape
+    N = b.shape[1]
+    gemm = _blas[2] if _blas is not None else None
+    oa, ob, oc = _operand(a), _operand(b), _operand(c)
+    if gemm is None or oa is None or ob is None or oc is None or oc[0] != 111 or not c.flags.writeable:
+        c += (a @ b) * np.float32(alpha) if alpha != 1.0 else a @ b
+        return
+    if M and N and K:
+        gemm(101, oa[0], ob[0], M, N, K, float(alpha), a.ctypes.data, oa[1], b.ctypes.data, ob[1], 1.0,
+             c.ctypes.data, oc[1])  # CblasRowMajor
 
 
 def parts(n: int) -> list[tuple[int, int]]:
@@ -372,14 +407,14 @@ def attention_backward(dout, out, q, k, v, lse, blocks):
                 p[:, c0:] += bb
             p -= lse[b, hs, t0:t1].T.reshape(-1, 1)
             np.exp(p, out=p)  # P
-            dV[:kk] += p.T @ dO
+            gemm_acc(p.T, dO, dV[:kk])
             ds = dO @ V[:kk].T  # dP
             ds -= delta
             ds *= p  # dS / scale
             dQ = ds @ K[:kk]
             dQ *= scale
             dq[b, t0:t1, hs] = dQ.reshape(t1 - t0, g, hd)
-            dK[:kk] += ds.T @ Q
+            gemm_acc(ds.T, Q, dK[:kk])
 
     parallel(one, [(b, j) for b in range(B) for j in range(KV)], blas=True, inline=T * k.shape[1] * H < 1 << 16)
     return dq, dk, dv
@@ -422,7 +457,7 @@ def cross_entropy_grad(h, W, labels, chunk=8192):
             s_ *= alpha
             s_ += z.sum(axis=1)
             acc_ *= alpha[:, None]
-            acc_ += z @ Wc
+            gemm_acc(z, Wc, acc_)
             m_[:] = m_new
 
     parallel(part, row_parts(n) if _split() else [(0, n)], blas=True)
