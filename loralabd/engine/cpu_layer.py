@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 from . import cpu_ops as C
-from . import reference as R
 
 # projections that read the same input, multiplied as one matrix (their weights stacked by rows)
 QKV, O, GU, DOWN = ("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)
@@ -177,9 +176,10 @@ def layer_backward(eng, i, sv, dx, adapter, cos, sin, blocks, grads, need_dx=Tru
     xa, masks = sv["xa"], sv["masks"]
     parts = C.parts(N)
 
-    def rows(names, lo, hi):
-        return ({n: xa[n][lo:hi] for n in names if n in xa},
-                {n: masks[n][lo:hi] for n in names if n in masks} or None)
+    def back(names, dy, x, lo, hi, need=True):
+        """proj_back over rows lo:hi with their x·Aᵀ and dropout masks."""
+        return proj_back(eng, i, names, dy, x, {n: xa[n][lo:hi] for n in names if n in xa},
+                         {n: masks[n][lo:hi] for n in names if n in masks} or None, adapter, need)
 
     # down, SwiGLU, gate/up, norm, residual, o
     dx1, datt = np.empty((N, D), np.float32), np.empty((N, Hd), np.float32)
@@ -188,15 +188,15 @@ def layer_backward(eng, i, sv, dx, adapter, cos, sin, blocks, grads, need_dx=Tru
     def post(job):
         j, (lo, hi) = job
         gu = sv["gu"][lo:hi]
-        dact, sh = proj_back(eng, i, DOWN, dx[lo:hi], sv["act"][lo:hi], *rows(DOWN, lo, hi), adapter)
+        dact, sh = back(DOWN, dx[lo:hi], sv["act"][lo:hi], lo, hi)
         shares_b[j].update(sh)
         dgu = np.empty((hi - lo, 2 * F), np.float32)
         C.swiglu_backward(dact, gu[:, :F], gu[:, F:], dgu)
         del dact
-        dh2, sh = proj_back(eng, i, GU, dgu, sv["h2N"][lo:hi], *rows(GU, lo, hi), adapter)
+        dh2, sh = back(GU, dgu, sv["h2N"][lo:hi], lo, hi)
         shares_b[j].update(sh)
         C.rmsnorm_backward(dh2, sv["x1"][lo:hi], L.post_attention_layernorm, sv["r2"][lo:hi], dx[lo:hi], dx1[lo:hi])
-        datt[lo:hi], sh = proj_back(eng, i, O, dx1[lo:hi], sv["attN"][lo:hi], *rows(O, lo, hi), adapter)
+        datt[lo:hi], sh = back(O, dx1[lo:hi], sv["attN"][lo:hi], lo, hi)
         shares_b[j].update(sh)
 
     C.parallel(post, list(enumerate(parts)), blas=True)
@@ -217,7 +217,7 @@ def layer_backward(eng, i, sv, dx, adapter, cos, sin, blocks, grads, need_dx=Tru
         C.rope_backward(dqN[lo:hi], cosN[lo:hi], sinN[lo:hi], out=dqkv[:, :Hd].reshape(-1, H, hd))
         C.rope_backward(dkN[lo:hi], cosN[lo:hi], sinN[lo:hi], out=dqkv[:, Hd:Hd + KVd].reshape(-1, KV, hd))
         dqkv[:, Hd + KVd:] = dvN[lo:hi]
-        dh, sh = proj_back(eng, i, QKV, dqkv, sv["hN"][lo:hi], *rows(QKV, lo, hi), adapter, need_dx)
+        dh, sh = back(QKV, dqkv, sv["hN"][lo:hi], lo, hi, need_dx)
         shares_a[j].update(sh)
         if dxo is not None:
             C.rmsnorm_backward(dh, sv["x"][lo:hi], L.input_layernorm, sv["r1"][lo:hi], dx1[lo:hi], dxo[lo:hi])

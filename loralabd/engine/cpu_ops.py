@@ -56,8 +56,8 @@ def _find_openblas():
             setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
             gemm = getattr(lib, f"{prefix}cblas_sgemm{suffix}", None)
             if gemm is not None:
-                i, f, p = blasint, ctypes.c_float, ctypes.c_void_p
-                gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, i, i, i, f, p, i, p, i, f, p, i]
+                n, fl, ptr = blasint, ctypes.c_float, ctypes.c_void_p
+                gemm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, n, n, n, fl, ptr, n, ptr, n, fl, ptr, n]
                 gemm.restype = None
             return setter, getter, gemm
     return None
