@@ -5,7 +5,11 @@ LoRA r=8 alpha=16 on all 7 linear projections, AdamW, clipping at 1.0, batch x s
 Each side runs `--warmup` optimizer steps, then `--steps` timed ones; tokens/s = batch*seq / median step.
 
     .venv/bin/python benchmarks/bench_train_cpu.py [--batch 1] [--seq 256] [--steps 3] [--threads 2]
-                                                   [--only numpy|webgpu|torch]
+                                                   [--only numpy|webgpu|torch] [--profile-by-op]
+
+--profile-by-op: after the numpy engine's timed steps, one more step with a timer on each CPU kernel
+(engine/cpu_ops.py, engine/cpu_layer.py), printed as thread-seconds per op (summed over the engine's threads;
+proj/proj_back include the matmuls they make).
 """
 
 from __future__ import annotations
@@ -51,7 +55,52 @@ def bench_ours(eng, model, cfg, args):
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         losses.append(m.loss)
+    if args.profile_by_op and eng.backend == "numpy":
+        profile_by_op(sess, args, model.args.vocab_size)
     return times, cpu, losses
+
+
+def profile_by_op(sess, args, vocab):
+    """Thread-seconds and calls per CPU kernel over one numpy training step."""
+    import collections
+    import functools
+    import threading
+
+    from loralabd.engine import cpu_layer, cpu_ops
+    from loralabd.training.packing import Batch
+
+    secs, calls, lock = collections.defaultdict(float), collections.Counter(), threading.Lock()
+    ops = [(cpu_ops, n) for n in ("mm", "gemm_acc", "attention", "attention_backward", "cross_entropy_grad",
+                                  "swiglu", "swiglu_backward", "rmsnorm", "rmsnorm_backward", "rope", "rope_backward")]
+    ops += [(cpu_layer, "proj"), (cpu_layer, "proj_back")]
+    originals = [(mod, name, getattr(mod, name)) for mod, name in ops]
+
+    def timed(name, f):
+        @functools.wraps(f)
+        def g(*a, **k):
+            t = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                with lock:
+                    secs[name] += time.perf_counter() - t
+                    calls[name] += 1
+        return g
+
+    for mod, name, f in originals:
+        setattr(mod, name, timed(name, f))
+    try:
+        (x, y), = batches(1, args.batch, args.seq, vocab, seed=1)
+        t0 = time.perf_counter()
+        sess.step([Batch.of(x, y)], 1e-4, 1.0)
+        wall = time.perf_counter() - t0
+    finally:
+        for mod, name, f in originals:
+            setattr(mod, name, f)
+    print(f"\nnumpy step by op ({args.batch} x {args.seq}, {wall:.2f} s wall; thread-seconds, summed over threads; "
+          "proj/proj_back include their matmuls):")
+    for name, sec in sorted(secs.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:20s} {sec:8.3f} s  {calls[name]:6d} calls")
 
 
 def bench_torch(path, cfg, args):
@@ -90,6 +139,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--optimizer", default="adamw", choices=["adamw", "adam8bit"])
     ap.add_argument("--only", choices=["numpy", "webgpu", "torch"], default=None)
+    ap.add_argument("--profile-by-op", action="store_true", help="one more numpy step, timed per CPU kernel")
     args = ap.parse_args()
     import torch
 
