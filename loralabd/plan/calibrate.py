@@ -252,10 +252,10 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
     what a larger shape took, and a later shape's measured peak would start from it). Discrete GPUs: 2k-8k tokens a step, where the step is
     compute-bound (at <= 1k tokens a big GPU measures mostly the fixed cost of ~2,700 dispatches), the large
     rank at two batch sizes, two shapes with fewer adapted projections (q,v and attention: the per-dispatch cost
-    of LoRA), two micro-batches, two longer sequences (2x and 4x: with one, the attention coefficient rested on a
-    single shape and a 2 x 2048 job on an H200 ran 35% faster than planned), a middle rank and the large rank with
-    8-bit Adam, and one small step (8 x 64: bound by its dispatches, where the issue's 8 x 64 job ran 40% under its
-    plan) — 11 shapes for 7 coefficients, in rising memory order
+    of LoRA), two micro-batches, a longer sequence (one row 4x as long was tried: at one row the attention
+    backward has too few workgroups to fill an H200, and its time misled the fit), a middle rank and the large
+    rank with 8-bit Adam, and one small step (8 x 64: bound by its dispatches, where the issue's 8 x 64 job ran 40%
+    under its plan) — 10 shapes for 7 coefficients, in rising memory order
     (a driver's pools keep what a larger shape took). Other GPUs: the CPU list at 256-1k tokens.
     With the model's args, the shapes scale with it: the longest stays within the context, and the large
     rank within the width (a tiny test model calibrates in about a second)."""
@@ -267,8 +267,7 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
         s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
         qv = ("q_proj", "v_proj")
         attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(1, 4 * s, 8),
-                Shape(2, 2 * s, 8),
+        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8),
                 Shape(4, s, r_hi, None, 1, "adam8bit"),
                 Shape(4, s, r_hi), Shape(8, s, 8, qv), Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn),
                 Shape(64, max(8, s // 4), 8)]
@@ -282,9 +281,11 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
 
 
 def repeats_for(device: Device) -> int:
-    """Timed steps per shape after the warm-up, best kept: one on GPUs (steady, and the budget goes to larger
-    shapes) and software adapters (too slow for more), two on the CPU (other processes steal time)."""
-    return 2 if device.backend == "numpy" else 1
+    """Timed steps per shape after the warm-up: three back to back on hardware GPUs (time_shape), one on software
+    adapters (too slow for more), the best of two on the CPU (other processes steal time)."""
+    if device.backend == "numpy":
+        return 2
+    return 1 if device.software else 3
 
 
 def memory_quantity(device: Device) -> str | None:
@@ -315,7 +316,9 @@ def _exercised(mp, checkpoint: bool) -> int:
 
 def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int = 1, seed: int = 0,
                quantity: str | None = None, checkpoint: bool = False, warm_up: bool = True) -> dict:
-    """Seconds of one optimizer step of `shape` read back (best of `repeats`, after a warm-up step when warm_up),
+    """Seconds of one optimizer step of `shape` (after a warm-up step when warm_up): the best of `repeats` steps
+    each read back on the CPU; on a GPU engine `repeats` steps submitted back to back and read back once, as a
+    job runs them (it reads at report cadence, so the host records the next step while the GPU runs this one),
     the peak memory measured around it (quantity: observe.RSS / observe.NVIDIA / None) beside the engine's own
     account, and with checkpoint=True the time of one checkpoint of its state."""
     args = engine.args
@@ -331,13 +334,16 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     rng = np.random.default_rng(seed)
     times = []
     ck_s, ck_bytes = None, None
+    block = engine.backend != "numpy"
     try:
-        for _ in range(repeats + int(warm_up)):
+        for i in range(int(warm_up) + (1 if block else repeats)):
+            k = repeats if block and i >= int(warm_up) else 1  # steps in this timing
             bs = [Batch.of(rng.integers(0, args.vocab_size, (B, T))) for _ in range(ga)]
             t0 = clk()
-            sess.step(bs, 1e-4, 1.0)
+            for _ in range(k):
+                sess.step(bs, 1e-4, 1.0)
             sess.metrics()  # waits for the device
-            times.append(clk() - t0)
+            times.append((clk() - t0) / k)
         if checkpoint:
             ck_s, ck_bytes = _time_checkpoint(sess)
     finally:
