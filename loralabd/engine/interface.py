@@ -146,6 +146,10 @@ class Engine(Protocol):
         loading its model held (engine/memory.py). The planner's memory comes from here: the engine's own
         account, plus what the process or driver adds, measured at calibration (plan/observe.py)."""
 
+    def forget_compiled(self) -> None:
+        """Drop the kernels compiled in this process (a GPU engine's pipelines; the driver's own cache stays), so the
+        next step starts as a new daemon's first job does: calibration times that warm start."""
+
     def memory_in_use(self) -> int:
         """Bytes this engine's allocations hold now: on a GPU the runtime's live buffers (every engine on the
         device: weights, caches, arenas), on the CPU the model's tensors and the engine's f32 copies of them."""

@@ -187,6 +187,9 @@ class NumpyEngine:
         return numpy_memory_plan(self.model, lora_config, batch, seq, optim, self.vocab_chunk,
                                  first_step=self._out_cache is None)
 
+    def forget_compiled(self) -> None:
+        """Nothing is compiled on the CPU."""
+
     def memory_in_use(self) -> int:
         """Bytes of the model's tensors and of the f32 copies this engine has made of them so far."""
         dense = sum(w.nbytes + (0 if b is None else b.nbytes) for w, b, _ in self._dense.values())

@@ -354,6 +354,10 @@ class WebGPUEngine:
         return memory_plan(self.model, batch, seq, lora_config, optim, dict(self.rt.limits), self.rt.tiled,
                            self.graph.vocab_chunk, self.graph.ce_row_chunk, recompute)
 
+    def forget_compiled(self) -> None:
+        """The runtime's shader modules and pipelines built again on next use (programs already recorded keep theirs)."""
+        self.rt.forget_compiled()
+
     def memory_in_use(self) -> int:
         """Live buffer bytes of this device's runtime: every engine's weights, caches and arenas on it."""
         return int(self.rt.live_bytes)

@@ -370,6 +370,11 @@ class Runtime:
         self._pipelines[key] = hit
         return hit
 
+    def forget_compiled(self) -> None:
+        """Compile shader modules and pipelines anew on next use (what a new process pays, the driver's cache warm)."""
+        self._modules.clear()
+        self._pipelines.clear()
+
     def op(self, file: str, entry: str, grid, buffers: dict, params: dict | None = None, defines=None,
            overrides=None) -> Op:
         """Record one dispatch. buffers: binding name -> Buf; params: fields of the shader's `struct P`;
