@@ -48,7 +48,8 @@ def _find_openblas():
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix, suffix, blasint in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64), ("", "", ctypes.c_int)):
+        for prefix, suffix, blasint in (("scipy_", "64_", ctypes.c_int64), ("", "64_", ctypes.c_int64),
+                                        ("", "", ctypes.c_int)):
             setter = getattr(lib, f"{prefix}openblas_set_num_threads{suffix}", None)
             getter = getattr(lib, f"{prefix}openblas_get_num_threads{suffix}", None)
             if setter is None or getter is None:

@@ -1,4 +1,5 @@
-"""The model on the numpy reference ops: the CPU backend and the oracle for the WebGPU engine."""
+"""The model on numpy: the CPU backend (its kernels in cpu_ops.py and cpu_layer.py, held to reference.py) and the
+oracle for the WebGPU engine."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from .interface import AdapterScales, OptimSettings, Sampling
 from .memory import MemoryPlan, numpy_memory_plan
 from .lora import LoraAdapter
 from .numpy_train import NumpyTrainSession
-
 
 
 @dataclass
@@ -40,7 +40,7 @@ class NumpyEngine:
         self.model = model
         self.args = model.args
         self.vocab_chunk = vocab_chunk
-        self._dense: dict = {}  # (layer, group) -> (W (sum of outs, in) f32, bias or None, name -> rows), built on first use
+        self._dense: dict = {}  # (layer, group) -> (W (sum of outs, in) f32, bias or None, name -> rows), on first use
         self._out_cache: np.ndarray | None = None
 
     # -- weights ---------------------------------------------------------------------------------
