@@ -124,9 +124,9 @@ def layer_forward(eng, i, x, adapters, cos, sin, blocks, cache=None, start=0, ke
         Tk = start + T
         cache.k[i][:, start:Tk] = k
         cache.v[i][:, start:Tk] = v
-        att, lse = C.attention(q, cache.k[i][:, :Tk], cache.v[i][:, :Tk], blocks)
+        att, lse = C.attention(q, cache.k[i][:, :Tk], cache.v[i][:, :Tk], blocks, keep)
     else:
-        att, lse = C.attention(q, k, v, blocks)
+        att, lse = C.attention(q, k, v, blocks, keep)
     attN = att.reshape(N, Hd)
 
     # o with LoRA, residual, norm, gate/up with LoRA, SwiGLU, down with LoRA, residual

@@ -326,16 +326,16 @@ def _bias(bias, b):
     return None if bias is None else bias[b if bias.shape[0] > 1 else 0]
 
 
-def attention(q, k, v, blocks):
+def attention(q, k, v, blocks, need_lse=True):
     """q (B, T, H, hd); k, v (B, Tk, KV, hd) (views of a cache are fine); blocks from attention_blocks.
-    Returns out (B, T, H, hd) and lse (B, H, T), as reference.attention."""
+    Returns out (B, T, H, hd) and lse (B, H, T) (None when not needed), as reference.attention."""
     B, T, H, hd = q.shape
     KV = k.shape[2]
     g = H // KV
     scale = np.float32(1.0 / np.sqrt(hd))
     small = T * k.shape[1] * H < 1 << 16
     if small and len(blocks) == 1:  # decoding: every key/value head in one batched matmul, fewer calls
-        return _attention_batched(q, k, v, blocks[0][3], blocks[0][4], scale)
+        return _attention_batched(q, k, v, blocks[0][3], blocks[0][4], scale, need_lse)
     out = np.empty((B, T, H, hd), np.float32)
     lse = np.empty((B, H, T), np.float32)
 
@@ -362,12 +362,15 @@ def attention(q, k, v, blocks):
     return out, lse
 
 
-def _attention_batched(q, k, v, c0, bias, scale):
+def _attention_batched(q, k, v, c0, bias, scale, need_lse):
     """attention() for one query block of few rows: a (B, KV) stack of matmuls."""
     B, T, H, hd = q.shape
     KV = k.shape[2]
     g = H // KV
-    Q = q.reshape(B, T, KV, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * g, hd) * scale
+    if T == 1:  # one query (decoding): its heads are already grouped by key/value head
+        Q = q.reshape(B, KV, g, hd) * scale
+    else:
+        Q = q.reshape(B, T, KV, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, KV, T * g, hd) * scale
     s = Q @ k.transpose(0, 2, 3, 1)  # (B, KV, T*g, Tk)
     if bias is not None:
         s[..., c0:] += bias[:, None]
@@ -377,7 +380,11 @@ def _attention_batched(q, k, v, c0, bias, scale):
     den = s.sum(axis=-1, keepdims=True)
     o = s @ v.transpose(0, 2, 1, 3)  # (B, KV, T*g, hd)
     o /= den
+    if T == 1:
+        return o.reshape(B, 1, H, hd), ((mx + np.log(den)).reshape(B, H, 1) if need_lse else None)
     out = o.reshape(B, KV, T, g, hd).transpose(0, 2, 1, 3, 4).reshape(B, T, H, hd)
+    if not need_lse:
+        return out, None
     lse = (mx + np.log(den)).reshape(B, KV, T, g).transpose(0, 1, 3, 2).reshape(B, H, T)
     return out, lse
 
