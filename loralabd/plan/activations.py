@@ -4,7 +4,8 @@ Keeping is faster — the backward does not run the forward a second time (a ste
 283 against 366 ms) — and holds more memory (there: 4.4 against 0.9 GiB). `train/start`'s `activations`
 setting picks: "keep", "recompute", or "auto" (the default): keep when the step's memory with every activation
 kept fits what the device has (the plan's available memory, within its headroom), else recompute. Both give
-the same bits, so the choice never changes a run's results, and a resumed run may choose otherwise.
+the same bits, so the choice never changes a run's results, and a resumed run may choose otherwise (a resume
+decides `auto` again; a checkpoint does not pin the mode).
 """
 
 from __future__ import annotations
@@ -38,18 +39,21 @@ def peaks(model, backend: str, cfg: LoraConfig, batch: int, seq: int, optim: str
 
 
 def choose(mode: str, keep_bytes: int | None, recompute_bytes: int | None, available: int | None,
-           backend: str = "webgpu") -> Choice:
-    """The activation mode of a run: `mode` unless it is "auto"; then keep if keeping fits `available`."""
+           backend: str = "webgpu", assumed: bool = False) -> Choice:
+    """The activation mode of a run: `mode` unless it is "auto"; then keep if keeping fits `available` (assumed:
+    that figure is a guess, the device's memory unknown — the reason says so and how to give it)."""
     if mode not in MODES:
         raise ValueError(f"activations must be one of {', '.join(MODES)}, not {mode!r}")
     if backend == "numpy":  # the numpy engine always keeps its activations
         return Choice(False, "the numpy engine keeps its activations", keep_bytes, keep_bytes, available)
     if mode != "auto":
         return Choice(mode == "recompute", f"activations: {mode} (given)", keep_bytes, recompute_bytes, available)
+    guess = (" — the device's memory is not known, so that figure is assumed (set LORALAB_DEVICE_MEMORY, or choose "
+             "activations keep or recompute)") if assumed else ""
     if keep_bytes is None or available is None or keep_bytes <= available:
         why = "fits" if available is not None and keep_bytes is not None else "no memory limit known"
         room = "" if available is None or keep_bytes is None else f" ({mib(keep_bytes)} of {mib(available)})"
-        return Choice(False, f"activations kept: {why}{room}", keep_bytes, recompute_bytes, available)
+        return Choice(False, f"activations kept: {why}{room}{guess}", keep_bytes, recompute_bytes, available)
+    rec = "" if recompute_bytes is None else f" (recomputing: {mib(recompute_bytes)})"
     return Choice(True, f"activations recomputed in the backward: keeping them needs {mib(keep_bytes)}, more than the "
-                        f"{mib(available)} available (recomputing: {mib(recompute_bytes or 0)})",
-                  keep_bytes, recompute_bytes, available)
+                        f"{mib(available)} available{rec}{guess}", keep_bytes, recompute_bytes, available)

@@ -49,7 +49,7 @@ from ..engine.lora import LoraAdapter, LoraConfig
 from ..models.args import LINEAR_NAMES
 from ..training.packing import Batch
 from . import observe
-from .hardware import Device, describe
+from .hardware import UNKNOWN_GPU_MEMORY, Device, describe
 from .memory import RuntimeCost
 
 if TYPE_CHECKING:
@@ -221,22 +221,25 @@ def fit(samples: list[dict]) -> tuple[dict, list[str], float, float | None]:
 
 
 def fixed_memory(samples: list[dict], proportional: bool = False) -> tuple[int | None, float, float | None]:
-    """(runtime fixed cost, factor, RMS relative error of fixed + factor x account against the measured peaks) over
-    the shapes whose peak was measured. Without `proportional` the factor is 1 and the fixed cost the median of
-    peak minus account. With it (a GPU driver's used memory) both come from a least-squares fit of relative
-    errors: a driver's allocator rounds each buffer up to its blocks and keeps pools, which grows with the
-    buffers (measured on an H200 through Vulkan: about twice the bytes asked for at 4096 tokens a step)."""
+    """(runtime fixed cost, factor, RMS relative error of fixed + weights + factor x the rest of the account against
+    the measured peaks) over the shapes whose peak was measured. Without `proportional` the factor is 1 and the
+    fixed cost the median of peak minus account. With it (a GPU driver's used memory) both come from a
+    least-squares fit of relative errors: a driver's allocator rounds each buffer up to its blocks and keeps
+    pools, which grows with the step's buffers (measured on an H200 through Vulkan: about twice the bytes asked
+    for at 4096 tokens a step). The weights (`resident_bytes`, the same in every shape) are counted once: a
+    calibration of one model cannot tell how the driver holds them, and a few large buffers are held as asked."""
     got = [s for s in samples if s.get("peak_bytes")]
     if not got:
         return None, 1.0, None
+    w = np.array([s.get("resident_bytes", 0) for s in got], np.float64)
     p = np.array([s["peak_bytes"] for s in got], np.float64)
-    e = np.array([s["engine_bytes"] for s in got], np.float64)
-    fixed, factor = float(np.median(p - e)), 1.0
+    e = np.array([s["engine_bytes"] for s in got], np.float64) - w  # the step's own buffers
+    fixed, factor = float(np.median(p - w - e)), 1.0
     if proportional and len(got) >= 3 and np.ptp(e) > 0.25 * e.mean():
-        (a, b), *_ = np.linalg.lstsq(np.stack([1.0 / p, e / p], 1), np.ones_like(p), rcond=None)
+        (a, b), *_ = np.linalg.lstsq(np.stack([1.0 / p, e / p], 1), (p - w) / p, rcond=None)
         if b > 1.0 and a >= 0.0:
             fixed, factor = float(a), float(b)
-    err = (max(0.0, fixed) + factor * e) / p - 1.0
+    err = (max(0.0, fixed) + w + factor * e) / p - 1.0
     return max(0, int(fixed)), factor, float(np.sqrt(np.mean(np.square(err))))
 
 
@@ -315,7 +318,8 @@ def _exercised(mp, checkpoint: bool) -> int:
 
 
 def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int = 1, seed: int = 0,
-               quantity: str | None = None, checkpoint: bool = False, warm_up: bool = True) -> dict:
+               quantity: str | None = None, checkpoint: bool = False, warm_up: bool = True,
+               recompute: bool = False) -> dict:
     """Seconds of one optimizer step of `shape` (after a warm-up step when warm_up): the best of `repeats` steps
     each read back on the CPU; on a GPU engine `repeats` steps submitted back to back and read back once, as a
     job runs them (it reads at report cadence, so the host records the next step while the GPU runs this one),
@@ -325,11 +329,11 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     clk = _clock(clock)
     cfg = shape.lora()
     B, T, ga = shape.batch, shape.seq, shape.grad_accum
-    mp = engine.memory_plan(B, T, cfg, shape.optim)
+    mp = engine.memory_plan(B, T, cfg, shape.optim, recompute=recompute)
     caches = max(0, int(engine.memory_in_use()) - mp.resident)
     probe = observe.PeakProbe(quantity).start()
     ad = LoraAdapter.init(args, cfg, seed=seed)
-    sess = engine.train_session(ad, OptimSettings(kind=shape.optim))
+    sess = engine.train_session(ad, OptimSettings(kind=shape.optim, recompute=recompute))
     del ad  # the trainer keeps none either: the session holds its own copy
     rng = np.random.default_rng(seed)
     times = []
@@ -351,8 +355,9 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     peak = probe.stop()
     timed = times[1:] if warm_up else times
     return {"batch": B, "seq": T, "r": cfg.r, "targets": list(cfg.targets), "grad_accum": ga, "seconds": min(timed),
-            "first_step_s": times[0] if warm_up else None, "features": features(args, cfg, B, T, ga, shape.optim),
-            "optim": shape.optim,
+            "first_step_s": times[0] if warm_up else None,
+            "features": features(args, cfg, B, T, ga, shape.optim, recompute), "optim": shape.optim,
+            "recompute": recompute, "resident_bytes": int(mp.resident),
             "peak_bytes": peak.bytes, "memory_source": peak.source,
             "engine_bytes": int(_exercised(mp, checkpoint) + caches), "checkpoint_s": ck_s, "checkpoint_bytes": ck_bytes}
 
@@ -381,6 +386,7 @@ class Item:
     checkpoint: bool  # also time a checkpoint of the shape's state
     pass_no: int = 1
     restart: bool = False  # the engine forgets its compiled kernels first: a new job's warm start (GPU engines)
+    recompute: bool = False  # recompute activations (a shape too large to keep them on this device)
 
     def label(self) -> str:
         if self.restart:
@@ -392,7 +398,7 @@ def run_item(engine: Engine, item: Item, clock: Clock = "wall", quantity: str | 
     if item.restart:
         engine.forget_compiled()
     out = time_shape(engine, item.shape, clock, item.repeats, quantity=quantity, checkpoint=item.checkpoint,
-                     warm_up=item.warm_up)
+                     warm_up=item.warm_up, recompute=item.recompute)
     out["pass"], out["restart"] = item.pass_no, item.restart
     return out
 
@@ -407,9 +413,21 @@ def plan_shapes(engine: Engine, device: Device, shapes=None, repeats: int | None
     repeats = repeats or repeats_for(device)
     out = [sh if isinstance(sh, Shape) else Shape(*sh) for sh in (shapes or shapes_for(device, engine.args))]
     if device.backend != "numpy":
-        return [Item(sh, repeats, True, i == 0) for i, sh in enumerate(out)] + [Item(out[0], 1, True, False, 2, True)]
+        rc = [_recompute(engine, device, sh) for sh in out]
+        return [Item(sh, repeats, True, i == 0, recompute=rc[i]) for i, sh in enumerate(out)] + \
+            [Item(out[0], 1, True, False, 2, True, rc[0])]
     return [Item(sh, 1, i == 0 and p == 1, i == 0 and p == 1, p) for p in range(1, repeats + 1)
             for i, sh in enumerate(out)]
+
+
+def _recompute(engine: Engine, device: Device, shape: Shape) -> bool:
+    """A GPU shape recomputes its activations where keeping them might not fit: the engine's account of keeping,
+    doubled (what a driver held per buffer byte on an H200, fixed_memory), over 90% of the device's memory (4 GiB
+    when unknown). Samples record their mode and price it (features(recompute=...))."""
+    if engine.backend == "numpy":
+        return False
+    keep = engine.memory_plan(shape.batch, shape.seq, shape.lora(), shape.optim, recompute=False).total
+    return 2 * keep > 0.9 * (device.memory_bytes or UNKNOWN_GPU_MEMORY)
 
 
 def merge(samples: list[dict]) -> list[dict]:

@@ -163,7 +163,8 @@ def protocol_calibration(cal: Calibration) -> PlanCalibration:
             "leaveOneOutResidual": None if cal.loo_residual is None else float(cal.loo_residual),
             "runtimeBytes": None if cal.runtime_bytes is None else int(cal.runtime_bytes),
             "memoryMeasuredAs": observe.describe_quantity(cal.memory_quantity),
-            "memoryResidual": None if cal.memory_residual is None else float(cal.memory_residual)}
+            "memoryResidual": None if cal.memory_residual is None else float(cal.memory_residual),
+            "runtimeFactor": float(cal.runtime_factor)}
 
 
 # -- inputs ---------------------------------------------------------------------------------------------
@@ -226,8 +227,9 @@ def activations_for_engine(engine, cfg: LoraConfig, batch: int, seq: int, optim:
     quantity = cal.memory_quantity if cal is not None else memory_quantity(device)
     p = activation_peaks(engine.model, engine.backend, cfg, batch, seq, optim, engine=engine, quantity=quantity,
                         hardware=not device.software, runtime=None if cal is None else cal.runtime_cost())
-    available, _ = _available(device, None, quantity)
-    return choose_activations(mode, p["keep"].total, p["recompute"].total, available, engine.backend)
+    available, src = _available(device, None, quantity)
+    return choose_activations(mode, p["keep"].total, p["recompute"].total, available, engine.backend,
+                              assumed=src.startswith("an estimate"))
 
 
 # -- the search for what fits -----------------------------------------------------------------------------
@@ -318,7 +320,8 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
 
     available, avail_src = _available(device, memory_cap_bytes, quantity)
     both = {m: memory_as(cfg, B, T, optim, m == "recompute") for m in ("keep", "recompute")}
-    choice = choose_activations(activations, both["keep"].total, both["recompute"].total, available, backend)
+    choice = choose_activations(activations, both["keep"].total, both["recompute"].total, available, backend,
+                                assumed=avail_src.startswith("an estimate"))
     mem = both[choice.mode]
     # what fits: with "auto" a run that does not fit keeping its activations recomputes them
     least = activations == "keep" or backend == "numpy"
@@ -395,8 +398,12 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     if cal is not None and time_budget_s is not None:
         def rank_fits(c):
             return _fits(memory, c, B, T, optim, available, limits)
+        def steps_as_run(c: LoraConfig) -> float:  # each rank in the mode the run would take at that rank
+            rc = choice.recompute if activations != "auto" or backend == "numpy" else \
+                choose_activations("auto", memory_as(c, B, T, optim, False).total, None, available).recompute
+            return steps_s(c, rc)
         advice.update(_rank_for_budget(model, cal, cfg, n_steps, time_budget_s, per_step, rank_fits, optim,
-                                       checkpoint_every, steps_s))
+                                       checkpoint_every, steps_as_run))
         advice["text"].append(advice.pop("_text"))
 
     # -- warnings

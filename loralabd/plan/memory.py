@@ -93,20 +93,20 @@ def training_memory(model, backend: str, cfg: LoraConfig, batch: int, seq: int, 
     mp = engine_plan(model, backend, cfg, batch, seq, optim, limits, engine, hardware, recompute)
     rt = runtime or default_runtime(backend)
     caches = max(0, int(engine.memory_in_use()) - mp.resident) if engine is not None else 0
-    k = rt.factor  # the engine's buffers as the driver holds them
-    parts = {p: int(k * mp.parts.get(p, 0)) for p in ENGINE_PARTS}
+    k = rt.factor  # the step's buffers as the driver holds them (the weights as asked: calibrate.fixed_memory)
+    parts = {p: int(mp.parts.get(p, 0) * (1.0 if p == "weights" else k)) for p in ENGINE_PARTS}
     parts["runtime"] += rt.bytes
     parts["caches"] = caches = int(k * caches)
     extra = rt.bytes + caches
-    phases = {ph: int(k * v) + extra for ph, v in mp.phases.items()}
+    phases = {ph: mp.resident + int(k * (v - mp.resident)) + extra for ph, v in mp.phases.items()}
     notes = list(mp.notes) + [f"runtime: {rt.bytes / 2**20:,.0f} MiB fixed cost, {rt.source}"]
     if k != 1.0:
-        notes.append(f"buffers: x {k:.2f} — what the driver held per byte the engine's buffers ask for, measured at "
-                     "calibration (its allocator's block rounding and pools)")
+        notes.append(f"buffers: x {k:.2f} — what the driver held per byte the step's buffers ask for (the weights "
+                     "counted as asked), measured at calibration (its allocator's block rounding and pools)")
     if caches:
         notes.append(f"caches: {caches / 2**20:,.1f} MiB the engine holds now besides its weights "
                      "(decode arena, adapter slots, other models on the device)")
-    load = None if mp.load is None else int(k * mp.load) + rt.bytes + caches
+    load = None if mp.load is None else mp.load + rt.bytes + caches
     return MemoryEstimate(mp.backend, parts, mp.phase, phases, mp.kv_cache, list(mp.buffers), notes, load, quantity, rt)
 
 

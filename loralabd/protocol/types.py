@@ -230,7 +230,7 @@ class MemoryBreakdown(TypedDict):
     lora: int  # LoRA A and B (f32).
     gradients: int  # LoRA gradients (f32).
     optimizer: int  # Optimizer state.
-    activations: int  # Saved activations for backward (per layer, checkpointed).
+    activations: int  # Saved activations for backward: every layer's when they are kept, else each layer's input and one layer's work buffers (see `PlanActivations`).
     logits: int  # Vocabulary-chunked cross-entropy workspace.
     total: int  # Sum.
 
@@ -301,9 +301,10 @@ class PlanCalibration(TypedDict):
     terms: list[str]  # The time model's terms the fit used (a term no timed shape varies is left out).
     residual: float  # RMS relative error of the time fit over the timed shapes (more shapes than terms).
     leaveOneOutResidual: Union[float, None]  # RMS relative error of each shape's time predicted by the fit of the other shapes (those whose removal leaves every term varied): what a prediction for an untimed shape within the timed terms can expect (null: too few shapes).
-    runtimeBytes: Union[int, None]  # The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device.
+    runtimeBytes: Union[int, None]  # The runtime's fixed memory cost measured from outside: interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. The median of peak minus the engine's own account over the shapes, or on NVIDIA GPUs fitted together with `runtimeFactor`. Null: not measurable on this device.
     memoryMeasuredAs: str  # What was measured: the process's peak resident set, its used GPU memory (NVIDIA), or nothing.
-    memoryResidual: Union[float, None]  # RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured).
+    memoryResidual: Union[float, None]  # RMS relative error of fixed cost + weights + `runtimeFactor` x the rest of the engine's account against the measured peaks of the shapes (null: not measured).
+    runtimeFactor: float  # What the driver held per byte of the step's buffers (the weights counted as asked), fitted at calibration on NVIDIA GPUs (their allocators round buffers up and keep pools); 1 elsewhere.
 
 
 class PlanActivationMode(TypedDict):
@@ -553,7 +554,7 @@ class JobInfo(TypedDict):
     tokensSeen: int  # Trained tokens.
     resumable: bool  # Whether `train/resume` can continue it.
     error: Union[str, None]  # Why it failed, or why it stopped (`interrupted`: e.g. a full disk).
-    note: Union[str, None]  # What the daemon did about damage the job met: a resume that passed over damaged checkpoints (which, and the step it continued from), a job rebuilt from its checkpoints after the journal was set aside.
+    note: Union[str, None]  # What the daemon decided for the job and did about damage it met: on GPU engines whether activations are kept or recomputed and why; a resume that passed over damaged checkpoints (which, and the step it continued from); a job rebuilt from its checkpoints after the journal was set aside.
     createdAt: float  # Unix time.
     updatedAt: float  # Unix time.
 
@@ -1235,8 +1236,9 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                      'documentation': 'Optimizer state.'},
                                     {'name': 'activations',
                                      'type': {'kind': 'base', 'name': 'integer'},
-                                     'documentation': 'Saved activations for backward (per layer, '
-                                                      'checkpointed).'},
+                                     'documentation': "Saved activations for backward: every layer's when "
+                                                      "they are kept, else each layer's input and one "
+                                                      "layer's work buffers (see `PlanActivations`)."},
                                     {'name': 'logits',
                                      'type': {'kind': 'base', 'name': 'integer'},
                                      'documentation': 'Vocabulary-chunked cross-entropy workspace.'},
@@ -1430,11 +1432,13 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                      'type': {'kind': 'or',
                                               'items': [{'kind': 'base', 'name': 'integer'},
                                                         {'kind': 'base', 'name': 'null'}]},
-                                     'documentation': "The runtime's fixed memory cost measured from outside "
-                                                      "(peak minus the engine's own account, median over the "
-                                                      'shapes): interpreter and libraries on the CPU; device '
+                                     'documentation': "The runtime's fixed memory cost measured from "
+                                                      'outside: interpreter and libraries on the CPU; device '
                                                       'context, pipelines, staging and allocator pools on a '
-                                                      'GPU. Null: not measurable on this device.'},
+                                                      "GPU. The median of peak minus the engine's own "
+                                                      'account over the shapes, or on NVIDIA GPUs fitted '
+                                                      'together with `runtimeFactor`. Null: not measurable '
+                                                      'on this device.'},
                                     {'name': 'memoryMeasuredAs',
                                      'type': {'kind': 'base', 'name': 'string'},
                                      'documentation': "What was measured: the process's peak resident set, "
@@ -1443,9 +1447,16 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                                      'type': {'kind': 'or',
                                               'items': [{'kind': 'base', 'name': 'number'},
                                                         {'kind': 'base', 'name': 'null'}]},
-                                     'documentation': 'RMS relative error of fixed cost + engine account '
+                                     'documentation': 'RMS relative error of fixed cost + weights + '
+                                                      "`runtimeFactor` x the rest of the engine's account "
                                                       'against the measured peaks of the shapes (null: not '
-                                                      'measured).'}],
+                                                      'measured).'},
+                                    {'name': 'runtimeFactor',
+                                     'type': {'kind': 'base', 'name': 'number'},
+                                     'documentation': "What the driver held per byte of the step's buffers "
+                                                      '(the weights counted as asked), fitted at calibration '
+                                                      'on NVIDIA GPUs (their allocators round buffers up and '
+                                                      'keep pools); 1 elsewhere.'}],
                      'additionalProperties': False},
  'PlanActivationMode': {'properties': [{'name': 'memoryBytes',
                                         'type': {'kind': 'base', 'name': 'integer'},
@@ -2179,10 +2190,12 @@ STRUCTURES: dict[str, dict] = {'ClientInfo': {'properties': [{'name': 'name',
                              'type': {'kind': 'or',
                                       'items': [{'kind': 'base', 'name': 'string'},
                                                 {'kind': 'base', 'name': 'null'}]},
-                             'documentation': 'What the daemon did about damage the job met: a resume that '
-                                              'passed over damaged checkpoints (which, and the step it '
-                                              'continued from), a job rebuilt from its checkpoints after the '
-                                              'journal was set aside.'},
+                             'documentation': 'What the daemon decided for the job and did about damage it '
+                                              'met: on GPU engines whether activations are kept or '
+                                              'recomputed and why; a resume that passed over damaged '
+                                              'checkpoints (which, and the step it continued from); a job '
+                                              'rebuilt from its checkpoints after the journal was set '
+                                              'aside.'},
                             {'name': 'createdAt',
                              'type': {'kind': 'base', 'name': 'number'},
                              'documentation': 'Unix time.'},

@@ -29,7 +29,8 @@ from .packing import Dataset, DataStream, eval_batches
 from .schedule import Schedule
 
 # fields a resumed run may change without changing the run's arithmetic
-RESUME_FREE = ("eval_every", "eval_batches", "save_every", "keep_last", "log_every")
+# (activations: keeping and recomputing them give the same bits; checkpoints from before the setting have none)
+RESUME_FREE = ("eval_every", "eval_batches", "save_every", "keep_last", "log_every", "activations")
 # ... and the peak learning rate, which a resume may lower on purpose (after a run diverged): the schedule keeps its shape
 RESUME_NEW_LR = ("lr",)
 

@@ -376,7 +376,7 @@ export interface MemoryBreakdown {
   gradients: number;
   /** Optimizer state. */
   optimizer: number;
-  /** Saved activations for backward (per layer, checkpointed). */
+  /** Saved activations for backward: every layer's when they are kept, else each layer's input and one layer's work buffers (see `PlanActivations`). */
   activations: number;
   /** Vocabulary-chunked cross-entropy workspace. */
   logits: number;
@@ -488,12 +488,14 @@ export interface PlanCalibration {
   residual: number;
   /** RMS relative error of each shape's time predicted by the fit of the other shapes (those whose removal leaves every term varied): what a prediction for an untimed shape within the timed terms can expect (null: too few shapes). */
   leaveOneOutResidual: number | null;
-  /** The runtime's fixed memory cost measured from outside (peak minus the engine's own account, median over the shapes): interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. Null: not measurable on this device. */
+  /** The runtime's fixed memory cost measured from outside: interpreter and libraries on the CPU; device context, pipelines, staging and allocator pools on a GPU. The median of peak minus the engine's own account over the shapes, or on NVIDIA GPUs fitted together with `runtimeFactor`. Null: not measurable on this device. */
   runtimeBytes: number | null;
   /** What was measured: the process's peak resident set, its used GPU memory (NVIDIA), or nothing. */
   memoryMeasuredAs: string;
-  /** RMS relative error of fixed cost + engine account against the measured peaks of the shapes (null: not measured). */
+  /** RMS relative error of fixed cost + weights + `runtimeFactor` x the rest of the engine's account against the measured peaks of the shapes (null: not measured). */
   memoryResidual: number | null;
+  /** What the driver held per byte of the step's buffers (the weights counted as asked), fitted at calibration on NVIDIA GPUs (their allocators round buffers up and keep pools); 1 elsewhere. */
+  runtimeFactor: number;
 }
 
 /** A training step's memory and the run's time in one activation mode. */
@@ -977,7 +979,7 @@ export interface JobInfo {
   resumable: boolean;
   /** Why it failed, or why it stopped (`interrupted`: e.g. a full disk). */
   error: string | null;
-  /** What the daemon did about damage the job met: a resume that passed over damaged checkpoints (which, and the step it continued from), a job rebuilt from its checkpoints after the journal was set aside. */
+  /** What the daemon decided for the job and did about damage it met: on GPU engines whether activations are kept or recomputed and why; a resume that passed over damaged checkpoints (which, and the step it continued from); a job rebuilt from its checkpoints after the journal was set aside. */
   note: string | null;
   /** Unix time. */
   createdAt: number;

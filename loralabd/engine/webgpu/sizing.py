@@ -119,7 +119,7 @@ def plan_buffers(model, batch: int, seq: int, lora_config, optim: str = "adamw",
     sess.prepare_eval(int(batch), int(seq))  # validation runs on its own program, kept beside the step's
     out = []
     for j, (name, nbytes) in enumerate(rt.allocs):
-        part = PARTS.get(name)
+        part = PARTS.get(name) or PARTS.get(name.split(".")[0])  # "lse.3": a kept layer's own
         if part is None:
             part = "weights" if j < n_weights else ("workspace" if name in WORKSPACE else "activations")
         out.append((name, part, nbytes))
