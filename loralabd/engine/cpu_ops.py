@@ -287,15 +287,9 @@ def rope(x, cos, sin, out):
 
 
 def rope_backward(dy, cos, sin, out):
-    """reference.rope_backward of dy (..., nh, hd) written into out."""
-    h = dy.shape[-1] // 2
-    c, sn = cos[..., None, :h], sin[..., None, :h]
-    d1, d2 = dy[..., :h], dy[..., h:]
-    np.multiply(d1, c, out=out[..., :h])
-    out[..., :h] += d2 * sn
-    np.multiply(d2, c, out=out[..., h:])
-    out[..., h:] -= d1 * sn
-    return out
+    """reference.rope_backward of dy (..., nh, hd) written into out: the rotation by -angle (negating sin is exact,
+    so the bits are those of adding the products rope subtracts)."""
+    return rope(dy, cos, -sin, out)
 
 
 # --- causal GQA attention -------------------------------------------------------------------------

@@ -39,17 +39,10 @@ def plan_batches(model: LoadedModel, path: Path, p: PlanParams, progress: Callab
     read; progress and stop() raise once the request is cancelled, which stops the read and the walk over the
     batches."""
     from ..plan.batches import read_batches
-    from ..training.data import DatasetError
-    from ..training.trainer import TrainError
+    from .training import dataset_errors
 
-    try:
+    with dataset_errors(p.get("dataset")):
         return read_batches(path, model.tokenizer, p, progress, stop)
-    except DatasetError as e:
-        raise DomainError(ErrorCode.DatasetError, str(e)) from None
-    except OSError as e:
-        raise DomainError(ErrorCode.DatasetError, f"{p.get('dataset')}: {e}; check the path") from None
-    except (TrainError, ValueError) as e:
-        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
 
 
 def _plan():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -155,14 +157,29 @@ class TrainRun:
                              "baseName": self.model.name})
 
 
+@contextlib.contextmanager
+def dataset_errors(dataset: object) -> Iterator[None]:
+    """Reading a job's data (train/start, plan/estimate with a dataset): what goes wrong, as the protocol's errors."""
+    from ..training.data import DatasetError
+    from ..training.trainer import TrainError
+
+    try:
+        yield
+    except DatasetError as e:
+        raise DomainError(ErrorCode.DatasetError, str(e)) from None
+    except OSError as e:
+        raise DomainError(ErrorCode.DatasetError, f"{dataset}: {e}; check the path") from None
+    except (TrainError, ValueError) as e:
+        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
+
+
 def load_dataset(model: LoadedModel, p: dict) -> Dataset:
     """A job's data (train/start params), read and tokenized: the slow part of starting a job, so the manager runs
     it on a data thread, off the model's queue. Progress goes to the log."""
     import logging
 
-    from ..training.data import DatasetError
     from ..training.packing import Dataset
-    from ..training.trainer import TrainConfig, TrainError
+    from ..training.trainer import TrainConfig
 
     log = logging.getLogger("loralabd.training")
     said = [0.0]
@@ -172,18 +189,12 @@ def load_dataset(model: LoadedModel, p: dict) -> Dataset:
             said[0] = time.monotonic()
             log.info("%s: read %.0f of %.0f MiB", p["dataset"], done / 2**20, total / 2**20)
 
-    try:
+    with dataset_errors(p["dataset"]):
         cfg = TrainConfig.from_protocol(p)
         q = with_defaults("TrainParams", dict(p))
         ds = Dataset.load(p["dataset"], model.tokenizer, valid=q.get("validation"),
                           valid_fraction=float(q["validationFraction"]), seed=cfg.seed, max_seq_len=cfg.seq_len,
                           progress=told)
-    except DatasetError as e:
-        raise DomainError(ErrorCode.DatasetError, str(e)) from None
-    except OSError as e:
-        raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: {e}; check the path") from None
-    except (TrainError, ValueError) as e:
-        raise DomainError(ErrorCode.InvalidSettings, str(e)) from None
     if not ds.train:
         lines = "; ".join(str(x) for x in ds.problems[:5])
         raise DomainError(ErrorCode.DatasetError, f"{p['dataset']}: no usable example" + (f" ({lines})" if lines else "")
