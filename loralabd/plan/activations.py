@@ -22,9 +22,6 @@ MODES = ("auto", "keep", "recompute")
 class Choice:
     recompute: bool
     reason: str
-    keep_bytes: int | None = None  # the plan's peak keeping activations (None: not planned)
-    recompute_bytes: int | None = None
-    available: int | None = None
 
     @property
     def mode(self) -> str:
@@ -45,15 +42,15 @@ def choose(mode: str, keep_bytes: int | None, recompute_bytes: int | None, avail
     if mode not in MODES:
         raise ValueError(f"activations must be one of {', '.join(MODES)}, not {mode!r}")
     if backend == "numpy":  # the numpy engine always keeps its activations
-        return Choice(False, "the numpy engine keeps its activations", keep_bytes, keep_bytes, available)
+        return Choice(False, "the numpy engine keeps its activations")
     if mode != "auto":
-        return Choice(mode == "recompute", f"activations: {mode} (given)", keep_bytes, recompute_bytes, available)
+        return Choice(mode == "recompute", f"activations: {mode} (given)")
     guess = (" — the device's memory is not known, so that figure is assumed (set LORALAB_DEVICE_MEMORY, or choose "
              "activations keep or recompute)") if assumed else ""
     if keep_bytes is None or available is None or keep_bytes <= available:
         why = "fits" if available is not None and keep_bytes is not None else "no memory limit known"
         room = "" if available is None or keep_bytes is None else f" ({mib(keep_bytes)} of {mib(available)})"
-        return Choice(False, f"activations kept: {why}{room}{guess}", keep_bytes, recompute_bytes, available)
+        return Choice(False, f"activations kept: {why}{room}{guess}")
     rec = "" if recompute_bytes is None else f" (recomputing: {mib(recompute_bytes)})"
     return Choice(True, f"activations recomputed in the backward: keeping them needs {mib(keep_bytes)}, more than the "
-                        f"{mib(available)} available{rec}{guess}", keep_bytes, recompute_bytes, available)
+                        f"{mib(available)} available{rec}{guess}")

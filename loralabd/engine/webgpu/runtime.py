@@ -228,7 +228,6 @@ class Runtime:
         self.align = int(self.limits.get("min-storage-buffer-offset-alignment", 256))
         self._modules: dict = {}
         self._pipelines: dict = {}
-        self._bind_groups: dict = {}
         self._dummy = None
         self._dummy_rw = None
         self._staging: dict = {}
