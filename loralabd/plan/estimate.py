@@ -21,7 +21,7 @@ from ..protocol.types import Clock, MemoryBreakdown, OptimizerKind, PlanActivati
     PlanData, PlanDevice, PlanEstimate, PlanLimit, PlanMemoryPart
 from ..engine.memory import optimizer_bytes
 from . import observe
-from .activations import MODES as ACTIVATION_MODES, Choice, choose as choose_activations, peaks as activation_peaks
+from .activations import Choice, choose as choose_activations, peaks as activation_peaks
 from .batches import RunBatches
 from .calibrate import Calibration, cached, cached_calibration, memory_quantity
 from .hardware import UNKNOWN_GPU_MEMORY, Device, describe, memory_override
@@ -218,9 +218,7 @@ def activations_for_engine(engine, cfg: LoraConfig, batch: int, seq: int, optim:
                            mode: str = "auto") -> Choice:
     """What a run on this engine chooses: the plan's memory of both modes (with the runtime's fixed cost when this
     device is calibrated) against the device's available memory — as plan/estimate decides it."""
-    if mode not in ACTIVATION_MODES:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, not {mode!r}")
-    if engine.backend == "numpy" or mode != "auto":
+    if engine.backend == "numpy" or mode != "auto":  # (choose checks the mode)
         return choose_activations(mode, None, None, None, engine.backend)
     device = describe(engine)
     cal = cached(device, engine.model, "wall") or cached(device, engine.model, "cpu")
