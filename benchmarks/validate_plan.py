@@ -54,7 +54,7 @@ from bench_daemon import _SENTENCES, _TOPICS, Daemon, chat_records, train_job, w
 from loralabd.plan import observe  # noqa: E402
 
 # (data, batch, seq, rank, targets, optimizer, gradAccum). Calibrated CPU shapes: 1/4 x 32, 2 x 64, 1 x 128 at r8,
-# 1/4 x 32 at r64, 2 x 32 as two micro-batches; GPU: 4 x 512 (also two micro-batches), 2 x 1024, 4/8 x 512 at r64,
+# 1/4 x 32 at r64, 2 x 32 as two micro-batches; GPU: 4 x 512 (also two micro-batches), 2 x 2048, 4/8 x 512 at r64,
 # 8 x 512 q,v, 16 x 256 r16, 64 x 128 — all on every projection but the q,v one, all AdamW.
 CPU = [
     ("chat", 2, 64, 8, ["all"], "adamw", 1),
@@ -76,7 +76,7 @@ GPU = [
     ("text", 32, 128, 8, ["mlp"], "adamw", 1),
     ("chat", 8, 384, 32, ["q", "v"], "adam8bit", 1),  # 8-bit Adam, rank 32 on q, v
     ("text", 4, 512, 8, ["all"], "adamw", 4),  # gradient accumulation 4
-    ("chat", 2, 2048, 8, ["all"], "adamw", 1),  # much longer sequence
+    ("chat", 2, 2048, 16, ["all"], "adamw", 1),  # long sequence at another rank
     ("text", 32, 256, 16, ["all"], "adamw", 1),  # larger batch
 ]
 CONFIGS = {"cpu": CPU, "gpu": GPU}

@@ -86,6 +86,15 @@ fn seg_q(b: u32, i0: u32, t: u32) {
     if (t < BQ && p.has_seg != 0u) { sq[t] = seg[b * p.TK + min(dyn[0] + i0 + t, p.TK - 1u)]; }
 }
 
+// has_seg 2: seg also holds each BQ block's [lo, hi] id range after the (B, TK) ids (segments.wgsl). A query
+// block and a key block whose ranges miss each other see nothing of each other (other rows packed in), so the
+// loops skip that pair: the same sums, less work on packed rows (a value and workgroup uniform branch)
+fn disjoint(b: u32, qb: u32, kb: u32) -> bool {
+    if (p.has_seg != 2u || p.T != p.TK || dyn[0] != 0u) { return false; }
+    let o = p.B * p.TK + 2u * b * ((p.TK + BQ - 1u) / BQ);
+    return seg[o + 2u * kb + 1u] < seg[o + 2u * qb] || seg[o + 2u * kb] > seg[o + 2u * qb + 1u];
+}
+
 // query row i of the block at i0 sees key row j of the block at j0
 fn sees(i0: u32, i: u32, j0: u32, j: u32) -> bool {
     let qi = dyn[0] + i0 + i;
@@ -126,6 +135,7 @@ fn forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_inde
     var lr = 0.0;
     let nk = min(p.TK, dyn[0] + min(i0 + BQ, p.T));  // keys the block's last query sees
     for (var j0 = 0u; j0 < nk; j0 += BQ) {
+        if (disjoint(b, wid.x, j0 / BQ)) { continue; }
         workgroupBarrier();  // the last block's readers of tk / tv / sp are done
         load_kv(b, j0, kvh, t);
         workgroupBarrier();
@@ -200,6 +210,7 @@ fn backward_dq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_
     var a1 = vec4<f32>(0.0);
     let nk = min(p.TK, dyn[0] + min(i0 + BQ, p.T));
     for (var j0 = 0u; j0 < nk; j0 += BQ) {
+        if (disjoint(b, wid.x, j0 / BQ)) { continue; }
         workgroupBarrier();
         load_kv(b, j0, kvh, t);
         workgroupBarrier();
@@ -246,6 +257,7 @@ fn backward_dkv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation
     for (var hh = 0u; hh < g; hh++) {
         let h = kvh * g + hh;
         for (var i0 = first; i0 < p.T; i0 += BQ) {
+            if (disjoint(b, i0 / BQ, wid.x)) { continue; }
             workgroupBarrier();
             load_q(b, i0, h, t, true);
             seg_q(b, i0, t);

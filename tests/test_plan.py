@@ -205,6 +205,55 @@ def test_the_fit_recovers_a_per_step_term_and_reports_its_residual():
     assert 0.01 < res_n < 0.2 and loo_n > res_n
 
 
+def test_packed_rows_price_only_the_attention_blocks_that_see_each_other(default_model, tmp_path, monkeypatch):
+    """Chat examples of 112-161 tokens packed into rows of 1024: the blocked attention (attention_flash.wgsl) skips
+    the block pairs whose segment ranges miss, so the plan prices that share of the causal attention —
+    at least the share of block pairs with a position that sees another (counted pair by pair here), and far
+    below 1 — on an engine whose attention is blocked, and all of it where it is not (the same run, the same
+    calibration; every other term the same)."""
+    from loralabd.engine.webgpu.engine import WebGPUEngine
+    from loralabd.models.random import random_model, tiny_args
+    from loralabd.plan.batches import read_batches
+    from loralabd.plan.calibrate import Calibration, fit, shapes_for
+    from loralabd.plan.hardware import Device
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about the number {i}."},
+                          {"role": "assistant", "content": " ".join(["It is a fine number."] * (12 + i % 9))}]}
+            for i in range(60)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rb = read_batches(path, default_model.tokenizer, {"batchSize": 2, "seqLen": 1024, "steps": 4})
+    assert rb.attention_share(0) == 1.0 and rb.segments
+    share = rb.attention_share(32)
+    seen = total = 0
+    for seg in rb.segments:  # pair by pair: a block pair counts when one of its positions sees another
+        full = np.full((2, 1024), -1)
+        full[:seg.shape[0], :seg.shape[1]] = seg
+        vis = (full[:, :, None] == full[:, None, :]) & np.tril(np.ones((1024, 1024), bool))
+        blocks = vis.reshape(2, 32, 32, 32, 32).any(axis=(2, 4))  # (rows, query block, key block)
+        seen += int(blocks.sum())
+        total += 2 * 32 * 33 // 2
+    assert seen / total <= share <= seen / total + 0.05 and share < 0.5
+
+    truth = {"micro_batches": 2e-3, "matmul_flops": 1.2e-11, "lora_flops": 4e-10, "attention_flops": 2.5e-10,
+             "lora_params": 4e-8}
+    coef, terms, _, _ = fit(_samples(truth, shapes_for(Device(backend="numpy", name="cpu", type="cpu"))))
+    cal = Calibration(key="test", device={}, clock="cpu", coef=coef, fitted=terms)
+    model = random_model(tiny_args(max_position_embeddings=2048), seed=0)
+    plans, blocks = {}, {}
+    for attn in ("flash", "simple"):
+        monkeypatch.setenv("LORALAB_WGPU_ATTN", attn)
+        eng = WebGPUEngine(model)
+        blocks[attn] = eng.attention_block  # 16 or 32 on lavapipe, by the workgroup memory
+        plans[attn] = estimate(model, eng, lora=LoraConfig(r=8), batch=2, seq=1024, calibration=cal, batches=rb)
+        eng.close()
+    assert blocks["flash"] in (16, 32) and blocks["simple"] == 0
+    att = 4 * cal.predict(model.args, LoraConfig(r=8), 2, 1024)["attention_flops"] * coef["attention_flops"]
+    skipped = (1 - rb.attention_share(blocks["flash"])) * att
+    assert plans["simple"].seconds - plans["flash"].seconds == pytest.approx(skipped, rel=1e-6) and skipped > 0
+    assert any("attention blocks" in n for n in plans["flash"].notes)
+
+
 def test_a_dataset_of_short_chat_rows_is_priced_as_the_batches_the_trainer_runs(default_model, tmp_path):
     """With the dataset the plan prices the batches the trainer will run — chat examples of 112-161 tokens at batch
     1 x seq 256 pack one or two a row, and each batch is cut to its longest row — so it predicts less time than full

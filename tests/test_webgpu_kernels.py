@@ -360,36 +360,89 @@ def test_swiglu(rt, n):
 
 # --- attention ----------------------------------------------------------------------------------------------
 
+def segment_ids(rng, B, T, packed):
+    """(B, T) segment ids: sorted (few segments), runs (packed rows: 0, 1, 2, ... then -1 padding), scattered
+    (ids reused in separate runs and out of order: the block ranges must still skip only what sees nothing)."""
+    if packed == "sorted":
+        return np.sort(rng.integers(0, 3, (B, T)), axis=1)
+    if packed == "runs":
+        seg = np.full((B, T), -1)
+        for b in range(B):
+            cuts = np.sort(rng.choice(np.arange(1, T - 5), 6, replace=False))
+            seg[b, :T - 5] = np.searchsorted(cuts, np.arange(T - 5), side="right")
+        return seg
+    return rng.permutation(7)[np.repeat(rng.integers(0, 7, (B, -(-T // 9))), 9, axis=1)[:, :T]]
+
+
 @pytest.mark.parametrize("flash", [False, True])
-@pytest.mark.parametrize("B,T,H,KV,hd,packed", [(2, 7, 4, 2, 16, False), (1, 33, 3, 1, 64, True),
-                                                (2, 40, 4, 2, 32, True), (1, 35, 2, 1, 40, False)])
+@pytest.mark.parametrize("B,T,H,KV,hd,packed", [(2, 7, 4, 2, 16, None), (1, 33, 3, 1, 64, "sorted"),
+                                                (2, 40, 4, 2, 32, "sorted"), (1, 35, 2, 1, 40, None),
+                                                (2, 150, 2, 1, 16, "runs"), (1, 100, 2, 2, 64, "scattered")])
 def test_attention_forward_backward(rt, monkeypatch, flash, B, T, H, KV, hd, packed):
     """flash: attention_flash.wgsl (blocks through workgroup memory, hardware GPUs: 32-query blocks where
     the workgroup memory holds them, else 16 — lavapipe's 32 KiB gives 32 at hd <= 40, 16 at hd 64; hd 40
-    has two vec4 accumulators per invocation, as hd 64 on a 48 KiB GPU)."""
+    has two vec4 accumulators per invocation, as hd 64 on a 48 KiB GPU). With segments the flash kernels
+    also read each block's id range (segment_ranges) and skip block pairs that see nothing of each other."""
     monkeypatch.setenv("LORALAB_WGPU_ATTN", "flash" if flash else "simple")
     rng = np.random.default_rng(T)
     q = rng.standard_normal((B, T, H, hd)).astype(np.float32)
     k = rng.standard_normal((B, T, KV, hd)).astype(np.float32)
     v = rng.standard_normal((B, T, KV, hd)).astype(np.float32)
     dout = rng.standard_normal((B, T, H, hd)).astype(np.float32)
-    seg = np.sort(rng.integers(0, 3, (B, T)), axis=1) if packed else None
+    seg = segment_ids(rng, B, T, packed) if packed else None
     mask = R.attention_mask(T, seg)
     o_ref, lse_ref = R.attention(q, k, v, mask)
     dq_ref, dk_ref, dv_ref = R.attention_backward(dout, q, k, v, mask, lse_ref)
     qb, kb, vb = up(rt, q), up(rt, k), up(rt, v)
-    sb = up(rt, seg.astype(np.int32)) if packed else None
+    room = np.zeros(2 * B * -(-T // 16), np.int32)  # the block ranges' room after the ids, as graph.Acts has
+    sb = up(rt, np.concatenate([seg.astype(np.int32).ravel(), room])) if packed else None
     dyn = up(rt, np.zeros(4, np.uint32))
     o, lse, delta = out(rt, q.size), out(rt, B * H * T), out(rt, B * H * T)
     dq, dk, dv = out(rt, q.size), out(rt, k.size), out(rt, v.size)
-    ops = [K.attention(rt, qb, kb, vb, o, lse, dyn, B, T, T, H, KV, hd, sb)]
-    ops += K.attention_backward(rt, up(rt, dout), qb, kb, vb, o, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, sb)
-    assert all(("attention_flash.wgsl" in op.kernel) == flash for op in ops)
+    ops = K.segment_ranges(rt, sb, B, T, hd) if packed else []
+    assert len(ops) == (1 if packed and flash else 0)
+    ops += [K.attention(rt, qb, kb, vb, o, lse, dyn, B, T, T, H, KV, hd, sb, ranges=True)]
+    ops += K.attention_backward(rt, up(rt, dout), qb, kb, vb, o, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, sb,
+                                ranges=True)
+    assert all(("attention_flash.wgsl" in op.kernel) == flash for op in ops if "segments.wgsl" not in op.kernel)
     rt.run(ops)
     assert rel(get(rt, o, q.shape), o_ref) <= TOL
     assert rel(get(rt, lse, lse_ref.shape), lse_ref) <= TOL
     for got, ref in ((dq, dq_ref), (dk, dk_ref), (dv, dv_ref)):
         assert rel(get(rt, got, ref.shape), ref) <= 1e-4  # sums of ~T products of differences
+
+
+def test_flash_attention_skips_block_pairs_by_segment_ranges(rt, monkeypatch):
+    """segment_ranges writes each block's [lo, hi] ids (against numpy), packed rows have block pairs whose ranges
+    miss, and the kernels act on the ranges: ranges that claim every off-diagonal pair misses change the result."""
+    monkeypatch.setenv("LORALAB_WGPU_ATTN", "flash")
+    B, T, H, KV, hd = 2, 150, 2, 1, 16
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal((B, T, n, hd)).astype(np.float32) for n in (H, KV, KV))
+    seg = segment_ids(rng, B, T, "runs").astype(np.int32)
+    bq = K.attention_block(rt, hd)
+    nb = -(-T // bq)
+    sb = up(rt, np.concatenate([seg.ravel(), np.zeros(2 * B * -(-T // 16), np.int32)]))
+    rt.run(K.segment_ranges(rt, sb, B, T, hd))
+    got = rt.read(sb).view(np.int32)[B * T:B * T + 2 * B * nb].reshape(B, nb, 2)
+    pad = np.pad(seg, ((0, 0), (0, nb * bq - T)), mode="edge").reshape(B, nb, bq)
+    assert np.array_equal(got, np.stack([pad.min(axis=2), pad.max(axis=2)], axis=2))
+    lo, hi = got[..., 0], got[..., 1]
+    assert (hi[:, None, :] < lo[:, :, None]).any()  # some (query block, earlier key block) pairs are skipped
+    dyn = up(rt, np.zeros(4, np.uint32))
+    ref, _ = R.attention(q, k, v, R.attention_mask(T, seg))
+
+    def run(ranges_ids):
+        s2 = up(rt, ranges_ids)
+        o, lse = out(rt, q.size), out(rt, B * H * T)
+        rt.run([K.attention(rt, up(rt, q), up(rt, k), up(rt, v), o, lse, dyn, B, T, T, H, KV, hd, s2, ranges=True)])
+        return get(rt, o, q.shape)
+
+    right = np.concatenate([seg.ravel(), got.ravel(), np.zeros(2 * B * (-(-T // 16) - nb), np.int32)])
+    assert rel(run(right), ref) <= TOL
+    wrong = right.copy()
+    wrong[B * T:B * T + 2 * B * nb] = np.tile(np.repeat(np.arange(nb, dtype=np.int32), 2), B)  # block j: [j, j]
+    assert rel(run(wrong), ref) > 1e-2
 
 
 def kv_case(rng, B, start, T, H, KV, hd, Tmax, cached):

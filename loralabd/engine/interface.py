@@ -126,6 +126,12 @@ class Engine(Protocol):
     model: LoadedModel
     args: ModelArgs
 
+    @property
+    def attention_block(self) -> int:
+        """Positions of a block of the blocked attention that skips the block pairs of packed rows that see nothing
+        of each other; 0: every causal pair is computed (the planner prices attention by it:
+        RunBatches.attention_share)."""
+
     def decode(self, prompt_ids: Sequence[int], max_tokens: int, sampling: Sampling = Sampling(),
                adapters: AdapterScales = ()) -> Generator[int, None, None]:
         """Token ids one at a time after the prompt (batch 1). The caller stops at a stop token and closes

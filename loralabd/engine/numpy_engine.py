@@ -35,6 +35,7 @@ class NumpyEngine:
     """Forward, backward and decoding of a llama-family model with any number of LoRA adapters."""
 
     backend = "numpy"
+    attention_block = 0  # its attention blocks are shared by every row: packed rows' unseen keys are computed
 
     def __init__(self, model: LoadedModel, vocab_chunk: int = 8192):
         self.model = model

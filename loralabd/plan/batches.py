@@ -9,6 +9,7 @@ prices those (Calibration.predict_step).
     rb = run_batches(dataset.train, TrainConfig.from_protocol(train_params))
     rb.steps        # {((rows, length), ...) per micro-batch of a step: how many steps}
     rb.row_fill     # real tokens / (rows x seq)
+    rb.attention_share(32)  # the causal attention blocks an engine that skips packed rows' unseen ones computes
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from ..training.data import Example
@@ -36,6 +39,29 @@ class RunBatches:
     rows: int = 0  # rows over the run
     positions: int = 0  # rows x cut length, summed: what the engine computes
     examples: int = 0
+    batch: int = 0  # the run's batchSize (rows of the step program)
+    segments: list = field(default_factory=list)  # segment ids (rows, length) of up to SEGMENT_SAMPLES micro-batches
+
+    def attention_share(self, block: int) -> float:
+        """The share of the causal attention's block x block pairs that see each other in the sampled micro-batches,
+        padded to the run's batch x seq program: what an engine whose blocked attention skips the pairs of
+        packed rows that see nothing of each other computes (Engine.attention_block; 0: it computes every pair, 1.0).
+        A pair is skipped when the blocks' segment id ranges miss, as the kernels decide it."""
+        if block <= 0 or not self.segments:
+            return 1.0
+        nb = -(-self.seq // block)
+        tri = np.tril(np.ones((nb, nb), bool))
+        seen = total = 0
+        for seg in self.segments:
+            rows = max(self.batch, seg.shape[0])
+            full = np.full((rows, nb * block), -1, np.int32)  # padding rows and positions: segment -1
+            full[:seg.shape[0], :seg.shape[1]] = seg
+            blocks = full.reshape(rows, nb, block)
+            lo, hi = blocks.min(axis=2), blocks.max(axis=2)  # (rows, nb)
+            meet = ~((hi[:, None, :] < lo[:, :, None]) | (lo[:, None, :] > hi[:, :, None]))  # (rows, q, k)
+            seen += int((meet & tri).sum())
+            total += rows * int(tri.sum())
+        return seen / max(1, total)
 
     @property
     def n_steps(self) -> int:
@@ -60,6 +86,8 @@ class RunBatches:
                 f"{self.examples} examples): mean row fill {100 * self.row_fill:.0f}% of seq {self.seq}, "
                 f"batches cut to {self.mean_length:.0f} tokens on average")
 
+
+SEGMENT_SAMPLES = 256  # micro-batches whose segments attention_share reads (spread over the run)
 
 # PlanParams fields that shape the run's batches, as TrainParams names them (train/start reads the data with them)
 DATA_FIELDS = ("seqLen", "batchSize", "gradAccum", "steps", "epochs", "seed", "pack", "validationFraction")
@@ -93,7 +121,8 @@ def run_batches(examples: list[Example], cfg: TrainConfig, stop: Callable[[], No
     total = Trainer._plan_steps(SimpleNamespace(cfg=cfg, stream=stream))  # type: ignore[arg-type]
     # as Trainer.step: epochs bound the stream only when neither steps nor tokens are given
     max_epochs = None if (cfg.max_steps is not None or cfg.max_tokens is not None) else (cfg.epochs or 1.0)
-    out = RunBatches(seq=cfg.seq_len, examples=len(examples))
+    out = RunBatches(seq=cfg.seq_len, examples=len(examples), batch=cfg.batch_size)
+    every = max(1, total * cfg.grad_accum // SEGMENT_SAMPLES)
     for i in range(total):
         if stop is not None and i % 1000 == 999:
             stop()
@@ -104,6 +133,8 @@ def run_batches(examples: list[Example], cfg: TrainConfig, stop: Callable[[], No
                 break
             rows, length = b.tokens.shape  # (rows, cut length)
             shapes.append((rows, length))
+            if (i * cfg.grad_accum + len(shapes) - 1) % every == 0:
+                out.segments.append(np.asarray(b.segments, np.int32))
             out.tokens += b.n_tokens
             out.rows += rows
             out.positions += rows * length

@@ -55,7 +55,7 @@ from .memory import RuntimeCost
 if TYPE_CHECKING:
     from ..protocol.types import Clock
 
-VERSION = 10  # bump when the features or the shapes change: old cache entries are then ignored
+VERSION = 11  # bump when the features or the shapes change: old cache entries are then ignored
 CLOCKS = ("wall", "cpu")
 
 TERMS = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "lora_mats", "lora_params", "adam8bit_params")
@@ -65,7 +65,10 @@ PER_MICRO = ("micro_batches", "matmul_flops", "lora_flops", "attention_flops", "
 # -- features -----------------------------------------------------------------------------------------
 
 def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw",
-             recompute: bool = False) -> dict:
+             recompute: bool = False, attention_share: float = 1.0) -> dict:
+    """The work of one optimizer step by term. attention_share: the share of the causal attention an engine
+    computes on the run's rows (RunBatches.attention_share: packed rows' blocks that see nothing of each other
+    are skipped on the GPU); calibration's rows are one sequence each (1.0)."""
     B, T, ga = int(batch), int(seq), int(grad_accum)
     N = B * T
     L = args.num_hidden_layers
@@ -73,7 +76,7 @@ def features(args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, o
     mm = 4.0 * N * L * dense + 6.0 * N * args.hidden_size * args.vocab_size
     n_lay = len(cfg.layer_ids(L))
     lora = 6.0 * N * cfg.r * n_lay * sum(sum(args.linear_shape(t)) for t in cfg.targets)
-    att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim
+    att = 16.0 * L * B * args.num_attention_heads * T * T * args.head_dim * float(attention_share)
     if recompute:  # the backward runs each layer's forward again (all but the down projection's base product)
         o, i = args.linear_shape("down_proj")
         mm += 2.0 * N * L * (dense - o * i)
@@ -127,16 +130,17 @@ class Calibration:
     runtime_factor: float = 1.0  # driver bytes per byte of the engine's buffers (fixed_memory)
 
     def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw",
-                recompute: bool = False) -> dict:
-        f = features(args, cfg, batch, seq, grad_accum, optim, recompute)
+                recompute: bool = False, attention_share: float = 1.0) -> dict:
+        f = features(args, cfg, batch, seq, grad_accum, optim, recompute, attention_share)
         return {"step_s": float(sum(self.coef[k] * f[k] for k in TERMS)), **f}
 
-    def predict_step(self, args, cfg: LoraConfig, micro, optim: str = "adamw", recompute: bool = False) -> float:
+    def predict_step(self, args, cfg: LoraConfig, micro, optim: str = "adamw", recompute: bool = False,
+                     attention_share: float = 1.0) -> float:
         """Seconds of one optimizer step whose micro-batches have these (rows, length) shapes (as the trainer cuts
         them, plan/batches.py): each one's per-micro-batch terms, the per-step terms once."""
         t = 0.0
         for b, T in micro:
-            f = features(args, cfg, b, T, 1, optim, recompute)
+            f = features(args, cfg, b, T, 1, optim, recompute, attention_share)
             t += sum(self.coef[k] * f[k] for k in PER_MICRO)
         f = features(args, cfg, 1, 1, 1, optim)
         return float(t + sum(self.coef[k] * f[k] for k in TERMS if k not in PER_MICRO))
@@ -255,8 +259,9 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
     what a larger shape took, and a later shape's measured peak would start from it). Discrete GPUs: 2k-8k tokens a step, where the step is
     compute-bound (at <= 1k tokens a big GPU measures mostly the fixed cost of ~2,700 dispatches), the large
     rank at two batch sizes, two shapes with fewer adapted projections (q,v and attention: the per-dispatch cost
-    of LoRA), two micro-batches, a longer sequence (one row 4x as long was tried: at one row the attention
-    backward has too few workgroups to fill an H200, and its time misled the fit), a middle rank and the large
+    of LoRA), two micro-batches, a sequence 4x as long at two rows (attention: 2 x 1024 left the attention backward's
+    few workgroups mostly idle on an H200, and the fit priced 2 x 2048 jobs 36% over; one row 4x as long idles
+    it more), a middle rank and the large
     rank with 8-bit Adam, and one small step (8 x 64: bound by its dispatches, where the issue's 8 x 64 job ran 40%
     under its plan) — 10 shapes for 7 coefficients, in rising memory order
     (a driver's pools keep what a larger shape took). Other GPUs: the CPU list at 256-1k tokens.
@@ -270,9 +275,10 @@ def shapes_for(device: Device, args=None) -> list[Shape]:
         s = 512 if not ctx else max(8, min(512, ctx // 4 // 8 * 8))
         qv = ("q_proj", "v_proj")
         attn = ("q_proj", "k_proj", "v_proj", "o_proj")
-        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2), Shape(2, 2 * s, 8),
+        return [Shape(8, max(8, s // 8), 8), Shape(4, s, 8), Shape(4, s, 8, None, 2),
                 Shape(4, s, r_hi, None, 1, "adam8bit"),
-                Shape(4, s, r_hi), Shape(8, s, 8, qv), Shape(8, s, r_hi), Shape(16, max(8, s // 2), 16, attn),
+                Shape(4, s, r_hi), Shape(8, s, 8, qv), Shape(2, 4 * s, 8), Shape(8, s, r_hi),
+                Shape(16, max(8, s // 2), 16, attn),
                 Shape(64, max(8, s // 4), 8)]
     s = 32 if device.backend == "numpy" or device.software else 256
     if ctx:
@@ -317,12 +323,16 @@ def _exercised(mp, checkpoint: bool) -> int:
     return int(max(v for k, v in mp.phases.items() if checkpoint or k != "checkpoint"))
 
 
+BLOCK_S = 0.5  # a GPU timing runs back-to-back steps for at least this long (up to MAX_BLOCK steps)
+MAX_BLOCK = 64
+
+
 def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int = 1, seed: int = 0,
                quantity: str | None = None, checkpoint: bool = False, warm_up: bool = True,
                recompute: bool = False) -> dict:
     """Seconds of one optimizer step of `shape` (after a warm-up step when warm_up): the best of `repeats` steps
-    each read back on the CPU; on a GPU engine `repeats` steps submitted back to back and read back once, as a
-    job runs them (it reads at report cadence, so the host records the next step while the GPU runs this one),
+    each read back on the CPU; on a GPU engine `repeats` steps (more, up to BLOCK_S of them) submitted back to
+    back and read back once, as a job runs them (it reads at report cadence, so the host records the next step while the GPU runs this one),
     the peak memory measured around it (quantity: observe.RSS / observe.NVIDIA / None) beside the engine's own
     account, and with checkpoint=True the time of one checkpoint of its state."""
     args = engine.args
@@ -343,11 +353,18 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
         for i in range(int(warm_up) + (1 if block else repeats)):
             k = repeats if block and i >= int(warm_up) else 1  # steps in this timing
             bs = [Batch.of(rng.integers(0, args.vocab_size, (B, T))) for _ in range(ga)]
-            t0 = clk()
-            for _ in range(k):
-                sess.step(bs, 1e-4, 1.0)
-            sess.metrics()  # waits for the device
-            times.append((clk() - t0) / k)
+            while True:
+                t0 = clk()
+                for _ in range(k):
+                    sess.step(bs, 1e-4, 1.0)
+                sess.metrics()  # waits for the device
+                took = clk() - t0
+                # short GPU steps: a run of 3 (79 ms a step at 8 x 64 on an H200) timed the host's record of
+                # the first step and the GPU's clock ramp, where a job's steady steps took 56 ms
+                if not (block and repeats > 1 and i >= int(warm_up)) or took >= BLOCK_S or k >= MAX_BLOCK:
+                    break
+                k = min(MAX_BLOCK, max(2 * k, int(np.ceil(k * BLOCK_S / max(took, 1e-6)))))
+            times.append(took / k)
         if checkpoint:
             ck_s, ck_bytes = _time_checkpoint(sess)
     finally:

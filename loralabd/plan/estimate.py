@@ -354,10 +354,14 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
     # one into its single step program of batch x seq (engine/webgpu/train.py), so there only the count is real
     cut = backend == "numpy"
 
+    # packed rows: the engine's blocked attention skips the blocks that see nothing of each other
+    share = batches.attention_share(eng.attention_block) if batches is not None and eng is not None else 1.0
+
     def steps_s(c: LoraConfig, recompute: bool = choice.recompute) -> float:
         """Seconds of the run's steps at LoRA settings c: each real micro-batch shape, else full rows."""
         if batches is not None:
-            return sum(k * cal.predict_step(a, c, shapes if cut else [(B, T)] * len(shapes), optim, recompute)
+            return sum(k * cal.predict_step(a, c, shapes if cut else [(B, T)] * len(shapes), optim, recompute,
+                                            share)
                        for shapes, k in batches.steps.items())
         return n_steps * cal.predict(a, c, B, T, ga, optim, recompute)["step_s"]
 
@@ -382,7 +386,9 @@ def estimate(model, engine="numpy", *, dataset_tokens: int | None = None, datase
             full_s = n_steps * cal.predict(a, cfg, B, T, ga, optim, choice.recompute)["step_s"]
             notes.append(f"{batches.note()}; {run_s:.1f} s of steps (full {B} x {T} rows would be {full_s:.1f} s)"
                          + ("" if cut else f"; the {backend} engine pads every batch into its {B} x {T} step "
-                                           "program, so each is priced at that shape"))
+                                           "program, so each is priced at that shape")
+                         + ("" if share >= 1.0 else f"; packed rows: {100 * share:.0f}% of the causal attention "
+                                                    "blocks see each other and are computed"))
         else:
             notes.append(f"time: every step priced as full {B} x {T} rows (pass the dataset to price its real "
                          "batches: the trainer cuts each to its longest row)")

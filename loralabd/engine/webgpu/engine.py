@@ -150,6 +150,12 @@ class WebGPUEngine:
         self._arena: DecodeArena | None = None
         self.prefill_chunk = int(os.environ.get("LORALAB_PREFILL_CHUNK", 128 if self.rt.tiled else 32))
 
+    @property
+    def attention_block(self) -> int:
+        """Queries (and keys) of a block of the blocked attention, which skips packed rows' block pairs that see
+        nothing of each other (attention_flash.wgsl); 0 on the one-query-an-invocation kernel (lavapipe)."""
+        return K.attention_block(self.rt, self.args.head_dim)
+
     # -- adapters for inference -------------------------------------------------------------------------
 
     def _loras(self, adapters: AdapterScales) -> tuple[list, tuple]:

@@ -56,7 +56,9 @@ class Acts:
         Hq, Hk = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
         self.bufs: list[Buf] = []
         f = self.alloc
-        self.tok, self.pos, self.seg, self.lab = f(N, "tok"), f(N, "pos"), f(N, "seg"), f(N, "labels")
+        # seg: the (B, T) segment ids, then room for their block ranges (kernels.segment_ranges: blocks >= 16)
+        self.tok, self.pos, self.lab = f(N, "tok"), f(N, "pos"), f(N, "labels")
+        self.seg = f(N + 2 * B * -(-T // 16), "seg")
         self.h, self.r1, self.q, self.k, self.v = f(N * D, "h"), f(N, "r1"), f(N * Hq, "q"), f(N * Hk, "k"), f(N * Hk, "v")
         self.att, self.lse = f(N * Hq, "att"), f(B * a.num_attention_heads * T, "lse")
         self.x1, self.h2, self.r2 = f(N * D, "x1"), f(N * D, "h2"), f(N, "r2")
@@ -232,8 +234,10 @@ class ModelGraph:
         else:
             ops.append(K.rope(rt, S.q, S.pos, self.rope_tab, N, H, hd, self.max_pos))
             ops.append(K.rope(rt, S.k, S.pos, self.rope_tab, N, KV, hd, self.max_pos))
+            if segments and i == 0:  # once a forward: every layer's attention (and backward) reads them
+                ops.extend(K.segment_ranges(rt, S.seg, B, T, hd))
             ops.append(K.attention(rt, S.q, S.k, S.v, S.att, S.lse, self.dyn0, B, T, T, H, KV, hd,
-                                   S.seg if segments else None))
+                                   S.seg if segments else None, ranges=segments))
         lin("o_proj", S.att, S.x1, res=x_in)
         ops.append(K.rmsnorm(rt, S.x1, L.ln2, S.h2, S.r2, N, D, a.rms_norm_eps))
         lin("gate_proj", S.h2, S.g)

@@ -313,7 +313,30 @@ def _attn_params(B, T, TK, H, KV, hd, has_seg):
 DECODE_SPLITS = 16  # key splits of decode attention (decode_part); 16 measured ~3% faster than 32 on an H200
 
 
-def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None, split=None):
+def segment_ranges(rt, seg, B, T, hd) -> list:
+    """[op] writing each block's [lo, hi] segment id range after seg's (B, T) ids (segments.wgsl), for blocked
+    attention to skip the block pairs of packed rows that see nothing of each other (attention(..., ranges=True));
+    [] where attention is not blocked. seg holds N + 2 * B * ceil(T / 16) ints (graph.Acts)."""
+    bq = attention_block(rt, hd)
+    if not bq:
+        return []
+    nb = -(-T // bq)
+    if seg.n < B * T + 2 * B * nb:
+        raise WebGPUError(f"segment_ranges: seg holds {seg.n} ints, needs {B * T + 2 * B * nb}")
+    return [rt.op("segments.wgsl", "ranges", grid1d(B * nb, 64), dict(seg=seg), dict(B=B, T=T, BQ=bq, NB=nb))]
+
+
+def attention_block(rt, hd) -> int:
+    """Queries (and keys) of a block of the blocked attention; 0 where attention is not blocked (lavapipe)."""
+    return _flash_defines(rt, hd)["BQ"] if use_flash(rt, hd) else 0
+
+
+def _has_seg(rt, seg, ranges, hd) -> int:
+    """The kernels' has_seg: 0 no segments, 1 ids, 2 ids and block ranges (blocked attention skips block pairs)."""
+    return 0 if seg is None else 2 if ranges and use_flash(rt, hd) else 1
+
+
+def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None, split=None, ranges=False):
     """out (B,T,H,hd), lse (B,H,T) from q (B,T,H,hd) and k/v (B,TK,KV,hd); queries start at position dyn[0].
     Decoding on hardware GPUs (few queries per row) with split = (pml, pacc, S) scratch: the keys split over S
     workgroups per query, then merged (decode_part + decode_merge: a list of two ops); without it, or with
@@ -339,7 +362,7 @@ def attention(rt, q, k, v, out, lse, dyn, B, T, TK, H, KV, hd, seg=None, split=N
         fd = _flash_defines(rt, hd)
         return rt.op("attention_flash.wgsl", "forward", (-(-T // fd["BQ"]), H, B),
                      dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
-                     _attn_params(B, T, TK, H, KV, hd, seg is not None), fd)
+                     _attn_params(B, T, TK, H, KV, hd, _has_seg(rt, seg, ranges, hd)), fd)
     return rt.op("attention.wgsl", "forward", grid1d(B * H * T, 64),
                  dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse),
                  _attn_params(B, T, TK, H, KV, hd, seg is not None), {"HD": hd})
@@ -369,8 +392,9 @@ def use_flash(rt, hd) -> bool:
             and rt.limits.get("max-compute-workgroup-storage-size", 16384) >= _flash_bytes(16, hd))
 
 
-def attention_backward(rt, dout, q, k, v, out, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, seg=None) -> list:
-    p = _attn_params(B, T, T, H, KV, hd, seg is not None)
+def attention_backward(rt, dout, q, k, v, out, lse, delta, dq, dk, dv, dyn, B, T, H, KV, hd, seg=None,
+                       ranges=False) -> list:
+    p = _attn_params(B, T, T, H, KV, hd, _has_seg(rt, seg, ranges, hd))
     common = dict(q=q, k=k, v=v, seg=seg, dyn=dyn, out=out, lse=lse, dout=dout, delta=delta)
     if use_flash(rt, hd):
         fd = _flash_defines(rt, hd)

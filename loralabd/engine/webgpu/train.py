@@ -215,7 +215,7 @@ class WebGPUTrainSession:
             ops.append(K.rmsnorm_backward(rt, dh, Si.x1, Lw.ln2, Si.r2, dx, N, D, beta=1.0))  # dx = d x1
             lin_back(Si, i, "o_proj", dx, Si.att, datt, 0.0)
             ops.extend(K.attention_backward(rt, datt, Si.q, Si.k, Si.v, Si.att, Si.lse, delta, dq, dk, dv, eng.dyn0,
-                                            B, T, H, KV, hd, seg))
+                                            B, T, H, KV, hd, seg, ranges=True))
             ops.append(K.rope(rt, dq, S.pos, eng.rope_tab, N, H, hd, eng.max_pos, backward=True))
             ops.append(K.rope(rt, dk, S.pos, eng.rope_tab, N, KV, hd, eng.max_pos, backward=True))
             lin_back(Si, i, "q_proj", dq, Si.h, dh, 0.0)
