@@ -128,6 +128,7 @@ class Calibration:
     memory_residual: float | None = None  # RMS relative error of fixed cost + engine account vs measured peaks
     checkpoint_s_per_byte: float | None = None  # a checkpoint's seconds per byte of state
     runtime_factor: float = 1.0  # driver bytes per byte of the engine's buffers (fixed_memory)
+    load_runtime_bytes: int | None = None  # the process at rest before the first shape, less the engine's account
 
     def predict(self, args, cfg: LoraConfig, batch: int, seq: int, grad_accum: int = 1, optim: str = "adamw",
                 recompute: bool = False, attention_share: float = 1.0) -> dict:
@@ -148,7 +149,8 @@ class Calibration:
     def runtime_cost(self) -> RuntimeCost | None:
         if self.runtime_bytes is None:
             return None
-        return RuntimeCost(int(self.runtime_bytes), self.runtime_source, True, float(self.runtime_factor))
+        return RuntimeCost(int(self.runtime_bytes), self.runtime_source, True, float(self.runtime_factor),
+                           self.load_runtime_bytes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -340,7 +342,9 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
     cfg = shape.lora()
     B, T, ga = shape.batch, shape.seq, shape.grad_accum
     mp = engine.memory_plan(B, T, cfg, shape.optim, recompute=recompute)
-    caches = max(0, int(engine.memory_in_use()) - mp.resident)
+    held = int(engine.memory_in_use())
+    caches = max(0, held - mp.resident)
+    idle = observe.current(quantity).bytes  # the process at rest: its context, the weights, no step yet
     probe = observe.PeakProbe(quantity).start()
     ad = LoraAdapter.init(args, cfg, seed=seed)
     sess = engine.train_session(ad, OptimSettings(kind=shape.optim, recompute=recompute))
@@ -376,7 +380,8 @@ def time_shape(engine: Engine, shape: Shape, clock: Clock = "wall", repeats: int
             "features": features(args, cfg, B, T, ga, shape.optim, recompute), "optim": shape.optim,
             "recompute": recompute, "resident_bytes": int(mp.resident),
             "peak_bytes": peak.bytes, "memory_source": peak.source,
-            "engine_bytes": int(_exercised(mp, checkpoint) + caches), "checkpoint_s": ck_s, "checkpoint_bytes": ck_bytes}
+            "engine_bytes": int(_exercised(mp, checkpoint) + caches), "checkpoint_s": ck_s, "checkpoint_bytes": ck_bytes,
+            "idle_bytes": idle, "held_bytes": held}
 
 
 def calibrate(engine: Engine, device: Device | None = None, clock: Clock = "wall", shapes=None,
@@ -477,12 +482,16 @@ def finish(engine: Engine, device: Device, clock: Clock, samples: list, seconds:
     elif fixed is not None:
         src = (f"measured at calibration: {observe.describe_quantity(q)} minus the engine's own account, median "
                f"over {n} shapes")
+    # the fixed cost while loading: the process at rest before the first shape (no step's pipelines or pools yet)
+    rest = [s["idle_bytes"] - s["held_bytes"] for s in samples if s.get("idle_bytes") and "held_bytes" in s]
+    load_fixed = max(0, int(rest[0])) if rest and fixed is not None else None
     ck = [s for s in samples if s.get("checkpoint_s") and s.get("checkpoint_bytes")]
     ck_rate = ck[0]["checkpoint_s"] / ck[0]["checkpoint_bytes"] if ck else None
     return Calibration(key=cache_key(device, engine.model, clock), device=device.to_dict(), clock=clock, coef=coef,
                        samples=samples, warmup_s=max(0.0, warm), seconds=seconds, created=time.time(), fitted=terms,
                        residual=res, loo_residual=loo, memory_quantity=q, runtime_bytes=fixed, runtime_source=src,
-                       memory_residual=mem_res, checkpoint_s_per_byte=ck_rate, runtime_factor=factor)
+                       memory_residual=mem_res, checkpoint_s_per_byte=ck_rate, runtime_factor=factor,
+                       load_runtime_bytes=load_fixed)
 
 
 # -- the cache ------------------------------------------------------------------------------------------

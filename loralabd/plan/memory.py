@@ -37,6 +37,7 @@ class RuntimeCost:
     source: str
     measured: bool  # False: an estimate (the plan warns)
     factor: float = 1.0  # what the driver holds per byte of buffers (its allocator's rounding and pools; GPUs)
+    load_bytes: int | None = None  # the fixed cost while a model loads, before any step (None: `bytes`)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def training_memory(model, backend: str, cfg: LoraConfig, batch: int, seq: int, 
     if caches:
         notes.append(f"caches: {caches / 2**20:,.1f} MiB the engine holds now besides its weights "
                      "(decode arena, adapter slots, other models on the device)")
-    load = None if mp.load is None else mp.load + rt.bytes + caches
+    load = None if mp.load is None else mp.load + (rt.bytes if rt.load_bytes is None else rt.load_bytes) + caches
     return MemoryEstimate(mp.backend, parts, mp.phase, phases, mp.kv_cache, list(mp.buffers), notes, load, quantity, rt)
 
 
