@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import json
 import os
 import platform
@@ -185,13 +186,17 @@ def _params(cfg: tuple, data: dict, steps: int, full_rows: bool = False) -> tupl
 
 
 async def run_config(d: Daemon, meter: Meter, source: str, backend: str, cfg: tuple, data: dict, steps: int,
-                     log, full_rows: bool = False) -> dict:
+                     log, full_rows: bool = False, min_seconds: float = 0.0) -> dict:
     c = await d.client()
     try:
         async with meter.phase() as load:
             await c.request("model/load", {"source": source, "backend": backend, "name": "m"}, timeout=600)
         plan_p, train_p = _params(cfg, data, steps, full_rows)
         plan = await c.request("plan/estimate", plan_p)
+        if min_seconds and plan.get("stepSeconds") and steps * plan["stepSeconds"] < min_seconds:
+            steps = math.ceil(min_seconds / plan["stepSeconds"])  # a job of at least min_seconds of steps
+            plan_p, train_p = _params(cfg, data, steps, full_rows)
+            plan = await c.request("plan/estimate", plan_p)
         async with meter.phase() as job:
             info, reports, wall = await train_job(c, train_p)
         if info["state"] != "completed":
@@ -255,7 +260,7 @@ def _pct(x) -> str:
 def _label(row) -> str:
     c = row["config"]
     ga = f" ga{c['gradAccum']}" if c["gradAccum"] > 1 else ""
-    return f"{c['data']} {c['batch']}x{c['seq']} r{c['r']} {','.join(c['targets'])} {c['optimizer']}{ga}"
+    return f"{c['data']} {c['batch']}x{c['seq']} r{c['r']} {','.join(c['targets'])} {c['optimizer']}{ga}, {c['steps']} steps"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -299,7 +304,8 @@ async def main_async(a, source: str, data: dict, home: Path, log) -> dict:
         d = Daemon(home)
         try:
             meter = Meter(a.backend, d.proc.pid, baseline)
-            rows.append(await run_config(d, meter, source, a.backend, cfg, data, a.steps, log, a.full_rows))
+            rows.append(await run_config(d, meter, source, a.backend, cfg, data, a.steps, log, a.full_rows,
+                                         a.min_seconds))
         except BaseException:
             log("daemon log tail:\n" + d.tail())
             raise
@@ -317,6 +323,9 @@ def main(argv=None) -> int:
                     help="random weights of the default model's shape with its real tokenizer (bench_daemon.py)")
     ap.add_argument("--tokenizer-gguf", default=None, help="with --random-weights: the GGUF whose tokenizer to use")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per job (default 20 numpy, 60 webgpu)")
+    ap.add_argument("--min-seconds", type=float, default=0.0,
+                    help="more steps for a configuration whose --steps the plan prices under this many seconds "
+                         "(a one-off stall of a second is 40%% of a 2.6 s job)")
     ap.add_argument("--configs", choices=sorted(CONFIGS), default=None, help="which list (default: by backend)")
     ap.add_argument("--only", default=None, help="run these configurations only: indexes into the list, e.g. 0,3")
     ap.add_argument("--threads", type=int, default=None, help="BLAS threads of the daemons (numpy)")
@@ -354,7 +363,8 @@ def main(argv=None) -> int:
     rows, cal = res["rows"], res["calibration"]
     dev = cal["device"]
     print(f"device: {dev['name']} ({dev['type']}, {a.backend}{', ' + dev['api'] if dev.get('api') else ''}); "
-          f"host {platform.machine()} x {os.cpu_count()}; BLAS threads {a.threads or 'default'}; {a.steps} steps a job")
+          f"host {platform.machine()} x {os.cpu_count()}; BLAS threads {a.threads or 'default'}; {a.steps} steps a job"
+          + (f", more where the plan priced them under {a.min_seconds:g} s" if a.min_seconds else ""))
     cc = cal["calibration"]
     print(f"calibration: {cc['seconds']:.1f} s, {cc['shapes']} shapes for {len(cc['terms'])} terms, time residual "
           f"{100 * cc['residual']:.1f}% (leave-one-out {_pct(cc['leaveOneOutResidual'])}), runtime fixed cost "
