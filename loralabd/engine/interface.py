@@ -97,8 +97,9 @@ class TrainSession(Protocol):
     def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
         """Accumulate the gradients of every micro-batch, normalise by their labelled tokens, clip, update."""
 
-    def metrics(self) -> list[StepMetrics]:
-        """The metrics of every step since the last call, oldest first (a read back on GPU engines)."""
+    def metrics(self, lag: int = 0) -> list[StepMetrics]:
+        """The metrics of every step since the last call but the newest `lag`, oldest first (a read back on GPU
+        engines, which waits for those steps only: a step submitted ahead keeps the device busy meanwhile)."""
 
     def gradients(self, batch: MicroBatch) -> tuple[float, int, dict[str, np.ndarray]]:
         """(loss_sum, targets, d(loss_sum)/d(A, B)) of one micro-batch, without a step (tests, parity)."""

@@ -154,8 +154,9 @@ class NumpyTrainSession:
         self._metrics.append(StepMetrics(loss_sum, self.acc_tokens, total))
         self._zero_acc()
 
-    def metrics(self) -> list[StepMetrics]:
-        out, self._metrics = self._metrics, []
+    def metrics(self, lag: int = 0) -> list[StepMetrics]:
+        n = max(0, len(self._metrics) - max(0, lag))
+        out, self._metrics = self._metrics[:n], self._metrics[n:]
         return out
 
     def gradients(self, batch: MicroBatch) -> tuple[float, int, dict]:

@@ -211,7 +211,9 @@ class _Clock:
 
 class Trainer:
     def __init__(self, engine: Engine, dataset: Dataset, config: TrainConfig, run_dir=None, resume=False,
-                 adapter: LoraAdapter | None = None, report_interval: float = 0.25):
+                 adapter: LoraAdapter | None = None, report_interval: float = 0.25, ahead: bool | None = None):
+        """ahead: at a read of the metrics, submit the next step first, so the device works through the read
+        (None: on GPU engines, whose steps run asynchronously; the numpy engine computes a step in step())."""
         self.engine, self.data, self.cfg = engine, dataset, config
         self.run_dir = Path(run_dir) if run_dir else None
         tok = dataset.tokenizer
@@ -241,6 +243,8 @@ class Trainer:
         self.data_hash = _fingerprint(dataset.train)
         self.exhausted = False
         self.stop_requested = False
+        self.ahead = engine.backend != "numpy" if ahead is None else bool(ahead)
+        self._ahead: tuple[list, float] | None = None  # a step submitted ahead of its report: (micro-batches, lr)
         self._clock = _Clock()
         self.last_checkpoint: Path | None = None
         self.job: dict | None = None  # the daemon's job (id, params, ...), kept in each checkpoint to rebuild its journal
@@ -286,32 +290,26 @@ class Trainer:
             return None
         c = self.cfg
         t0 = time.perf_counter()
-        # stop by epochs only when neither steps nor tokens are given (then the stream just cycles)
-        max_epochs = None if (c.max_steps is not None or c.max_tokens is not None) else (c.epochs or 1.0)
-        batches = []
-        for _ in range(c.grad_accum):
-            b = self.stream.next_batch(max_epochs)
-            if b is None:
-                break
-            batches.append(b)
+        if self._ahead is not None:  # submitted at the last read
+            batches, lr = self._ahead
+            self._ahead = None
+        else:
+            batches = self._next_batches()
+            if batches:
+                lr = self.schedule(self.step_num)
+                self.sess.step(batches, lr, c.max_grad_norm)
         if not batches:
             self.exhausted = True
             self.read_metrics()
             return None
-        lr = self.schedule(self.step_num)
-        self.sess.step(batches, lr, c.max_grad_norm)
-        self.step_num += 1
-        n_tokens = sum(b.n_tokens for b in batches)
-        n_targets = sum(b.n_targets for b in batches)
-        self.tokens_seen += n_tokens
-        self.targets_seen += n_targets
-        self.history.append({"step": self.step_num, "lr": lr, "tokens": n_tokens, "target_tokens": n_targets,
-                             "tokens_seen": self.tokens_seen, "epoch": self.stream.epoch_float()})
+        n_tokens, n_targets = self._account(batches, lr)
         due_eval = self.done or bool(c.eval_every and self.step_num % c.eval_every == 0)
         due_save = self.run_dir is not None and (self.done or bool(c.save_every and self.step_num % c.save_every == 0))
         now = time.perf_counter()
         read = due_eval or due_save or now - self._last_read >= self.report_interval
         if read:
+            if self.ahead and not (due_eval or due_save or self.stop_requested):
+                self._submit_ahead()  # the device runs the next step while this one's metrics come back
             self.read_metrics()
         dt = time.perf_counter() - t0
         self._clock.steps += 1
@@ -330,10 +328,52 @@ class Trainer:
             rep.checkpoint = self.save()
         return rep
 
+    def _next_batches(self) -> list:
+        """The next step's micro-batches from the stream ([] when it ran dry)."""
+        c = self.cfg
+        # stop by epochs only when neither steps nor tokens are given (then the stream just cycles)
+        max_epochs = None if (c.max_steps is not None or c.max_tokens is not None) else (c.epochs or 1.0)
+        batches = []
+        for _ in range(c.grad_accum):
+            b = self.stream.next_batch(max_epochs)
+            if b is None:
+                break
+            batches.append(b)
+        return batches
+
+    def _account(self, batches: list, lr: float) -> tuple[int, int]:
+        """A submitted step into the counts and the history."""
+        self.step_num += 1
+        n_tokens = sum(b.n_tokens for b in batches)
+        n_targets = sum(b.n_targets for b in batches)
+        self.tokens_seen += n_tokens
+        self.targets_seen += n_targets
+        self.history.append({"step": self.step_num, "lr": lr, "tokens": n_tokens, "target_tokens": n_targets,
+                             "tokens_seen": self.tokens_seen, "epoch": self.stream.epoch_float()})
+        return n_tokens, n_targets
+
+    def _submit_ahead(self) -> None:
+        """Submit the next step now (when the run goes on): its report comes from the next step() call."""
+        if self.done:
+            return
+        batches = self._next_batches()
+        lr = self.schedule(self.step_num)
+        if batches:
+            self.sess.step(batches, lr, self.cfg.max_grad_norm)
+        self._ahead = (batches, lr)  # [] : the stream ran dry, which the next step() reports
+
+    def settle(self) -> None:
+        """Count the step submitted ahead, if any, as done (before a checkpoint: the state holds it)."""
+        if self._ahead is not None and self._ahead[0]:
+            batches, lr = self._ahead
+            self._ahead = None
+            self._account(batches, lr)
+
     def read_metrics(self) -> None:
-        """Read the device's losses and gradient norms into the history (a sync on GPU engines). DivergedError when
-        one is not finite: the run stops there, before its next checkpoint."""
-        got = self.sess.metrics()
+        """Read the device's losses and gradient norms into the history (a sync on GPU engines; a step submitted
+        ahead stays in flight). DivergedError when one is not finite: the run stops there, before its next
+        checkpoint."""
+        got = self.sess.metrics(lag=1 if self._ahead is not None and self._ahead[0] else 0)
         now = time.perf_counter()
         self._last_read = now
         # got covers the last len(got) steps, oldest first
@@ -387,6 +427,7 @@ class Trainer:
                 self.stop_requested = True
         stopped_early = self.stop_requested and not self.done
         ran_dry = self.exhausted and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step_num:08d}")
+        self.settle()
         if self.run_dir is not None and self.step_num > 0 and (stopped_early or ran_dry):
             self.save()
         self.read_metrics()
@@ -417,6 +458,7 @@ class Trainer:
     def save(self) -> Path:
         if self.run_dir is None:
             raise TrainError("this trainer has no run_dir to save checkpoints in; pass run_dir=...")
+        self.settle()
         self.read_metrics()
         meta = {"step": self.step_num, "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen, "data": self.stream.state(),
                 "data_hash": self.data_hash, "schedule": self.schedule.state_dict(),

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Hashable, overload
 
 import numpy as np
 
@@ -414,7 +414,19 @@ class Runtime:
 
     # -- running ---------------------------------------------------------------------------------------
 
-    def _staging_buffer(self, nbytes: int, slot: int):
+    def reserve_staging(self, nbytes: int, slots) -> None:
+        """Make the staging buffers of these read slots now (a train session's per-step metric reads), so that
+        steady-state reads create nothing."""
+        for slot in slots:
+            self._staging_buffer((nbytes + 3) // 4 * 4, slot)
+
+    def free_staging(self, slots) -> None:
+        """Destroy the staging buffers of these slots (any size); their reads must be done."""
+        slots = set(slots)
+        for key in [k for k in self._staging if k[1] in slots]:
+            self._staging.pop(key).destroy()
+
+    def _staging_buffer(self, nbytes: int, slot):
         """A MAP_READ buffer per (size, slot), made once: steady-state reads create nothing."""
         key = (nbytes, slot)
         b = self._staging.get(key)
@@ -426,18 +438,18 @@ class Runtime:
 
     @overload
     def submit(self, ops: list, read: Buf, read_bytes: int | None = None, read_offset: int = 0,
-               label: str = "step", slot: int = 0) -> PendingRead: ...
+               label: str = "step", slot: Hashable = 0) -> PendingRead: ...
 
     @overload
     def submit(self, ops: list, read: None = None, read_bytes: int | None = None, read_offset: int = 0,
-               label: str = "step", slot: int = 0) -> None: ...
+               label: str = "step", slot: Hashable = 0) -> None: ...
 
     @overload
     def submit(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
-               label: str = "step", slot: int = 0) -> PendingRead | None: ...
+               label: str = "step", slot: Hashable = 0) -> PendingRead | None: ...
 
     def submit(self, ops: list, read: Buf | None = None, read_bytes: int | None = None, read_offset: int = 0,
-               label: str = "step", slot: int = 0) -> "PendingRead | None":
+               label: str = "step", slot: Hashable = 0) -> "PendingRead | None":
         """Encode ops (dispatches and copies) in order, submit once; with `read`, start copying `read_bytes`
         of it back and return a PendingRead (its result() waits for this submit only). A slot's staging
         buffer serves one read at a time: overlapping reads use different slots."""

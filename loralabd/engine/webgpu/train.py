@@ -14,6 +14,7 @@ Same interface and state_dict keys as numpy_train.NumpyTrainSession, so checkpoi
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,12 +26,13 @@ from ..lora import LoraAdapter
 from ..numpy_train import CODE_SIGNED, CODE_UNSIGNED, QBLOCK, check_state, quantize_blockwise
 from . import kernels as K
 from .graph import Acts, ModelGraph, Program, drop_salt
-from .runtime import Copy, WebGPUError
+from .runtime import Copy, PendingRead, WebGPUError
 
 ALIGN = 256  # floats
 ZERO_S = int(quantize_blockwise(np.zeros(1, np.float32), CODE_SIGNED)[0][0])  # the code numpy_train gives 0.0
 ZERO_U = int(quantize_blockwise(np.zeros(1, np.float32), CODE_UNSIGNED)[0][0])
 RING = 64  # steps of metrics kept on the GPU between two reads
+_SESSIONS = itertools.count()  # tags the staging slots of each session's metric reads
 
 
 @dataclass
@@ -124,8 +126,11 @@ class WebGPUTrainSession:
         self._optim_ops: dict = {}  # max_grad_norm -> recorded optimizer ops
         self._ring_stride = 0  # floats per step in the metrics ring: [grad norm, loss sum of each micro-batch]
         self._ring = None
-        self._pending: list[tuple[int, int, int]] = []  # (ring row, micro-batches, labelled tokens) not read yet
+        # (micro-batches, labelled tokens, the read of the step's ring row) of steps not read yet: each step's row
+        # comes back through its own staging slot, so reading one waits for that step's submit, not later ones
+        self._pending: list[tuple[int, int, PendingRead]] = []
         self._read: list[StepMetrics] = []  # read back, not yet handed out
+        self._slots = [("metrics", next(_SESSIONS), row) for row in range(RING)]
 
     # -- parameters in and out ----------------------------------------------------------------------------
 
@@ -319,8 +324,10 @@ class WebGPUTrainSession:
             self._drain()
             if self._ring is not None:
                 self.rt.free(self._ring)
+                self.rt.free_staging(self._slots)
             self._ring_stride = max(self._ring_stride, 1 + k)
             self._ring = self.rt.buffer(4 * RING * self._ring_stride, "metrics", np.zeros(RING * self._ring_stride, np.float32))
+            self.rt.reserve_staging(4 * self._ring_stride, self._slots)
         return self._ring
 
     def step(self, batches: Sequence[MicroBatch], lr: float, max_grad_norm: float | None = None) -> None:
@@ -348,21 +355,22 @@ class WebGPUTrainSession:
             ops.append(Copy(prog.out, 0, ring, 4 * (row * self._ring_stride + 1 + j), 4))
         ops += self._optimizer(float(max_grad_norm or 0.0))
         ops.append(Copy(self.gstat, 0, ring, 4 * row * self._ring_stride, 4))
-        self.rt.submit(ops, label="train step")
-        self._pending.append((row, k, targets))
+        stride = 4 * self._ring_stride
+        pend = self.rt.submit(ops, read=ring, read_bytes=stride, read_offset=row * stride, label="train step",
+                              slot=self._slots[row])
+        self._pending.append((k, targets, pend))
         self.t += 1
 
-    def _drain(self):
-        if not self._pending or self._ring is None:
-            return
-        raw = self.rt.read(self._ring).reshape(RING, self._ring_stride)
-        for row, k, targets in self._pending:
-            self._read.append(StepMetrics(float(raw[row, 1:1 + k].astype(np.float64).sum()), targets,
-                                          float(raw[row, 0])))
-        self._pending = []
+    def _drain(self, lag: int = 0):
+        """Read back every pending step's metrics but the newest `lag` (waiting for those steps only)."""
+        n = max(0, len(self._pending) - max(0, lag))
+        for k, targets, pend in self._pending[:n]:
+            raw = pend.result().view(np.float32)
+            self._read.append(StepMetrics(float(raw[1:1 + k].astype(np.float64).sum()), targets, float(raw[0])))
+        self._pending = self._pending[n:]
 
-    def metrics(self) -> list[StepMetrics]:
-        self._drain()
+    def metrics(self, lag: int = 0) -> list[StepMetrics]:
+        self._drain(lag)
         out, self._read = self._read, []
         return out
 
@@ -458,9 +466,17 @@ class WebGPUTrainSession:
             self.rt.write(self.absmax, am)
         self.rt.write(self.grad, np.zeros(self.n, np.float32))
         self.t = int(np.asarray(state["step"]).reshape(-1)[0])
-        self._pending, self._read = [], []
+        self._drain()  # the reads in flight land (their staging slots are then free); their metrics are dropped
+        self._read = []
 
     def close(self):
+        pending, self._pending = self._pending, []
+        for _, _, pend in pending:  # the steps' reads land before their staging goes (their metrics are not read)
+            try:
+                pend.result()
+            except Exception:  # noqa: BLE001 — a device lost mid-read: the buffers still go
+                pass
+        self.rt.free_staging(self._slots)
         for p in self._programs.values():
             p.acts.free()
         self._programs.clear()
